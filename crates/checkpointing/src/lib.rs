@@ -1,0 +1,1 @@
+//! Layer-level gradient checkpointing for Burn models.

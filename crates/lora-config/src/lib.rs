@@ -1,0 +1,1 @@
+//! LoraConfig: Unsloth get_peft_model parameters, validation and PEFT adapter_config.json.

@@ -1,0 +1,1 @@
+//! Fused SwiGLU + LoRA MLP: portable reference and CubeCL kernels.

@@ -1,0 +1,1 @@
+//! Integration tests live in `tests/`; fixtures in `fixtures/` (see `scripts/`).
