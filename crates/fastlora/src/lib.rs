@@ -1,1 +1,42 @@
-//! Unsloth-class LoRA fine-tuning for Burn: get_peft_model, PEFT adapters, CLI.
+//! fastlora: Unsloth-class LoRA fine-tuning for Rust on Burn.
+//!
+//! The facade: [`FastLanguageModel::from_pretrained`] loads a Llama-family checkpoint (Llama,
+//! Mistral, Qwen2, SmolLM) from a folder or the Hugging Face cache,
+//! [`FastLanguageModel::get_peft_model`] injects LoRA adapters as Unsloth's `get_peft_model`
+//! does, and [`PeftModel`] saves and loads adapters in PEFT's format and merges them.
+//!
+//! ```no_run
+//! use fastlora::{CpuBackend, FastLanguageModel, LoraConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let device = Default::default();
+//! let model = FastLanguageModel::<CpuBackend>::from_pretrained("HuggingFaceTB/SmolLM2-135M", &device)?;
+//! let config = LoraConfig::builder().r(16).lora_alpha(16.0).build()?;
+//! let peft = model.get_peft_model(config)?;
+//! peft.print_trainable_parameters();
+//! peft.save_pretrained("my-adapter")?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod adapter;
+mod error;
+mod export;
+mod logits;
+mod peft;
+mod pretrained;
+
+pub use adapter::{ADAPTER_WEIGHTS_FILE, AdapterParameter};
+pub use error::{FastLoraError, Result};
+pub use logits::{logits_command, read_input_ids, write_logits};
+pub use peft::{ParameterCounts, PatchReport, PeftModel};
+pub use pretrained::FastLanguageModel;
+
+pub use checkpointing;
+pub use fastlora_llama as llama;
+pub use fused_mlp;
+pub use lora_config::{self, LoraConfig};
+pub use lora_layers;
+
+/// The default backend: Burn's ndarray CPU backend in f32 with autodiff.
+pub type CpuBackend = burn::backend::Autodiff<burn::backend::NdArray<f32>>;

@@ -1,1 +1,24 @@
 //! Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) in Burn, loaded from HF checkpoints.
+
+mod checkpoint;
+mod config;
+mod error;
+mod hub;
+mod json;
+mod loss;
+mod model;
+mod tokenizer;
+
+pub use checkpoint::{
+    Checkpoint, Dtype, FloatDtype, INDEX_FILE, SINGLE_FILE, TensorToWrite, write_atomically,
+    write_safetensors,
+};
+pub use config::{LlamaConfig, ModelType, RopeScaling};
+pub use error::ModelError;
+pub use hub::{HubSettings, ModelRef, resolve_model, resolve_model_with};
+pub use loss::{IGNORE_INDEX, causal_lm_loss, token_cross_entropy};
+pub use model::{
+    Attention, DecoderLayer, Embedding, LAYER_PROJECTIONS, LayerContext, LlamaForCausalLm, Mlp,
+    RmsNorm, RotaryEmbedding, WeightSource, build_model,
+};
+pub use tokenizer::LlamaTokenizer;

@@ -1,0 +1,670 @@
+//! The Llama-family decoder: RMSNorm, RoPE (with llama3 scaling), grouped-query attention,
+//! SwiGLU MLP, optional q/k/v biases (Qwen2) and tied embeddings.
+//!
+//! Every projection is a [`LoraLinear`], so `get_peft_model` attaches adapters in place and a
+//! fused kernel can take over a whole [`Mlp`] or [`Attention`] projection group. The order of
+//! operations follows transformers' `modeling_llama.py` so f32 logits agree to the last digits.
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Int};
+use checkpointing::{CheckpointMode, checkpoint};
+use lora_layers::LoraLinear;
+
+use std::path::PathBuf;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::LlamaConfig;
+use crate::error::ModelError;
+
+/// Added to masked attention scores: finite, so a fully masked row (a left-padding query)
+/// gives a uniform softmax instead of NaN, as transformers' `finfo.min` does.
+const MASKED_SCORE: f32 = -1.0e9;
+
+/// Root-mean-square layer norm, `y = w · x / √(mean(x²) + ε)`, computed in f32.
+///
+/// # Shapes
+/// - input: `[..., hidden]`
+/// - output: `[..., hidden]`
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// Per-channel gain, `[hidden]`, frozen.
+    pub weight: Param<Tensor<B, 1>>,
+    /// ε added to the mean square.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// A norm with the given gain, frozen.
+    pub fn new(weight: Tensor<B, 1>, eps: f64) -> Self {
+        Self {
+            weight: Param::from_tensor(weight).set_require_grad(false),
+            eps,
+        }
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = x.cast(burn::tensor::DType::F32);
+        let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let normed = x * (variance + self.eps).sqrt().recip();
+        normed.cast(dtype) * self.weight.val().unsqueeze()
+    }
+}
+
+/// Rotary position embedding tables, `cos`/`sin` of `position · inv_freq`, duplicated over both
+/// halves of the head as transformers' `rotate_half` convention expects.
+///
+/// # Shapes
+/// - `cos`, `sin`: `[max_positions, head_dim]`
+#[derive(Module, Debug)]
+pub struct RotaryEmbedding<B: Backend> {
+    /// `cos(p·f)`, `[max_positions, head_dim]`.
+    pub cos: Tensor<B, 2>,
+    /// `sin(p·f)`, `[max_positions, head_dim]`.
+    pub sin: Tensor<B, 2>,
+}
+
+impl<B: Backend> RotaryEmbedding<B> {
+    /// Tables for positions `0..max_positions` from the inverse frequencies (`head_dim/2`).
+    pub fn new(inv_freq: &[f64], max_positions: usize, device: &B::Device) -> Self {
+        let half = inv_freq.len();
+        let head_dim = 2 * half;
+        let mut cos = Vec::with_capacity(max_positions * head_dim);
+        let mut sin = Vec::with_capacity(max_positions * head_dim);
+        // transformers multiplies positions by the f32 frequencies in f32; do the same so the
+        // angles (up to thousands of radians) round identically.
+        let inv_freq_f32: Vec<f32> = inv_freq.iter().map(|&f| f as f32).collect();
+        for pos in 0..max_positions {
+            let angles: Vec<f32> = inv_freq_f32.iter().map(|&f| pos as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|&a| f64::from(a).cos() as f32));
+                sin.extend(angles.iter().map(|&a| f64::from(a).sin() as f32));
+            }
+        }
+        let shape = [max_positions, head_dim];
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos, shape), device),
+            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+        }
+    }
+
+    /// Rotates `x` at positions `start..start + seq`.
+    ///
+    /// # Shapes
+    /// - x: `[batch, heads, seq, head_dim]`
+    pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
+        let [_, _, seq, head_dim] = x.dims();
+        let dtype = x.dtype();
+        let cos = self
+            .cos
+            .clone()
+            .narrow(0, start, seq)
+            .cast(dtype)
+            .unsqueeze::<4>();
+        let sin = self
+            .sin
+            .clone()
+            .narrow(0, start, seq)
+            .cast(dtype)
+            .unsqueeze::<4>();
+        let half = head_dim / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos + rotated * sin
+    }
+
+    /// Positions the tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
+}
+
+/// What every decoder layer of one forward pass shares: the rotary tables, the start position
+/// and the additive attention mask.
+#[derive(Debug, Clone)]
+pub struct LayerContext<B: Backend> {
+    /// Position of the first token of this pass (non-zero when decoding with a cache).
+    pub start_pos: usize,
+    /// Additive mask, `[batch, 1, seq_q, seq_k]`: 0 where attending, [`MASKED_SCORE`] elsewhere.
+    pub mask: Tensor<B, 4>,
+}
+
+/// Multi-head attention with grouped K/V heads (GQA) and RoPE.
+///
+/// # Shapes
+/// - input: `[batch, seq, hidden]`
+/// - output: `[batch, seq, hidden]`
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Query projection, `hidden → heads·head_dim`.
+    pub q_proj: LoraLinear<B>,
+    /// Key projection, `hidden → kv_heads·head_dim`.
+    pub k_proj: LoraLinear<B>,
+    /// Value projection, `hidden → kv_heads·head_dim`.
+    pub v_proj: LoraLinear<B>,
+    /// Output projection, `heads·head_dim → hidden`.
+    pub o_proj: LoraLinear<B>,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads; `num_heads` is a multiple of it.
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Causal self-attention over `x`, keys and values from this pass only.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding<B>,
+        ctx: &LayerContext<B>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let heads =
+            |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
+        let q = heads(self.q_proj.forward(x.clone()), self.num_heads);
+        let k = heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
+        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let q = rope.apply(q, ctx.start_pos);
+        let k = rope.apply(k, ctx.start_pos);
+        let k = self.repeat_kv(k);
+        let v = self.repeat_kv(v);
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + ctx.mask.clone();
+        let probs = softmax(scores.cast(burn::tensor::DType::F32), 3).cast(v.dtype());
+        let out =
+            probs
+                .matmul(v)
+                .swap_dims(1, 2)
+                .reshape([batch, seq, self.num_heads * self.head_dim]);
+        self.o_proj.forward(out)
+    }
+
+    /// Shares each K/V head across its group of query heads.
+    fn repeat_kv(&self, t: Tensor<B, 4>) -> Tensor<B, 4> {
+        let groups = self.num_heads / self.num_kv_heads;
+        if groups == 1 {
+            return t;
+        }
+        let [batch, kv, seq, dim] = t.dims();
+        t.unsqueeze_dim::<5>(2)
+            .expand([batch, kv, groups, seq, dim])
+            .reshape([batch, kv * groups, seq, dim])
+    }
+}
+
+/// The SwiGLU feed-forward block, `down(silu(gate(x)) · up(x))`.
+///
+/// # Shapes
+/// - input: `[batch, seq, hidden]`
+/// - output: `[batch, seq, hidden]`
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// Gate projection, `hidden → intermediate`.
+    pub gate_proj: LoraLinear<B>,
+    /// Up projection, `hidden → intermediate`.
+    pub up_proj: LoraLinear<B>,
+    /// Down projection, `intermediate → hidden`.
+    pub down_proj: LoraLinear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Applies the block.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        fused_mlp::lora_mlp(x, &self.gate_proj, &self.up_proj, &self.down_proj)
+    }
+}
+
+/// One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+///
+/// # Shapes
+/// - input: `[batch, seq, hidden]`
+/// - output: `[batch, seq, hidden]`
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Self-attention.
+    pub self_attn: Attention<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// Feed-forward block.
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// Runs the layer; a pure function of its input given `rope` and `ctx`, which is what lets a
+    /// checkpointing op recompute it in backward.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding<B>,
+        ctx: &LayerContext<B>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, ctx);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The token embedding table.
+///
+/// # Shapes
+/// - input: `[batch, seq]` token ids
+/// - output: `[batch, seq, hidden]`
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    /// `[vocab, hidden]`; frozen unless it is in `modules_to_save`.
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Embedding<B> {
+    /// Looks the ids up.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        burn::tensor::module::embedding(self.weight.val(), ids)
+    }
+}
+
+/// A Llama-family causal language model: embeddings, decoder layers, final norm and LM head.
+///
+/// # Shapes
+/// - input: `[batch, seq]` token ids (+ optional `[batch, seq]` attention mask of 1/0)
+/// - output: `[batch, seq, vocab]` logits
+#[derive(Module, Debug)]
+pub struct LlamaForCausalLm<B: Backend> {
+    /// Token embeddings.
+    pub embed_tokens: Embedding<B>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    /// The output projection; `None` when tied to `embed_tokens`.
+    pub lm_head: Option<LoraLinear<B>>,
+    /// Rotary tables.
+    pub rope: RotaryEmbedding<B>,
+    /// How decoder layers keep activations for backward.
+    #[module(skip)]
+    pub checkpointing: CheckpointMode,
+}
+
+impl<B: Backend> LlamaForCausalLm<B> {
+    /// Logits for `input_ids`, optionally with a key-padding `attention_mask` (1 = token,
+    /// 0 = padding).
+    ///
+    /// # Panics
+    /// If the sequence is longer than the rotary tables (`max_position_embeddings`).
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        let hidden = self.hidden_states(input_ids, attention_mask);
+        self.logits(hidden)
+    }
+
+    /// The final-normed hidden states, before the LM head.
+    ///
+    /// # Shapes
+    /// - output: `[batch, seq, hidden]`
+    pub fn hidden_states(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        let mut x = self.embed_tokens.forward(input_ids);
+        let ctx = self.context(&x, attention_mask, 0);
+        for layer in &self.layers {
+            x = checkpoint(self.checkpointing, x, |x| {
+                layer.forward(x, &self.rope, &ctx)
+            });
+        }
+        self.norm.forward(x)
+    }
+
+    /// Applies the LM head (or the tied embedding) to hidden states.
+    ///
+    /// # Shapes
+    /// - input: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => burn::tensor::module::linear(
+                hidden,
+                self.embed_tokens.weight.val().transpose(),
+                None,
+            ),
+        }
+    }
+
+    /// The mask and positions every layer of a pass over `x` shares.
+    pub fn context(
+        &self,
+        x: &Tensor<B, 3>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        start_pos: usize,
+    ) -> LayerContext<B> {
+        let [batch, seq, _] = x.dims();
+        let device = x.device();
+        assert!(
+            start_pos + seq <= self.rope.max_positions(),
+            "sequence of {} tokens exceeds max_position_embeddings = {}",
+            start_pos + seq,
+            self.rope.max_positions()
+        );
+        // Query i may see key j iff j ≤ i (causal) and key j is not padding. Burn's
+        // `tril_mask` is true off the lower triangle, i.e. exactly on the future keys.
+        let future: Tensor<B, 2, Bool> = Tensor::tril_mask([seq, seq], 0, &device);
+        let mut blocked = future.unsqueeze::<4>().expand([batch, 1, seq, seq]);
+        if let Some(mask) = attention_mask {
+            let padding = mask
+                .equal_elem(0)
+                .reshape([batch, 1, 1, seq])
+                .expand([batch, 1, seq, seq]);
+            blocked = blocked.bool_or(padding);
+        }
+        let mask =
+            Tensor::<B, 4>::zeros([batch, 1, seq, seq], &device).mask_fill(blocked, MASKED_SCORE);
+        LayerContext { start_pos, mask }
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+}
+
+/// Where [`build_model`] reads weights from: a checkpoint, or random values for a built-in model.
+pub trait WeightSource {
+    /// The f32 values of the HF-named tensor `name` (e.g. `model.layers.0.mlp.up_proj.weight`),
+    /// checked against `shape`; `Ok(None)` when the source does not have it.
+    ///
+    /// # Errors
+    /// A present tensor that cannot be read or has another shape.
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>, ModelError>;
+
+    /// Where the weights come from, for error messages (a directory or file path).
+    fn location(&self) -> PathBuf;
+}
+
+/// Builds the module tree for `config` from `source`, every base weight frozen.
+///
+/// # Errors
+/// [`ModelError::MissingTensor`] for an absent tensor (only a tied `lm_head` may be absent), or
+/// whatever the source returns.
+pub fn build_model<B: Backend>(
+    config: &LlamaConfig,
+    source: &mut dyn WeightSource,
+    device: &B::Device,
+) -> Result<LlamaForCausalLm<B>, ModelError> {
+    let mut loader = Loader { source, device };
+    let (hidden, inter, vocab) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+    );
+    let q_out = config.num_attention_heads * config.head_dim;
+    let kv_out = config.num_key_value_heads * config.head_dim;
+    let mut layers = Vec::with_capacity(config.num_hidden_layers);
+    for i in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let self_attn = Attention {
+            q_proj: loader.linear(
+                &format!("{p}.self_attn.q_proj"),
+                hidden,
+                q_out,
+                config.qkv_bias,
+            )?,
+            k_proj: loader.linear(
+                &format!("{p}.self_attn.k_proj"),
+                hidden,
+                kv_out,
+                config.qkv_bias,
+            )?,
+            v_proj: loader.linear(
+                &format!("{p}.self_attn.v_proj"),
+                hidden,
+                kv_out,
+                config.qkv_bias,
+            )?,
+            o_proj: loader.linear(
+                &format!("{p}.self_attn.o_proj"),
+                q_out,
+                hidden,
+                config.o_bias,
+            )?,
+            num_heads: config.num_attention_heads,
+            num_kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+        };
+        let mlp = Mlp {
+            gate_proj: loader.linear(
+                &format!("{p}.mlp.gate_proj"),
+                hidden,
+                inter,
+                config.mlp_bias,
+            )?,
+            up_proj: loader.linear(&format!("{p}.mlp.up_proj"), hidden, inter, config.mlp_bias)?,
+            down_proj: loader.linear(
+                &format!("{p}.mlp.down_proj"),
+                inter,
+                hidden,
+                config.mlp_bias,
+            )?,
+        };
+        layers.push(DecoderLayer {
+            input_layernorm: loader.norm(
+                &format!("{p}.input_layernorm"),
+                hidden,
+                config.rms_norm_eps,
+            )?,
+            self_attn,
+            post_attention_layernorm: loader.norm(
+                &format!("{p}.post_attention_layernorm"),
+                hidden,
+                config.rms_norm_eps,
+            )?,
+            mlp,
+        });
+    }
+    let embed = loader.matrix("model.embed_tokens.weight", vocab, hidden)?;
+    let norm = loader.norm("model.norm", hidden, config.rms_norm_eps)?;
+    // Some tied checkpoints still store lm_head.weight (a copy); the config decides.
+    let lm_head = match config.tie_word_embeddings {
+        true => None,
+        false => Some(LoraLinear::from_weights(
+            loader.matrix("lm_head.weight", vocab, hidden)?,
+            None,
+        )),
+    };
+    Ok(LlamaForCausalLm {
+        embed_tokens: Embedding {
+            weight: Param::from_tensor(embed).set_require_grad(false),
+        },
+        layers,
+        norm,
+        lm_head,
+        rope: RotaryEmbedding::new(&config.inv_freq(), config.max_position_embeddings, device),
+        checkpointing: CheckpointMode::Off,
+    })
+}
+
+impl WeightSource for Checkpoint {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>, ModelError> {
+        match self.contains(name) {
+            true => self.read_f32(name, shape).map(Some),
+            false => Ok(None),
+        }
+    }
+
+    fn location(&self) -> PathBuf {
+        self.path().to_path_buf()
+    }
+}
+
+struct Loader<'a, B: Backend> {
+    source: &'a mut dyn WeightSource,
+    device: &'a B::Device,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn required(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        self.source
+            .tensor(name, shape)?
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.source.location(),
+                name: name.to_string(),
+            })
+    }
+
+    fn vector(&mut self, name: &str, len: usize) -> Result<Tensor<B, 1>, ModelError> {
+        let values = self.required(name, &[len])?;
+        Ok(Tensor::from_data(
+            TensorData::new(values, [len]),
+            self.device,
+        ))
+    }
+
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Tensor<B, 2>, ModelError> {
+        let values = self.required(name, &[rows, cols])?;
+        Ok(Tensor::from_data(
+            TensorData::new(values, [rows, cols]),
+            self.device,
+        ))
+    }
+
+    fn linear(
+        &mut self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<LoraLinear<B>, ModelError> {
+        let weight = self.matrix(&format!("{name}.weight"), d_out, d_in)?;
+        let bias = match bias {
+            true => Some(self.vector(&format!("{name}.bias"), d_out)?),
+            false => None,
+        };
+        Ok(LoraLinear::from_weights(weight, bias))
+    }
+
+    fn norm(&mut self, name: &str, hidden: usize, eps: f64) -> Result<RmsNorm<B>, ModelError> {
+        Ok(RmsNorm::new(
+            self.vector(&format!("{name}.weight"), hidden)?,
+            eps,
+        ))
+    }
+}
+
+/// The projections of a decoder layer with their names inside the layer, in HF module order.
+pub const LAYER_PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+impl<B: Backend> DecoderLayer<B> {
+    /// The layer's projections in [`LAYER_PROJECTIONS`] order.
+    pub fn projections(&self) -> [&LoraLinear<B>; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
+    /// The layer's projections in [`LAYER_PROJECTIONS`] order, mutably.
+    pub fn projections_mut(&mut self) -> [&mut LoraLinear<B>; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
+    }
+}
+
+impl<B: Backend> LlamaForCausalLm<B> {
+    /// Every linear projection by HF module name (`model.layers.0.self_attn.q_proj`), in module
+    /// order, then `lm_head` when it is not tied.
+    pub fn projections(&self) -> Vec<(String, &LoraLinear<B>)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, proj) in LAYER_PROJECTIONS.iter().zip(layer.projections()) {
+                out.push((format!("model.layers.{i}.{name}"), proj));
+            }
+        }
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+
+    /// [`Self::projections`], mutably.
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, proj) in LAYER_PROJECTIONS.iter().zip(layer.projections_mut()) {
+                out.push((format!("model.layers.{i}.{name}"), proj));
+            }
+        }
+        if let Some(head) = self.lm_head.as_mut() {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+
+    /// Every base tensor by its HF checkpoint name, in checkpoint order, as it is now (merged
+    /// adapters included, unmerged ones not); `lm_head.weight` only when not tied.
+    pub fn base_tensors(&self) -> Vec<(String, TensorData)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.weight.val().into_data(),
+        )];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                layer.input_layernorm.weight.val().into_data(),
+            ));
+            for (name, proj) in LAYER_PROJECTIONS.iter().zip(layer.projections()) {
+                out.push((format!("{p}.{name}.weight"), proj.weight.val().into_data()));
+                if let Some(bias) = &proj.bias {
+                    out.push((format!("{p}.{name}.bias"), bias.val().into_data()));
+                }
+            }
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.weight.val().into_data(),
+            ));
+        }
+        out.push((
+            "model.norm.weight".to_string(),
+            self.norm.weight.val().into_data(),
+        ));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head.weight.val().into_data()));
+        }
+        out
+    }
+}
