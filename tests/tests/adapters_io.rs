@@ -201,3 +201,75 @@ fn merged_model_folder_reloads_with_merged_logits() {
         1e-5,
     );
 }
+
+#[test]
+fn print_trainable_parameters_is_peft_line() {
+    // Lines printed by PEFT 0.21 on the GPU machine (tests/scripts/check_with_peft.py).
+    let report = json(&fixture("fastlora-made/peft_check.json"));
+    let mut checked = 0;
+    for (model, adapter) in [
+        ("llama-tiny", "llama-tiny-lora"),
+        ("llama-tiny", "llama-tiny-rslora"),
+        ("llama-tiny", "llama-tiny-mts"),
+        ("qwen2-tiny", "qwen2-tiny-lora"),
+        ("llama-tiny", "fastlora-made/llama-tiny-unsloth-defaults"),
+        ("qwen2-tiny", "fastlora-made/qwen2-tiny-rslora-bias-mts"),
+    ] {
+        let name = adapter.trim_start_matches("fastlora-made/");
+        let want = report["trainable_lines"][name].as_str().unwrap();
+        let peft = PeftModel::from_pretrained(base(model), fixture(adapter)).unwrap();
+        assert_eq!(peft.print_trainable_parameters(), want, "{adapter}");
+        checked += 1;
+    }
+    assert_eq!(
+        checked,
+        report["trainable_lines"].as_object().unwrap().len()
+    );
+}
+
+#[test]
+fn peft_loaded_fastlora_adapters_and_they_are_still_what_fastlora_makes() {
+    // check_with_peft.py loaded these fastlora-saved adapters in PEFT and got fastlora's
+    // logits (and transformers loaded `fastlora merge` output): see the fixtures README.
+    let report = json(&fixture("fastlora-made/peft_check.json"));
+    for (name, _, _) in fastlora_tests::fastlora_made_adapters() {
+        assert_eq!(report["fastlora_made"][name]["ok"], true, "{name}");
+    }
+    assert!(
+        report["merged"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|m| m["ok"] == true)
+    );
+    // The committed files must still be what fastlora makes today, or the record is stale.
+    let out = tempfile::tempdir().unwrap();
+    fastlora_tests::make_fastlora_adapters(out.path()).unwrap();
+    for (name, _, _) in fastlora_tests::fastlora_made_adapters() {
+        // Adapters are drawn on the host from a seeded stream: byte-identical everywhere.
+        for file in ["adapter_config.json", "adapter_model.safetensors"] {
+            let fresh = std::fs::read(out.path().join(name).join(file)).unwrap();
+            let committed = std::fs::read(fixture("fastlora-made").join(name).join(file)).unwrap();
+            assert!(
+                fresh == committed,
+                "{name}/{file} differs from the committed fixture: rerun the example and the PEFT check"
+            );
+        }
+        // Logits go through the CPU's matmul kernels, whose summation order may vary by machine.
+        let fresh = read_raw(&out.path().join(name).join("logits.safetensors"));
+        let committed = read_raw(
+            &fixture("fastlora-made")
+                .join(name)
+                .join("logits.safetensors"),
+        );
+        let floats = |t: &common::RawTensor| -> Vec<f32> {
+            t.bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        for (a, b) in fresh.iter().zip(&committed) {
+            assert_close(&format!("{name}/{}", a.name), &floats(a), &floats(b), 1e-6);
+        }
+    }
+}
