@@ -273,3 +273,24 @@ fn peft_loaded_fastlora_adapters_and_they_are_still_what_fastlora_makes() {
         }
     }
 }
+
+#[test]
+fn for_inference_turns_lora_dropout_off_and_for_training_back_on() {
+    let config = LoraConfig {
+        lora_dropout: 0.5,
+        init_lora_weights: InitLoraWeights::Random,
+        ..LoraConfig::default()
+    };
+    let peft = base("llama-tiny").get_peft_model(config).unwrap();
+    let ids = input_ids(&Default::default());
+    // Dropout on the autodiff backend draws new masks each call: two training passes differ.
+    let train_a = values(peft.model().forward(ids.clone(), None));
+    let train_b = values(peft.model().forward(ids.clone(), None));
+    assert_ne!(train_a, train_b);
+    let inference = peft.for_inference();
+    assert!(!inference.is_training());
+    let a = values(inference.model().forward(ids.clone(), None));
+    assert_eq!(a, values(inference.model().forward(ids.clone(), None)));
+    let training = inference.for_training();
+    assert_ne!(values(training.model().forward(ids.clone(), None)), a);
+}

@@ -238,16 +238,30 @@ impl<B: Backend> PeftModel<B> {
         line
     }
 
-    /// Switches to training mode (dropout active; gradient checkpointing as configured).
+    /// Switches to training mode: LoRA dropout as configured, gradient checkpointing as
+    /// configured (Unsloth's `for_training`).
     pub fn for_training(mut self) -> Self {
         self.training = true;
+        self.base.model.checkpointing = self.report.checkpointing;
+        self.set_lora_dropout(self.lora_config.lora_dropout);
         self
     }
 
-    /// Switches to inference mode (no dropout, no checkpointing).
+    /// Switches to inference mode: no LoRA dropout, no gradient checkpointing (Unsloth's
+    /// `for_inference`).
     pub fn for_inference(mut self) -> Self {
         self.training = false;
+        self.base.model.checkpointing = CheckpointMode::Off;
+        self.set_lora_dropout(0.0);
         self
+    }
+
+    fn set_lora_dropout(&mut self, prob: f64) {
+        for (_, proj) in self.base.model.projections_mut() {
+            if let Some(adapter) = proj.adapter.as_mut() {
+                adapter.dropout = burn::nn::DropoutConfig::new(prob).init();
+            }
+        }
     }
 
     /// Whether the model is in training mode.
