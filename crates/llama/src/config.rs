@@ -650,6 +650,38 @@ fn check_full_rotary(fields: &Fields<'_>, factor: f64) -> Result<(), ModelError>
     })
 }
 
+impl std::fmt::Display for LlamaConfig {
+    /// A one-paragraph architecture summary, as `fastlora info` prints it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rope = match &self.rope_scaling {
+            None => "plain".to_string(),
+            Some(RopeScaling::Linear { factor }) => format!("linear ×{factor}"),
+            Some(RopeScaling::Llama3 { factor, .. }) => format!("llama3 ×{factor}"),
+        };
+        writeln!(
+            f,
+            "architecture: {} ({} parameters)",
+            self.model_type.as_str(),
+            self.num_parameters()
+        )?;
+        writeln!(
+            f,
+            "layers: {}, hidden: {}, intermediate: {}, vocab: {}",
+            self.num_hidden_layers, self.hidden_size, self.intermediate_size, self.vocab_size
+        )?;
+        writeln!(
+            f,
+            "attention: {} heads, {} kv heads, head_dim {}, q/k/v bias: {}",
+            self.num_attention_heads, self.num_key_value_heads, self.head_dim, self.qkv_bias
+        )?;
+        write!(
+            f,
+            "rope: θ = {}, scaling {rope}, max positions {}; tied embeddings: {}",
+            self.rope_theta, self.max_position_embeddings, self.tie_word_embeddings
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -1154,37 +1186,5 @@ mod tests {
         assert_eq!(exported["torch_dtype"], "float16");
         assert_eq!(exported["rope_scaling"], Value::Null);
         assert_eq!(exported["rope_theta"], 1e6);
-    }
-}
-
-impl std::fmt::Display for LlamaConfig {
-    /// A one-paragraph architecture summary, as `fastlora info` prints it.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let rope = match &self.rope_scaling {
-            None => "plain".to_string(),
-            Some(RopeScaling::Linear { factor }) => format!("linear ×{factor}"),
-            Some(RopeScaling::Llama3 { factor, .. }) => format!("llama3 ×{factor}"),
-        };
-        writeln!(
-            f,
-            "architecture: {} ({} parameters)",
-            self.model_type.as_str(),
-            self.num_parameters()
-        )?;
-        writeln!(
-            f,
-            "layers: {}, hidden: {}, intermediate: {}, vocab: {}",
-            self.num_hidden_layers, self.hidden_size, self.intermediate_size, self.vocab_size
-        )?;
-        writeln!(
-            f,
-            "attention: {} heads, {} kv heads, head_dim {}, q/k/v bias: {}",
-            self.num_attention_heads, self.num_key_value_heads, self.head_dim, self.qkv_bias
-        )?;
-        write!(
-            f,
-            "rope: θ = {}, scaling {rope}, max positions {}; tied embeddings: {}",
-            self.rope_theta, self.max_position_embeddings, self.tie_word_embeddings
-        )
     }
 }
