@@ -188,6 +188,7 @@ impl<B: Backend> PeftModel<B> {
                 }
             }
         }
+        peft.stamp_parameter_ids();
         if let Some(unexpected) = tensors.keys().find(|k| !used.contains(*k)) {
             return Err(adapter_error(
                 &file,

@@ -26,6 +26,15 @@ pub enum FastLoraError {
         /// What is wrong.
         message: String,
     },
+    /// Bad training data.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    /// Generation settings or prompt rejected.
+    #[error(transparent)]
+    Generation(#[from] crate::generate::GenerationError),
+    /// Training stopped (e.g. a NaN loss).
+    #[error("training: {0}")]
+    Training(String),
     /// A bad input file of a command (e.g. the `input_ids` of `fastlora logits`).
     #[error("{path}: {message}")]
     Input {

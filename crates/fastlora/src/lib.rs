@@ -20,14 +20,26 @@
 //! ```
 
 mod adapter;
+mod builtin;
+mod chat;
+mod data;
 mod error;
 mod export;
+mod generate;
 mod logits;
 mod peft;
 mod pretrained;
+pub mod train;
 
 pub use adapter::{ADAPTER_WEIGHTS_FILE, AdapterParameter};
+pub use builtin::{RandomWeights, TINY_DATASET, materialize_builtin_model};
+pub use chat::{ChatMessage, ChatTemplate, Role};
+pub use data::{
+    Batch, DataConfig, DataError, Dataset, DatasetReport, Example, Location, OnOverflow,
+    alpaca_prompt, collate, epoch_order, pack,
+};
 pub use error::{FastLoraError, Result};
+pub use generate::{GenerationConfig, GenerationError, eos_token_ids, generate};
 pub use logits::{logits_command, read_input_ids, write_logits};
 pub use peft::{ParameterCounts, PatchReport, PeftModel};
 pub use pretrained::FastLanguageModel;

@@ -5,7 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fastlora::llama::FloatDtype;
-use fastlora::{CpuBackend, FastLanguageModel, LoraConfig, PeftModel, logits_command};
+use fastlora::train::{TrainArgs, train_command};
+use fastlora::{
+    ChatMessage, ChatTemplate, CpuBackend, FastLanguageModel, GenerationConfig, LoraConfig,
+    PeftModel, eos_token_ids, generate, logits_command,
+};
 
 /// Unsloth-class LoRA fine-tuning for Llama-family models, in Rust.
 #[derive(Parser, Debug)]
@@ -17,6 +21,14 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Fine-tune with LoRA. With no arguments: the built-in tiny Llama on the bundled demo set.
+    ///
+    /// Examples:
+    ///   fastlora train
+    ///   fastlora train --model ./SmolLM2-135M --dataset alpaca.jsonl --r 16 --lora-alpha 16 --lr 2e-4 --max-steps 60
+    ///   fastlora train --config run.toml
+    ///   fastlora train --resume outputs/checkpoint-40
+    Train(Box<TrainArgs>),
     /// Architecture, parameter counts, and what LoRA would patch.
     ///
     /// Example: fastlora info --model tests/fixtures/llama-tiny --r 8
@@ -33,6 +45,40 @@ enum Command {
         /// Comma-separated target modules (default: all seven projections).
         #[arg(long, value_delimiter = ',')]
         target_modules: Option<Vec<String>>,
+    },
+    /// Generate text from a prompt (KV cache; greedy by default).
+    ///
+    /// Example: fastlora generate --model outputs/builtin-tiny-llama --adapter outputs/adapter
+    ///   --format alpaca --prompt "What is the capital of France?"
+    Generate {
+        /// Model folder or hub id.
+        #[arg(long)]
+        model: String,
+        /// PEFT adapter folder to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The prompt (a user message when the chat template is used).
+        #[arg(long)]
+        prompt: String,
+        /// How the prompt is wrapped: auto (the chat template when the tokenizer has one),
+        /// chat, alpaca, or raw.
+        #[arg(long, default_value = "auto")]
+        format: PromptFormat,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Sample among the k most probable tokens.
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Nucleus sampling threshold.
+        #[arg(long)]
+        top_p: Option<f64>,
+        /// Sampling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Logits and mean next-token loss on given token ids: the parity tool.
     ///
@@ -71,6 +117,15 @@ enum Command {
     },
 }
 
+/// How `generate` wraps the prompt.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PromptFormat {
+    Auto,
+    Chat,
+    Alpaca,
+    Raw,
+}
+
 fn parse_dtype(name: &str) -> Result<FloatDtype, String> {
     FloatDtype::from_torch_name(name)
         .ok_or_else(|| format!("unknown dtype `{name}`: use float32, bfloat16 or float16"))
@@ -95,6 +150,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> fastlora::Result<()> {
     let device = Default::default();
     match cli.command {
+        Command::Train(args) => train_command(*args)?,
         Command::Info {
             model,
             r,
@@ -110,6 +166,54 @@ fn run(cli: Cli) -> fastlora::Result<()> {
             let peft = base.get_peft_model(builder.build()?)?;
             print!("{}", peft.report);
             peft.print_trainable_parameters();
+        }
+        Command::Generate {
+            model,
+            adapter,
+            prompt,
+            format,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        } => {
+            let base = FastLanguageModel::<CpuBackend>::from_pretrained(&model, &device)?;
+            let stop = eos_token_ids(&base);
+            let peft = match adapter {
+                Some(dir) => Some(PeftModel::from_pretrained(base.clone(), &dir)?.for_inference()),
+                None => None,
+            };
+            let net = peft.as_ref().map_or(&base.model, |p| p.model());
+            let tokenizer =
+                base.tokenizer
+                    .as_ref()
+                    .ok_or_else(|| fastlora::FastLoraError::Input {
+                        path: base.source.clone(),
+                        message: "generation needs a tokenizer.json beside the model".to_string(),
+                    })?;
+            let text = match (format, ChatTemplate::from_tokenizer(tokenizer)?) {
+                (PromptFormat::Alpaca, _) => fastlora::alpaca_prompt(&prompt, ""),
+                (PromptFormat::Raw, _) | (PromptFormat::Auto, None) => prompt,
+                (PromptFormat::Chat | PromptFormat::Auto, Some(template)) => {
+                    template.render(&[ChatMessage::user(prompt)], true)?
+                }
+                (PromptFormat::Chat, None) => {
+                    return Err(fastlora::FastLoraError::Input {
+                        path: base.source.clone(),
+                        message: "--format chat: the tokenizer has no chat_template".to_string(),
+                    });
+                }
+            };
+            let ids = tokenizer.encode(&text, false)?;
+            let mut config = GenerationConfig::new(max_new_tokens)
+                .with_temperature(temperature)
+                .with_seed(seed)
+                .with_stop_token_ids(stop);
+            config.top_k = top_k;
+            config.top_p = top_p;
+            let out = generate(net, &ids, &config)?;
+            println!("{}", tokenizer.decode(&out, true)?);
         }
         Command::Logits {
             model,

@@ -164,12 +164,14 @@ impl<B: Backend> PeftModel<B> {
             notices,
         );
         tracing::info!("{report}");
-        Ok(Self {
+        let mut peft = Self {
             base,
             lora_config: config,
             report,
             training: true,
-        })
+        };
+        peft.stamp_parameter_ids();
+        Ok(peft)
     }
 
     /// Unsloth's rule for calling `get_peft_model` on a model that already has adapters: the
@@ -254,6 +256,28 @@ impl<B: Backend> PeftModel<B> {
         self.base.model.checkpointing = CheckpointMode::Off;
         self.set_lora_dropout(0.0);
         self
+    }
+
+    /// Gives every trainable parameter an id derived from its PEFT name, so optimizer state
+    /// saved by one process finds its parameters in another (Burn keys optimizer state by id,
+    /// and fresh ids are random).
+    pub(crate) fn stamp_parameter_ids(&mut self) {
+        fn stamp<B: Backend, const D: usize>(param: &mut Param<Tensor<B, D>>, key: &str) {
+            let id = burn::module::ParamId::from(module_seed(0, key));
+            *param = Param::initialized(id, param.val());
+        }
+        let model = &mut self.base.model;
+        for (name, proj) in model.projections_mut() {
+            if let Some(adapter) = proj.adapter.as_mut() {
+                stamp(&mut adapter.lora_a, &format!("{name}.lora_A"));
+                stamp(&mut adapter.lora_b, &format!("{name}.lora_B"));
+            }
+            if let Some(bias) = proj.bias.as_mut() {
+                stamp(bias, &format!("{name}.bias"));
+            }
+            stamp(&mut proj.weight, &format!("{name}.weight"));
+        }
+        stamp(&mut model.embed_tokens.weight, "model.embed_tokens.weight");
     }
 
     fn set_lora_dropout(&mut self, prob: f64) {

@@ -1,5 +1,6 @@
 //! Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) in Burn, loaded from HF checkpoints.
 
+mod cache;
 mod checkpoint;
 mod config;
 mod error;
@@ -9,6 +10,7 @@ mod loss;
 mod model;
 mod tokenizer;
 
+pub use cache::KvCache;
 pub use checkpoint::{
     Checkpoint, Dtype, FloatDtype, INDEX_FILE, SINGLE_FILE, TensorToWrite, write_atomically,
     write_safetensors,
@@ -16,7 +18,7 @@ pub use checkpoint::{
 pub use config::{LlamaConfig, ModelType, RopeScaling};
 pub use error::ModelError;
 pub use hub::{HubSettings, ModelRef, resolve_model, resolve_model_with};
-pub use loss::{IGNORE_INDEX, causal_lm_loss, token_cross_entropy};
+pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum, token_cross_entropy};
 pub use model::{
     Attention, DecoderLayer, Embedding, LAYER_PROJECTIONS, LayerContext, LlamaForCausalLm, Mlp,
     RmsNorm, RotaryEmbedding, WeightSource, build_model,

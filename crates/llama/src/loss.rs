@@ -25,6 +25,32 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
     token_cross_entropy(predicting, targets)
 }
 
+/// Summed next-token cross-entropy and the number of positions that count: the pieces a
+/// trainer needs to average exactly over several micro-batches.
+///
+/// # Shapes
+/// - logits: `[batch, seq, vocab]`
+/// - labels: `[batch, seq]`
+/// - output: (`[1]` sum, counted positions)
+pub fn causal_lm_loss_sum<B: Backend>(
+    logits: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+) -> (Tensor<B, 1>, usize) {
+    let [batch, seq, vocab] = logits.dims();
+    let predicting = logits
+        .narrow(1, 0, seq - 1)
+        .reshape([batch * (seq - 1), vocab]);
+    let targets = labels.narrow(1, 1, seq - 1).reshape([batch * (seq - 1)]);
+    let counted = targets
+        .clone()
+        .not_equal_elem(IGNORE_INDEX)
+        .int()
+        .sum()
+        .into_scalar()
+        .elem::<i64>() as usize;
+    (token_nll_sum(predicting, targets), counted)
+}
+
 /// Mean cross-entropy of `logits` rows against `targets`, skipping [`IGNORE_INDEX`].
 ///
 /// # Shapes
@@ -35,6 +61,12 @@ pub fn token_cross_entropy<B: Backend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
 ) -> Tensor<B, 1> {
+    let kept = targets.clone().not_equal_elem(IGNORE_INDEX).float();
+    token_nll_sum(logits, targets) / kept.sum()
+}
+
+/// Summed negative log-likelihood of `targets` under `logits` rows, skipping [`IGNORE_INDEX`].
+fn token_nll_sum<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
     let [tokens, _] = logits.dims();
     let kept = targets.clone().not_equal_elem(IGNORE_INDEX);
     // Ignored targets gather row 0 and are then zeroed; gather needs an in-range index.
@@ -43,9 +75,7 @@ pub fn token_cross_entropy<B: Backend>(
     let picked = log_probs
         .gather(1, safe_targets.reshape([tokens, 1]))
         .reshape([tokens]);
-    let weights = kept.float();
-    let total = (picked * weights.clone()).sum().neg();
-    total / weights.sum()
+    (picked * kept.float()).sum().neg()
 }
 
 #[cfg(test)]

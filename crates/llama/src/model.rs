@@ -14,6 +14,7 @@ use lora_layers::LoraLinear;
 
 use std::path::PathBuf;
 
+use crate::cache::{KvCache, LayerKv};
 use crate::checkpoint::Checkpoint;
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
@@ -129,7 +130,8 @@ impl<B: Backend> RotaryEmbedding<B> {
 pub struct LayerContext<B: Backend> {
     /// Position of the first token of this pass (non-zero when decoding with a cache).
     pub start_pos: usize,
-    /// Additive mask, `[batch, 1, seq_q, seq_k]`: 0 where attending, [`MASKED_SCORE`] elsewhere.
+    /// Additive mask, `[batch, 1, seq_q, seq_k]` (`seq_k = start_pos + seq_q`): 0 where
+    /// attending, [`MASKED_SCORE`] elsewhere.
     pub mask: Tensor<B, 4>,
 }
 
@@ -164,18 +166,63 @@ impl<B: Backend> Attention<B> {
         rope: &RotaryEmbedding<B>,
         ctx: &LayerContext<B>,
     ) -> Tensor<B, 3> {
+        let (q, k, v) = self.rotated_qkv(x, rope, ctx.start_pos);
+        self.attend(q, k, v, &ctx.mask)
+    }
+
+    /// Causal self-attention of `x` over the keys and values `past` holds and its own, which it
+    /// then appends to `past`.
+    pub(crate) fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding<B>,
+        ctx: &LayerContext<B>,
+        past: &mut LayerKv<B>,
+    ) -> Tensor<B, 3> {
+        let (q, k, v) = self.rotated_qkv(x, rope, ctx.start_pos);
+        let (k, v) = past.append(k, v);
+        self.attend(q, k, v, &ctx.mask)
+    }
+
+    /// Projects `x` to per-head queries, keys and values, with RoPE at positions from `start`
+    /// on queries and keys.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - q: `[batch, heads, seq, head_dim]`; k, v: `[batch, kv_heads, seq, head_dim]`
+    fn rotated_qkv(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding<B>,
+        start: usize,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [batch, seq, _] = x.dims();
         let heads =
             |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
         let q = heads(self.q_proj.forward(x.clone()), self.num_heads);
         let k = heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
         let v = heads(self.v_proj.forward(x), self.num_kv_heads);
-        let q = rope.apply(q, ctx.start_pos);
-        let k = rope.apply(k, ctx.start_pos);
+        (rope.apply(q, start), rope.apply(k, start), v)
+    }
+
+    /// Softmax attention of `q` over `k`/`v` under the additive `mask`, then `o_proj`.
+    ///
+    /// # Shapes
+    /// - q: `[batch, heads, seq_q, head_dim]`; k, v: `[batch, kv_heads, seq_k, head_dim]`
+    /// - mask: `[batch, 1, seq_q, seq_k]`
+    /// - output: `[batch, seq_q, hidden]`
+    fn attend(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        mask: &Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
+        let [batch, _, seq, _] = q.dims();
         let k = self.repeat_kv(k);
         let v = self.repeat_kv(v);
         let scale = (self.head_dim as f64).powf(-0.5);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + ctx.mask.clone();
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + mask.clone();
         let probs = softmax(scores.cast(burn::tensor::DType::F32), 3).cast(v.dtype());
         let out =
             probs
@@ -246,10 +293,27 @@ impl<B: Backend> DecoderLayer<B> {
         rope: &RotaryEmbedding<B>,
         ctx: &LayerContext<B>,
     ) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, ctx);
+        self.around_attention(x, |h| self.self_attn.forward(h, rope, ctx))
+    }
+
+    /// Runs the layer on new tokens after those `past` holds, appending theirs to `past`.
+    pub(crate) fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding<B>,
+        ctx: &LayerContext<B>,
+        past: &mut LayerKv<B>,
+    ) -> Tensor<B, 3> {
+        self.around_attention(x, |h| self.self_attn.forward_cached(h, rope, ctx, past))
+    }
+
+    /// The residual blocks around `attention`, one definition for the cached and uncached pass.
+    fn around_attention(
+        &self,
+        x: Tensor<B, 3>,
+        attention: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + attention(self.input_layernorm.forward(x));
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -344,7 +408,70 @@ impl<B: Backend> LlamaForCausalLm<B> {
         }
     }
 
-    /// The mask and positions every layer of a pass over `x` shares.
+    /// Logits for `input_ids` following the tokens `cache` holds, which it then appends to
+    /// `cache`: processing a sequence in one call or in pieces gives the logits [`Self::forward`]
+    /// gives for the whole sequence.
+    ///
+    /// The new tokens take positions `cache.len()..cache.len() + seq` and attend to every cached
+    /// token and, causally, to each other. There is no padding mask: every row of the batch is
+    /// as long as the others. Gradient checkpointing does not apply (the cache is for inference).
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    ///
+    /// # Panics
+    /// If `cache.len() + seq` exceeds `max_position_embeddings`, if `cache` was made for another
+    /// number of layers, or if `batch` differs from the batch the cache holds.
+    pub fn forward_cached(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let hidden = self.hidden_states_cached(input_ids, cache);
+        self.logits(hidden)
+    }
+
+    /// The final-normed hidden states of [`Self::forward_cached`], before the LM head (so a
+    /// decoder can apply the head to the last position only).
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    ///
+    /// # Panics
+    /// As [`Self::forward_cached`].
+    pub fn hidden_states_cached(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        assert_eq!(
+            cache.num_layers(),
+            self.layers.len(),
+            "KV cache made for {} layers, model has {}",
+            cache.num_layers(),
+            self.layers.len()
+        );
+        let mut x = self.embed_tokens.forward(input_ids);
+        let ctx = self.context(&x, None, cache.len());
+        for (layer, past) in self.layers.iter().zip(cache.layers_mut()) {
+            x = layer.forward_cached(x, &self.rope, &ctx, past);
+        }
+        self.norm.forward(x)
+    }
+
+    /// The mask and positions every layer of a pass over `x` shares, `x` being the tokens at
+    /// positions `start_pos..start_pos + seq`; `attention_mask` (1 = token, 0 = padding) covers
+    /// every key, the `start_pos` earlier ones (from a cache) included.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - attention_mask: `[batch, start_pos + seq]`
+    /// - mask of the context: `[batch, 1, seq, start_pos + seq]`
+    ///
+    /// # Panics
+    /// If `start_pos + seq` exceeds `max_position_embeddings`.
     pub fn context(
         &self,
         x: &Tensor<B, 3>,
@@ -352,26 +479,27 @@ impl<B: Backend> LlamaForCausalLm<B> {
         start_pos: usize,
     ) -> LayerContext<B> {
         let [batch, seq, _] = x.dims();
+        let keys = start_pos + seq;
         let device = x.device();
         assert!(
-            start_pos + seq <= self.rope.max_positions(),
-            "sequence of {} tokens exceeds max_position_embeddings = {}",
-            start_pos + seq,
+            keys <= self.rope.max_positions(),
+            "sequence of {keys} tokens exceeds max_position_embeddings = {}",
             self.rope.max_positions()
         );
-        // Query i may see key j iff j ≤ i (causal) and key j is not padding. Burn's
-        // `tril_mask` is true off the lower triangle, i.e. exactly on the future keys.
-        let future: Tensor<B, 2, Bool> = Tensor::tril_mask([seq, seq], 0, &device);
-        let mut blocked = future.unsqueeze::<4>().expand([batch, 1, seq, seq]);
+        // Query i (at position start_pos + i) may see key j iff j ≤ start_pos + i (causal) and
+        // key j is not padding. Burn's `tril_mask` with offset `start_pos` is true exactly where
+        // j > i + start_pos, i.e. on the future keys.
+        let future: Tensor<B, 2, Bool> = Tensor::tril_mask([seq, keys], start_pos as i64, &device);
+        let mut blocked = future.unsqueeze::<4>().expand([batch, 1, seq, keys]);
         if let Some(mask) = attention_mask {
             let padding = mask
                 .equal_elem(0)
-                .reshape([batch, 1, 1, seq])
-                .expand([batch, 1, seq, seq]);
+                .reshape([batch, 1, 1, keys])
+                .expand([batch, 1, seq, keys]);
             blocked = blocked.bool_or(padding);
         }
         let mask =
-            Tensor::<B, 4>::zeros([batch, 1, seq, seq], &device).mask_fill(blocked, MASKED_SCORE);
+            Tensor::<B, 4>::zeros([batch, 1, seq, keys], &device).mask_fill(blocked, MASKED_SCORE);
         LayerContext { start_pos, mask }
     }
 

@@ -1,0 +1,261 @@
+//! Examples, packing, batches and the shuffled order of an epoch.
+
+use fastlora_llama::IGNORE_INDEX;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use super::error::DataError;
+
+/// One tokenized training sequence: its token ids and, per token, the label the causal LM
+/// loss compares with (the id itself, or [`IGNORE_INDEX`] where nothing is learnt).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Example {
+    input_ids: Vec<u32>,
+    labels: Vec<i64>,
+}
+
+impl Example {
+    /// An example from its token ids and one label per token.
+    ///
+    /// # Errors
+    ///
+    /// [`DataError::LabelCount`] if the lengths differ.
+    pub fn new(input_ids: Vec<u32>, labels: Vec<i64>) -> Result<Self, DataError> {
+        if input_ids.len() != labels.len() {
+            return Err(DataError::LabelCount {
+                tokens: input_ids.len(),
+                labels: labels.len(),
+            });
+        }
+        Ok(Self { input_ids, labels })
+    }
+
+    /// An example trained on every token.
+    pub fn fully_trained(input_ids: Vec<u32>) -> Self {
+        let labels = input_ids.iter().map(|&id| i64::from(id)).collect();
+        Self { input_ids, labels }
+    }
+
+    /// Appends `ids`, trained on or not.
+    pub(crate) fn extend(&mut self, ids: &[u32], trained: bool) {
+        self.input_ids.extend_from_slice(ids);
+        self.labels.extend(
+            ids.iter()
+                .map(|&id| if trained { i64::from(id) } else { IGNORE_INDEX }),
+        );
+    }
+
+    /// Keeps the first `len` tokens.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.input_ids.truncate(len);
+        self.labels.truncate(len);
+    }
+
+    /// The token ids.
+    pub fn input_ids(&self) -> &[u32] {
+        &self.input_ids
+    }
+
+    /// The labels, one per token: the token's id, or [`IGNORE_INDEX`].
+    pub fn labels(&self) -> &[i64] {
+        &self.labels
+    }
+
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    /// Whether the example has no token.
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
+
+    /// Number of tokens the causal LM loss learns: labels other than [`IGNORE_INDEX`] at
+    /// positions 1.. (position 0 has nothing before it to predict it from).
+    pub fn num_trained_tokens(&self) -> usize {
+        count_trained(self.labels.get(1..).unwrap_or_default())
+    }
+}
+
+fn count_trained(labels: &[i64]) -> usize {
+    labels
+        .iter()
+        .filter(|&&label| label != IGNORE_INDEX)
+        .count()
+}
+
+/// A padded batch of examples, row-major `[batch, seq]`, ready to become tensors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Token ids; padding positions hold the pad id.
+    pub input_ids: Vec<i64>,
+    /// Labels; padding positions hold [`IGNORE_INDEX`].
+    pub labels: Vec<i64>,
+    /// 1 on real tokens, 0 on padding.
+    pub attention_mask: Vec<i64>,
+    /// Number of rows.
+    pub batch: usize,
+    /// Length of every row: the longest example's.
+    pub seq: usize,
+}
+
+impl Batch {
+    /// Number of tokens the causal LM loss averages over: labels other than
+    /// [`IGNORE_INDEX`] at positions 1.. of each row (the loss shifts labels by one).
+    pub fn num_trained_tokens(&self) -> usize {
+        if self.seq == 0 {
+            return 0;
+        }
+        self.labels
+            .chunks(self.seq)
+            .map(|row| count_trained(&row[1..]))
+            .sum()
+    }
+
+    /// Number of real (unpadded) tokens.
+    pub fn num_tokens(&self) -> usize {
+        self.attention_mask
+            .iter()
+            .filter(|&&mask| mask == 1)
+            .count()
+    }
+}
+
+/// Right-pads `examples` with `pad_id` to the longest of them: padding gets label
+/// [`IGNORE_INDEX`] and attention mask 0. No examples give an empty `0 × 0` batch.
+pub fn collate(examples: &[&Example], pad_id: u32) -> Batch {
+    let seq = examples.iter().map(|e| e.len()).max().unwrap_or(0);
+    let cells = examples.len() * seq;
+    let mut batch = Batch {
+        input_ids: Vec::with_capacity(cells),
+        labels: Vec::with_capacity(cells),
+        attention_mask: Vec::with_capacity(cells),
+        batch: examples.len(),
+        seq,
+    };
+    for example in examples {
+        let padding = seq - example.len();
+        batch
+            .input_ids
+            .extend(example.input_ids.iter().map(|&id| i64::from(id)));
+        batch
+            .input_ids
+            .extend(std::iter::repeat_n(i64::from(pad_id), padding));
+        batch.labels.extend_from_slice(&example.labels);
+        batch
+            .labels
+            .extend(std::iter::repeat_n(IGNORE_INDEX, padding));
+        batch
+            .attention_mask
+            .extend(std::iter::repeat_n(1, example.len()));
+        batch.attention_mask.extend(std::iter::repeat_n(0, padding));
+    }
+    batch
+}
+
+/// Concatenates `examples` into one stream and cuts it into rows of exactly `row_length`
+/// tokens, labels following their tokens; the last, shorter row is kept (collate pads it).
+/// Examples are cut at row boundaries wherever they fall: packing trades that for no padding.
+/// Each example should end with EOS so the model sees where one ends (the loader ensures it).
+///
+/// # Errors
+///
+/// [`DataError::InvalidConfig`] if `row_length` is 0.
+pub fn pack(examples: &[Example], row_length: usize) -> Result<Vec<Example>, DataError> {
+    if row_length == 0 {
+        return Err(DataError::InvalidConfig {
+            message: "packing needs rows of at least one token (max_seq_length 0)".into(),
+        });
+    }
+    let input_ids: Vec<u32> = examples
+        .iter()
+        .flat_map(|e| e.input_ids.iter().copied())
+        .collect();
+    let labels: Vec<i64> = examples
+        .iter()
+        .flat_map(|e| e.labels.iter().copied())
+        .collect();
+    Ok(input_ids
+        .chunks(row_length)
+        .zip(labels.chunks(row_length))
+        .map(|(ids, labels)| Example {
+            input_ids: ids.to_vec(),
+            labels: labels.to_vec(),
+        })
+        .collect())
+}
+
+/// The order to visit `len` examples in during epoch `epoch`: a permutation of `0..len`
+/// determined by `seed` and `epoch` alone (ChaCha8, one stream per epoch), so a run resumed
+/// at any epoch sees the same order as an uninterrupted one.
+pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(epoch);
+    let mut order: Vec<usize> = (0..len).collect();
+    order.shuffle(&mut rng);
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const I: i64 = IGNORE_INDEX;
+
+    #[test]
+    fn collate_right_pads_with_mask_and_ignored_labels() {
+        let a = Example::new(vec![5, 6, 7], vec![I, 6, 7]).unwrap();
+        let b = Example::fully_trained(vec![8]);
+        let batch = collate(&[&a, &b], 3);
+        assert_eq!((batch.batch, batch.seq), (2, 3));
+        assert_eq!(batch.input_ids, [5, 6, 7, 8, 3, 3]);
+        assert_eq!(batch.labels, [I, 6, 7, 8, I, I]);
+        assert_eq!(batch.attention_mask, [1, 1, 1, 1, 0, 0]);
+        assert_eq!(batch.num_trained_tokens(), 2);
+        assert_eq!(batch.num_tokens(), 4);
+        let empty = collate(&[], 0);
+        assert_eq!(
+            (empty.batch, empty.seq, empty.num_trained_tokens()),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn example_lengths_must_agree() {
+        assert!(matches!(
+            Example::new(vec![1, 2], vec![1]),
+            Err(DataError::LabelCount {
+                tokens: 2,
+                labels: 1
+            })
+        ));
+        assert_eq!(Example::default().num_trained_tokens(), 0);
+    }
+
+    #[test]
+    fn packing_cuts_the_stream_into_full_rows() {
+        let examples = [
+            Example::new(vec![1, 2, 3], vec![I, 2, 3]).unwrap(),
+            Example::new(vec![4, 5, 6, 7], vec![I, I, 6, 7]).unwrap(),
+        ];
+        let rows = pack(&examples, 3).unwrap();
+        let ids: Vec<&[u32]> = rows.iter().map(Example::input_ids).collect();
+        assert_eq!(ids, [&[1, 2, 3][..], &[4, 5, 6], &[7]]);
+        assert_eq!(rows[1].labels(), [I, I, 6]);
+        assert!(pack(&examples, 0).is_err());
+    }
+
+    #[test]
+    fn epoch_order_is_a_seeded_permutation_per_epoch() {
+        let first = epoch_order(50, 3407, 0);
+        assert_eq!(first, epoch_order(50, 3407, 0));
+        assert_ne!(first, epoch_order(50, 3407, 1));
+        assert_ne!(first, epoch_order(50, 1, 0));
+        let mut sorted = first.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..50).collect::<Vec<_>>());
+        assert!(epoch_order(0, 1, 1).is_empty());
+    }
+}

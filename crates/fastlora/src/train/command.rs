@@ -1,0 +1,423 @@
+//! `fastlora train`: every `get_peft_model` parameter and the trainer's as flags (or a TOML
+//! `--config`), the built-in tiny model and dataset by default.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use fastlora_llama::ModelError;
+use indicatif::{ProgressBar, ProgressStyle};
+use lora_config::{GradientCheckpointing, InitLoraWeights, LoraConfig, TargetModules};
+use serde::Deserialize;
+
+use super::{LrScheduler, RunEnd, TrainConfig, Trainer, latest_checkpoint, run};
+use crate::CpuBackend;
+use crate::builtin::{TINY_DATASET, materialize_builtin_model};
+use crate::data::{DataConfig, Dataset};
+use crate::error::{FastLoraError, Result};
+use crate::peft::PeftModel;
+use crate::pretrained::FastLanguageModel;
+
+/// Flags of `fastlora train`. Unset flags take the `--config` file's values, then the defaults
+/// (Unsloth's for LoRA, the built-in demo's for training when no `--model` is given).
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainArgs {
+    /// TOML file with any of these options (flag names with `_`, e.g. `lora_alpha = 32`).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Model folder, .safetensors file or hub id; default: the built-in tiny Llama.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// JSONL training data ({"text"}, Alpaca or chat rows); default: the bundled demo set.
+    #[arg(long)]
+    pub dataset: Option<PathBuf>,
+    /// Where checkpoints, metrics.csv and the final adapter go.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Continue the run in this checkpoint (or the latest checkpoint in this folder).
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: Option<PathBuf>,
+
+    /// LoRA rank.
+    #[arg(long)]
+    pub r: Option<usize>,
+    /// LoRA alpha (scaling alpha/r, or alpha/√r with rsLoRA).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the LoRA input.
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Comma-separated module names, a regex, or `all-linear`.
+    #[arg(long)]
+    pub target_modules: Option<String>,
+    /// Which biases train: none, all or lora_only.
+    #[arg(long)]
+    pub bias: Option<String>,
+    /// Comma-separated layer indices to adapt.
+    #[arg(long, value_delimiter = ',')]
+    pub layers_to_transform: Option<Vec<usize>>,
+    /// Gradient checkpointing: false, true or unsloth.
+    #[arg(long)]
+    pub use_gradient_checkpointing: Option<String>,
+    /// Seed of the adapter initialisation.
+    #[arg(long)]
+    pub random_state: Option<u64>,
+    /// Longest example in tokens (longer ones are truncated and counted).
+    #[arg(long)]
+    pub max_seq_length: Option<usize>,
+    /// Rank-stabilised LoRA scaling.
+    #[arg(long)]
+    pub use_rslora: Option<bool>,
+    /// Comma-separated modules trained in full: embed_tokens, lm_head.
+    #[arg(long, value_delimiter = ',')]
+    pub modules_to_save: Option<Vec<String>>,
+    /// true, false, gaussian or pissa.
+    #[arg(long)]
+    pub init_lora_weights: Option<String>,
+    /// Keep tied embeddings one parameter when one of them trains.
+    #[arg(long)]
+    pub ensure_weight_tying: Option<bool>,
+
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Learning rate of trained embed_tokens/lm_head copies.
+    #[arg(long)]
+    pub embedding_learning_rate: Option<f64>,
+    /// AdamW weight decay.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// linear, cosine or constant.
+    #[arg(long, value_enum)]
+    pub lr_scheduler: Option<LrScheduler>,
+    /// Linear warmup steps.
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Passes over the data.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Examples per micro-batch.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Seed of the data order.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Checkpoint every N steps (and always at the end).
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    /// Pack examples into full rows of max_seq_length tokens.
+    #[arg(long)]
+    pub packing: Option<bool>,
+    /// Train on whole examples instead of responses only.
+    #[arg(long)]
+    pub train_on_prompts: Option<bool>,
+}
+
+impl TrainArgs {
+    /// Fills unset flags from the `--config` TOML file.
+    ///
+    /// # Errors
+    /// An unreadable or invalid TOML file, naming it and the key.
+    pub fn with_config_file(self) -> Result<Self> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io("read", &path, e))?;
+        let file: TrainArgs = toml::from_str(&text).map_err(|e| FastLoraError::Input {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(self.or(file))
+    }
+
+    /// `self`'s set values, else `other`'s.
+    fn or(self, other: Self) -> Self {
+        macro_rules! pick {
+            ($($field:ident),*) => { Self { config: self.config, resume: self.resume, $($field: self.$field.or(other.$field)),* } };
+        }
+        pick!(
+            model,
+            dataset,
+            output_dir,
+            r,
+            lora_alpha,
+            lora_dropout,
+            target_modules,
+            bias,
+            layers_to_transform,
+            use_gradient_checkpointing,
+            random_state,
+            max_seq_length,
+            use_rslora,
+            modules_to_save,
+            init_lora_weights,
+            ensure_weight_tying,
+            lr,
+            embedding_learning_rate,
+            weight_decay,
+            lr_scheduler,
+            warmup_steps,
+            epochs,
+            max_steps,
+            batch_size,
+            grad_accum,
+            max_grad_norm,
+            seed,
+            save_steps,
+            packing,
+            train_on_prompts
+        )
+    }
+
+    /// The LoRA configuration these flags describe (Unsloth's defaults for unset ones).
+    ///
+    /// # Errors
+    /// An invalid value, naming the flag and what is allowed.
+    pub fn lora_config(&self) -> Result<LoraConfig> {
+        let mut config = LoraConfig::default();
+        set(&mut config.r, self.r);
+        set(&mut config.lora_alpha, self.lora_alpha);
+        set(&mut config.lora_dropout, self.lora_dropout);
+        set(&mut config.random_state, self.random_state);
+        set(&mut config.max_seq_length, self.max_seq_length);
+        set(&mut config.use_rslora, self.use_rslora);
+        set(&mut config.ensure_weight_tying, self.ensure_weight_tying);
+        if let Some(targets) = &self.target_modules {
+            config.target_modules = Some(parse_targets(targets));
+        }
+        if let Some(layers) = &self.layers_to_transform {
+            config.layers_to_transform = Some(layers.clone());
+        }
+        if let Some(modules) = &self.modules_to_save {
+            config.modules_to_save = Some(modules.clone());
+        }
+        if let Some(bias) = &self.bias {
+            config.bias = json_value("bias", bias)?;
+        }
+        if let Some(mode) = &self.use_gradient_checkpointing {
+            config.use_gradient_checkpointing = match mode.as_str() {
+                "false" => GradientCheckpointing::Off,
+                "true" => GradientCheckpointing::On,
+                "unsloth" => GradientCheckpointing::Unsloth,
+                other => {
+                    return Err(flag_error(
+                        "use-gradient-checkpointing",
+                        other,
+                        "false, true or unsloth",
+                    ));
+                }
+            };
+        }
+        if let Some(init) = &self.init_lora_weights {
+            config.init_lora_weights = match init.as_str() {
+                "true" => InitLoraWeights::Standard,
+                "false" => InitLoraWeights::Random,
+                other => json_value("init_lora_weights", other)?,
+            };
+        }
+        config.validate_values()?;
+        Ok(config)
+    }
+
+    /// The trainer configuration (the built-in demo's defaults when no model is given).
+    pub fn train_config(&self) -> TrainConfig {
+        let demo = self.model.is_none();
+        let mut config = TrainConfig {
+            output_dir: PathBuf::from("outputs"),
+            ..TrainConfig::default()
+        };
+        if demo {
+            // A random 2-layer model memorises the demo set in a minute on two cores only
+            // with a larger step than real fine-tuning uses.
+            config.learning_rate = 1e-2;
+            config.max_steps = Some(60);
+            config.batch_size = 4;
+            config.grad_accum = 1;
+            config.warmup_steps = 3;
+        }
+        set(&mut config.learning_rate, self.lr);
+        config.embedding_learning_rate = self
+            .embedding_learning_rate
+            .or(config.embedding_learning_rate);
+        set(&mut config.weight_decay, self.weight_decay);
+        set(&mut config.lr_scheduler, self.lr_scheduler);
+        set(&mut config.warmup_steps, self.warmup_steps);
+        set(&mut config.epochs, self.epochs);
+        config.max_steps = self.max_steps.or(config.max_steps);
+        set(&mut config.batch_size, self.batch_size);
+        set(&mut config.grad_accum, self.grad_accum);
+        if let Some(norm) = self.max_grad_norm {
+            config.max_grad_norm = (norm > 0.0).then_some(norm);
+        }
+        set(&mut config.seed, self.seed);
+        config.save_steps = self.save_steps.or(config.save_steps);
+        if let Some(dir) = &self.output_dir {
+            config.output_dir = dir.clone();
+        }
+        config
+    }
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *slot = value;
+    }
+}
+
+fn parse_targets(text: &str) -> TargetModules {
+    match text {
+        "all-linear" => TargetModules::AllLinear,
+        t if t.chars().any(|c| "\\^$*+?()[]|".contains(c)) => TargetModules::Pattern(t.to_string()),
+        t => TargetModules::Names(t.split(',').map(|s| s.trim().to_string()).collect()),
+    }
+}
+
+/// Parses a flag through the field's JSON form, so flags accept exactly the file values.
+fn json_value<T: serde::de::DeserializeOwned>(field: &str, value: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(value.to_string()))
+        .map_err(|e| flag_error(&field.replace('_', "-"), value, &e.to_string()))
+}
+
+fn flag_error(flag: &str, value: &str, allowed: &str) -> FastLoraError {
+    FastLoraError::Input {
+        path: PathBuf::from(format!("--{flag}")),
+        message: format!("invalid value `{value}`: {allowed}"),
+    }
+}
+
+/// Runs `fastlora train` on the CPU backend.
+///
+/// # Errors
+/// Bad flags, model, data or adapter (each naming the file or field), a NaN loss, I/O.
+pub fn train_command(args: TrainArgs) -> Result<()> {
+    let args = args.with_config_file()?;
+    let lora = args.lora_config()?;
+    let config = args.train_config();
+    let device = Default::default();
+    let model_dir = match &args.model {
+        Some(model) => model.clone(),
+        None => materialize_builtin_model(&config.output_dir.join("builtin-tiny-llama"))?
+            .display()
+            .to_string(),
+    };
+    let base = FastLanguageModel::<CpuBackend>::from_pretrained(&model_dir, &device)?;
+    let tokenizer = base.tokenizer.clone().ok_or_else(|| FastLoraError::Input {
+        path: base.source.clone(),
+        message: "training needs a tokenizer.json beside the model".to_string(),
+    })?;
+    let data_config = DataConfig {
+        max_seq_length: lora.max_seq_length.min(base.config.max_position_embeddings),
+        packing: args.packing.unwrap_or(false),
+        completion_only: !args.train_on_prompts.unwrap_or(false),
+        ..DataConfig::default()
+    };
+    let dataset = match &args.dataset {
+        Some(path) => Dataset::from_jsonl(path, &tokenizer, &data_config)?,
+        None => Dataset::from_jsonl_str(
+            TINY_DATASET,
+            "<built-in tiny_dataset.jsonl>",
+            &tokenizer,
+            &data_config,
+        )?,
+    };
+    println!("{}", dataset.report());
+    let pad_id = dataset.pad_id();
+
+    let mut trainer = match &args.resume {
+        Some(dir) => {
+            let checkpoint = latest_checkpoint(dir).ok_or_else(|| FastLoraError::Input {
+                path: dir.clone(),
+                message: "no complete checkpoint (checkpoint-N with trainer_state.json) here"
+                    .to_string(),
+            })?;
+            println!("resuming from {}", checkpoint.display());
+            let peft = PeftModel::from_pretrained(base, &checkpoint)?;
+            Trainer::resume(peft, config.clone(), &checkpoint)?
+        }
+        None => Trainer::new(base.get_peft_model(lora)?, config.clone()),
+    };
+    print!("{}", trainer.peft.report);
+    trainer.peft.print_trainable_parameters();
+
+    let total = config.total_steps(dataset.len());
+    let per_step = config.batch_size * config.grad_accum;
+    let batches = |step: usize| {
+        (0..config.grad_accum)
+            .map(|micro| {
+                let first = step * per_step + micro * config.batch_size;
+                let indices: Vec<usize> = (first..first + config.batch_size)
+                    .map(|i| dataset.example_at(i, config.seed))
+                    .collect();
+                dataset.collate(&indices, pad_id)
+            })
+            .collect()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    // A second Ctrl-C during the save still kills the process.
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    let bar = ProgressBar::new(total as u64).with_position(trainer.state.step as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
+            .expect("a valid template"),
+    );
+    let metrics_path = config.output_dir.join("metrics.csv");
+    let mut metrics = super::metrics::MetricsCsv::open(&metrics_path, trainer.state.step)?;
+    let end = run(
+        &mut trainer,
+        total,
+        batches,
+        &stop,
+        |record, tokens_per_s| {
+            bar.set_position(record.step as u64);
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e} {:.0} tok/s",
+                record.loss, record.lr, tokens_per_s
+            ));
+            metrics.append(record, tokens_per_s);
+            if record.step == 1 || record.step.is_multiple_of(10) || record.step == total {
+                bar.println(format!(
+                    "step {:>5}  loss {:.4}  lr {:.3e}  grad_norm {:.3}",
+                    record.step, record.loss, record.lr, record.grad_norm
+                ));
+            }
+        },
+    );
+    bar.finish_and_clear();
+    metrics.finish()?;
+    match end? {
+        RunEnd::Interrupted => println!(
+            "interrupted: checkpoint saved at step {}",
+            trainer.state.step
+        ),
+        RunEnd::Finished => {
+            let adapter = config.output_dir.join("adapter");
+            trainer.peft.save_pretrained(&adapter)?;
+            let history = &trainer.state.history;
+            if let (Some(first), Some(last)) = (history.first(), history.last()) {
+                println!(
+                    "loss {:.4} → {:.4} over {} steps",
+                    first.loss, last.loss, last.step
+                );
+            }
+            println!("adapter saved to {}", adapter.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,386 @@
+//! The LoRA trainer: AdamW over the trainable parameters only, warmup + linear/cosine schedule,
+//! exact gradient accumulation, global-norm clipping, atomic resumable checkpoints.
+
+mod checkpoint;
+mod command;
+mod metrics;
+mod schedule;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::module::{ModuleVisitor, Param, ParamId};
+use burn::optim::{
+    AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer, adaptor::OptimizerAdaptor,
+};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Int, TensorData};
+use fastlora_llama::{LlamaForCausalLm, causal_lm_loss_sum};
+use serde::{Deserialize, Serialize};
+
+pub use checkpoint::{TrainerState, latest_checkpoint};
+pub use command::{TrainArgs, train_command};
+pub use schedule::{LrScheduler, learning_rate};
+
+use crate::data::Batch;
+use crate::error::{FastLoraError, Result};
+use crate::peft::PeftModel;
+
+/// Hyper-parameters of a training run (TRL's `SFTConfig` names where they exist).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Learning rate for trained `embed_tokens`/`lm_head` copies (Unsloth's
+    /// `embedding_learning_rate`); `None` uses `learning_rate`.
+    pub embedding_learning_rate: Option<f64>,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    /// Schedule after warmup.
+    pub lr_scheduler: LrScheduler,
+    /// Steps of linear warmup from 0.
+    pub warmup_steps: usize,
+    /// Passes over the data (ignored when `max_steps` is set).
+    pub epochs: usize,
+    /// Optimizer steps to run; overrides `epochs`.
+    pub max_steps: Option<usize>,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Clip the global gradient norm to this (`None`: no clipping).
+    pub max_grad_norm: Option<f64>,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Save a checkpoint every this many steps (`None`: only at the end).
+    pub save_steps: Option<usize>,
+    /// Where checkpoints, metrics and the final adapter go.
+    pub output_dir: PathBuf,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: 2e-4,
+            embedding_learning_rate: None,
+            weight_decay: 0.01,
+            lr_scheduler: LrScheduler::Linear,
+            warmup_steps: 5,
+            epochs: 1,
+            max_steps: None,
+            batch_size: 2,
+            grad_accum: 4,
+            max_grad_norm: Some(1.0),
+            seed: 3407,
+            save_steps: None,
+            output_dir: PathBuf::from("outputs"),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Optimizer steps a run over `examples` examples takes.
+    pub fn total_steps(&self, examples: usize) -> usize {
+        let per_step = self.batch_size * self.grad_accum;
+        self.max_steps
+            .unwrap_or_else(|| (examples * self.epochs).div_ceil(per_step).max(1))
+    }
+}
+
+/// One optimizer step's record: what the progress bar, `metrics.csv` and resume checks read.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// 1-based step number.
+    pub step: usize,
+    /// Mean loss over the step's trained tokens.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens processed (padding excluded).
+    pub tokens: usize,
+}
+
+type Adam<B> = OptimizerAdaptor<AdamW, LlamaForCausalLm<B>, B>;
+
+/// Drives training of a [`PeftModel`] over batches made by a caller-supplied function.
+pub struct Trainer<B: AutodiffBackend> {
+    /// The model being trained.
+    pub peft: PeftModel<B>,
+    /// Hyper-parameters.
+    pub config: TrainConfig,
+    /// Where the run is.
+    pub state: TrainerState,
+    optimizer: Adam<B>,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// A fresh run.
+    pub fn new(peft: PeftModel<B>, config: TrainConfig) -> Self {
+        let optimizer = adamw(&config);
+        let state = TrainerState::new(config.seed);
+        Self {
+            peft: peft.for_training(),
+            config,
+            state,
+            optimizer,
+        }
+    }
+
+    /// Continues the run saved in `checkpoint_dir` (see [`Trainer::save_checkpoint`]); `peft`
+    /// must be the base model with that checkpoint's adapter loaded.
+    ///
+    /// # Errors
+    /// A missing or unreadable `trainer_state.json` or optimizer state, naming the file.
+    pub fn resume(peft: PeftModel<B>, config: TrainConfig, checkpoint_dir: &Path) -> Result<Self> {
+        let device = peft.model().embed_tokens.weight.device();
+        let (state, record) = checkpoint::load::<B>(checkpoint_dir, &device)?;
+        let optimizer = adamw(&config).load_record(record);
+        Ok(Self {
+            peft: peft.for_training(),
+            config,
+            state,
+            optimizer,
+        })
+    }
+
+    /// Runs one optimizer step over `micro_batches` (gradient accumulation: the loss is the
+    /// mean over all their trained tokens, so k micro-batches equal one k× larger batch).
+    ///
+    /// # Errors
+    /// [`FastLoraError::Training`] when the loss is NaN or infinite; the model is not updated.
+    pub fn step(&mut self, micro_batches: &[Batch], total_steps: usize) -> Result<StepRecord> {
+        let model = self.peft.model().clone();
+        let StepGradients {
+            mut grads,
+            loss,
+            tokens,
+        } = step_gradients(&model, micro_batches);
+        let step = self.state.step + 1;
+        if !loss.is_finite() {
+            return Err(FastLoraError::Training(format!(
+                "the loss became {loss} at step {step}; training stopped and the model was not updated"
+            )));
+        }
+        let grad_norm = clip_global_norm(&model, &mut grads, self.config.max_grad_norm);
+        let lr = learning_rate(
+            self.config.lr_scheduler,
+            self.config.learning_rate,
+            self.state.step,
+            self.config.warmup_steps,
+            total_steps,
+        );
+        let model = match self.config.embedding_learning_rate {
+            Some(embedding_lr) => {
+                let embed_lr = embedding_lr * lr / self.config.learning_rate;
+                let embedding_grads = split_embedding_grads(&model, &mut grads);
+                let model = self.optimizer.step(lr, model, grads);
+                self.optimizer.step(embed_lr, model, embedding_grads)
+            }
+            None => self.optimizer.step(lr, model, grads),
+        };
+        self.peft.base.model = model;
+        let record = StepRecord {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+        };
+        self.state.step = step;
+        self.state.history.push(record);
+        Ok(record)
+    }
+
+    /// Writes a checkpoint of the run into `output_dir/checkpoint-{step}` atomically: the
+    /// adapter (PEFT format), the optimizer state and `trainer_state.json` go into a temporary
+    /// folder that is renamed into place once complete, so a kill at any moment leaves the
+    /// previous checkpoints intact.
+    ///
+    /// # Errors
+    /// I/O failures naming the path.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        checkpoint::save(
+            &self.peft,
+            &self.optimizer,
+            &self.state,
+            &self.config.output_dir,
+        )
+    }
+}
+
+/// The gradients of one optimizer step and its loss.
+pub struct StepGradients {
+    /// Gradients of the mean loss over all trained tokens of the step.
+    pub grads: GradientsParams,
+    /// That mean loss.
+    pub loss: f64,
+    /// Tokens processed (padding excluded).
+    pub tokens: usize,
+}
+
+/// Gradients of the mean next-token loss over every trained token of `micro_batches`, summed
+/// micro-batch by micro-batch: each micro-batch's summed loss is divided by the step's total
+/// token count, so the result equals one batch holding them all.
+pub fn step_gradients<B: AutodiffBackend>(
+    model: &LlamaForCausalLm<B>,
+    micro_batches: &[Batch],
+) -> StepGradients {
+    let device = model.embed_tokens.weight.device();
+    let trained: usize = micro_batches.iter().map(Batch::num_trained_tokens).sum();
+    let mut accumulator = GradientsAccumulator::<LlamaForCausalLm<B>>::new();
+    let mut loss_sum = 0.0;
+    let mut tokens = 0;
+    for batch in micro_batches {
+        let ids = int_tensor::<B>(&batch.input_ids, [batch.batch, batch.seq], &device);
+        let labels = int_tensor::<B>(&batch.labels, [batch.batch, batch.seq], &device);
+        let mask = int_tensor::<B>(&batch.attention_mask, [batch.batch, batch.seq], &device);
+        let logits = model.forward(ids, Some(mask));
+        let (sum, _) = causal_lm_loss_sum(logits, labels);
+        let grads = (sum.clone() / trained.max(1) as f64).backward();
+        loss_sum += f64::from(sum.into_scalar().elem::<f32>());
+        tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    StepGradients {
+        grads: accumulator.grads(),
+        loss: loss_sum / trained.max(1) as f64,
+        tokens,
+    }
+}
+
+fn adamw<B: AutodiffBackend>(config: &TrainConfig) -> Adam<B> {
+    // transformers' AdamW: β = (0.9, 0.999), ε = 1e-8, decoupled weight decay.
+    AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.999)
+        .with_epsilon(1e-8)
+        .with_weight_decay(config.weight_decay as f32)
+        .init()
+}
+
+fn int_tensor<B: Backend>(
+    values: &[i64],
+    shape: [usize; 2],
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+}
+
+/// Squares of every gradient the model's parameters received, summed.
+struct SquaredNorm<'a> {
+    grads: &'a GradientsParams,
+    total: f64,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            self.total += f64::from(grad.powi_scalar(2).sum().into_scalar().elem::<f32>());
+        }
+    }
+}
+
+/// Multiplies every gradient by `factor`.
+struct ScaleGrads<'a> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for ScaleGrads<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            self.grads.register(param.id, grad.mul_scalar(self.factor));
+        }
+    }
+}
+
+/// torch's `clip_grad_norm_`: scales all gradients by `max / (norm + 1e-6)` when the global L2
+/// norm exceeds `max`. Returns the norm before clipping.
+fn clip_global_norm<B: AutodiffBackend>(
+    model: &LlamaForCausalLm<B>,
+    grads: &mut GradientsParams,
+    max: Option<f64>,
+) -> f64 {
+    let mut norm = SquaredNorm { grads, total: 0.0 };
+    model.visit(&mut norm);
+    let norm = norm.total.sqrt();
+    if let Some(max) = max {
+        let factor = max / (norm + 1e-6);
+        if factor < 1.0 {
+            model.visit(&mut ScaleGrads { grads, factor });
+        }
+    }
+    norm
+}
+
+/// Moves the gradients of the `embed_tokens`/`lm_head` weights out of `grads`, for their own
+/// learning rate.
+fn split_embedding_grads<B: AutodiffBackend>(
+    model: &LlamaForCausalLm<B>,
+    grads: &mut GradientsParams,
+) -> GradientsParams {
+    let mut ids: Vec<ParamId> = vec![model.embed_tokens.weight.id];
+    if let Some(head) = &model.lm_head {
+        ids.push(head.weight.id);
+    }
+    let mut out = GradientsParams::new();
+    for id in ids {
+        if let Some(grad) = grads.remove::<B::InnerBackend, 2>(id) {
+            out.register(id, grad);
+        }
+    }
+    out
+}
+
+/// Why a training run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// All steps ran.
+    Finished,
+    /// Ctrl-C: the run saved a checkpoint and stopped.
+    Interrupted,
+}
+
+/// Runs `trainer` to `total_steps`, taking micro-batches from `batches(step, micro)`, saving
+/// checkpoints every `save_steps` and at the end (or on Ctrl-C, when `stop` is raised), and
+/// writing `metrics.csv`. `on_step` sees each step's record (the progress bar).
+///
+/// # Errors
+/// A NaN/inf loss (the last good checkpoint is kept) or an I/O failure.
+pub fn run<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    total_steps: usize,
+    mut batches: impl FnMut(usize) -> Vec<Batch>,
+    stop: &Arc<AtomicBool>,
+    mut on_step: impl FnMut(&StepRecord, f64),
+) -> Result<RunEnd> {
+    let started = Instant::now();
+    let mut tokens = 0usize;
+    while trainer.state.step < total_steps {
+        if stop.load(Ordering::SeqCst) {
+            trainer.save_checkpoint()?;
+            return Ok(RunEnd::Interrupted);
+        }
+        let micro = batches(trainer.state.step);
+        let record = trainer.step(&micro, total_steps)?;
+        tokens += record.tokens;
+        on_step(
+            &record,
+            tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        );
+        let at_save = trainer
+            .config
+            .save_steps
+            .is_some_and(|n| record.step.is_multiple_of(n));
+        if at_save || record.step == total_steps {
+            trainer.save_checkpoint()?;
+        }
+    }
+    Ok(RunEnd::Finished)
+}
