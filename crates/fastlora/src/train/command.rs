@@ -59,6 +59,12 @@ pub struct TrainArgs {
     /// Comma-separated layer indices to adapt.
     #[arg(long, value_delimiter = ',')]
     pub layers_to_transform: Option<Vec<usize>>,
+    /// Name of the layer list for layers_to_transform (e.g. `layers`).
+    #[arg(long)]
+    pub layers_pattern: Option<String>,
+    /// Adapt only the last N layers (when layers_to_transform is unset).
+    #[arg(long)]
+    pub finetune_last_n_layers: Option<usize>,
     /// Gradient checkpointing: false, true or unsloth.
     #[arg(long)]
     pub use_gradient_checkpointing: Option<String>,
@@ -77,6 +83,18 @@ pub struct TrainArgs {
     /// true, false, gaussian or pissa.
     #[arg(long)]
     pub init_lora_weights: Option<String>,
+    /// LoftQ settings as JSON (LoftQ itself is not supported; only `{}` passes validation).
+    #[arg(long)]
+    pub loftq_config: Option<String>,
+    /// Where Unsloth offloads trained embeddings (accepted for compatibility).
+    #[arg(long)]
+    pub temporary_location: Option<String>,
+    /// Quantisation-aware training scheme (not supported; rejected when set).
+    #[arg(long)]
+    pub qat_scheme: Option<String>,
+    /// Comma-separated MoE expert parameters to adapt (not supported; rejected when set).
+    #[arg(long, value_delimiter = ',')]
+    pub target_parameters: Option<Vec<String>>,
     /// Keep tied embeddings one parameter when one of them trains.
     #[arg(long)]
     pub ensure_weight_tying: Option<bool>,
@@ -157,6 +175,12 @@ impl TrainArgs {
             target_modules,
             bias,
             layers_to_transform,
+            layers_pattern,
+            finetune_last_n_layers,
+            loftq_config,
+            temporary_location,
+            qat_scheme,
+            target_parameters,
             use_gradient_checkpointing,
             random_state,
             max_seq_length,
@@ -200,6 +224,22 @@ impl TrainArgs {
         if let Some(layers) = &self.layers_to_transform {
             config.layers_to_transform = Some(layers.clone());
         }
+        if let Some(pattern) = &self.layers_pattern {
+            config.layers_pattern = Some(vec![pattern.clone()]);
+        }
+        config.finetune_last_n_layers = self
+            .finetune_last_n_layers
+            .or(config.finetune_last_n_layers);
+        if let Some(loftq) = &self.loftq_config {
+            config.loftq_config = serde_json::from_str(loftq)
+                .map_err(|e| flag_error("loftq-config", loftq, &format!("a JSON object ({e})")))?;
+        }
+        set(
+            &mut config.temporary_location,
+            self.temporary_location.clone(),
+        );
+        config.qat_scheme = self.qat_scheme.clone().or(config.qat_scheme);
+        config.target_parameters = self.target_parameters.clone().or(config.target_parameters);
         if let Some(modules) = &self.modules_to_save {
             config.modules_to_save = Some(modules.clone());
         }
@@ -392,15 +432,19 @@ pub fn train_command(args: TrainArgs) -> Result<()> {
             ));
             metrics.append(record, tokens_per_s);
             if record.step == 1 || record.step.is_multiple_of(10) || record.step == total {
-                bar.println(format!(
-                    "step {:>5}  loss {:.4}  lr {:.3e}  grad_norm {:.3}",
-                    record.step, record.loss, record.lr, record.grad_norm
-                ));
+                bar.suspend(|| {
+                    println!(
+                        "step {:>5}  loss {:.4}  lr {:.3e}  grad_norm {:.3}",
+                        record.step, record.loss, record.lr, record.grad_norm
+                    )
+                });
             }
         },
     );
     bar.finish_and_clear();
     metrics.finish()?;
+    let curve = config.output_dir.join("loss.png");
+    super::write_loss_curve(&curve, &trainer.state.history)?;
     match end? {
         RunEnd::Interrupted => println!(
             "interrupted: checkpoint saved at step {}",
@@ -417,7 +461,114 @@ pub fn train_command(args: TrainArgs) -> Result<()> {
                 );
             }
             println!("adapter saved to {}", adapter.display());
+            println!(
+                "metrics: {}, loss curve: {}",
+                metrics_path.display(),
+                curve.display()
+            );
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn parse(flags: &[&str]) -> TrainArgs {
+        Cli::parse_from(std::iter::once("train").chain(flags.iter().copied())).args
+    }
+
+    #[test]
+    fn flags_map_onto_lora_config_with_unsloth_defaults() {
+        let args = parse(&[
+            "--r",
+            "8",
+            "--lora-alpha",
+            "32",
+            "--use-rslora",
+            "true",
+            "--bias",
+            "lora_only",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--modules-to-save",
+            "lm_head",
+            "--init-lora-weights",
+            "gaussian",
+            "--use-gradient-checkpointing",
+            "false",
+            "--layers-to-transform",
+            "0,1",
+        ]);
+        let lora = args.lora_config().unwrap();
+        assert_eq!((lora.r, lora.lora_alpha, lora.use_rslora), (8, 32.0, true));
+        assert_eq!(lora.bias, lora_config::Bias::LoraOnly);
+        assert_eq!(
+            lora.target_modules,
+            Some(TargetModules::Names(
+                ["q_proj".into(), "v_proj".into()].into()
+            ))
+        );
+        assert_eq!(lora.init_lora_weights, InitLoraWeights::Gaussian);
+        assert_eq!(lora.use_gradient_checkpointing, GradientCheckpointing::Off);
+        assert_eq!(lora.layers_to_transform, Some(vec![0, 1]));
+        assert_eq!(lora.modules_to_save, Some(vec!["lm_head".to_string()]));
+        let defaults = parse(&["--model", "x"]).lora_config().unwrap();
+        assert_eq!(defaults, LoraConfig::default());
+        assert_eq!(
+            parse(&["--model", "x"]).train_config(),
+            TrainConfig::default()
+        );
+    }
+
+    #[test]
+    fn bad_flag_values_name_the_flag() {
+        let err = parse(&["--bias", "some"])
+            .lora_config()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--bias") && err.contains("some"), "{err}");
+        let err = parse(&["--use-gradient-checkpointing", "maybe"])
+            .lora_config()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unsloth"), "{err}");
+        let err = parse(&["--r", "0"]).lora_config().unwrap_err().to_string();
+        assert!(err.contains('r'), "{err}");
+    }
+
+    #[test]
+    fn toml_config_fills_unset_flags_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(
+            &path,
+            "r = 32\nlora_alpha = 64.0\nlr = 1e-4\nmax_steps = 7\nlr_scheduler = \"cosine\"\n",
+        )
+        .unwrap();
+        let args = parse(&["--config", path.to_str().unwrap(), "--r", "4"])
+            .with_config_file()
+            .unwrap();
+        let lora = args.lora_config().unwrap();
+        assert_eq!((lora.r, lora.lora_alpha), (4, 64.0));
+        let train = args.train_config();
+        assert_eq!(
+            (train.learning_rate, train.max_steps, train.lr_scheduler),
+            (1e-4, Some(7), LrScheduler::Cosine)
+        );
+        std::fs::write(&path, "rank = 3\n").unwrap();
+        let err = parse(&["--config", path.to_str().unwrap()])
+            .with_config_file()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("run.toml") && err.contains("rank"), "{err}");
+    }
 }

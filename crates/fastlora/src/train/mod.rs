@@ -4,6 +4,7 @@
 mod checkpoint;
 mod command;
 mod metrics;
+mod plot;
 mod schedule;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{TrainerState, latest_checkpoint};
 pub use command::{TrainArgs, train_command};
+pub use plot::write_loss_curve;
 pub use schedule::{LrScheduler, learning_rate};
 
 use crate::data::Batch;
