@@ -71,3 +71,40 @@ fn killed_training_leaves_a_loadable_checkpoint() {
         "no checkpoint survived"
     );
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
+    let out = tempfile::tempdir().unwrap();
+    fastlora::materialize_builtin_model(&out.path().join("builtin-tiny-llama")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_fastlora"))
+        .args(["train", "--max-steps", "100000", "--output-dir"])
+        .arg(out.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for training to be under way (metrics rows appear), then send SIGINT.
+    let metrics = out.path().join("metrics.csv");
+    let started = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "exit status {:?}", output.status);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("interrupted: checkpoint saved at step"),
+        "{stdout}"
+    );
+    let checkpoint = latest_checkpoint(out.path()).expect("a checkpoint");
+    assert!(checkpoint.join("adapter_model.safetensors").is_file());
+}
