@@ -8,6 +8,14 @@ use fastlora::llama::FloatDtype;
 use fastlora::lora_config::{Bias, InitLoraWeights};
 use fastlora::{FastLanguageModel, LoraConfig, PeftModel};
 
+/// The PEFT-made fixture adapters and the base each belongs to.
+const PEFT_ADAPTERS: [(&str, &str); 4] = [
+    ("llama-tiny", "llama-tiny-lora"),
+    ("llama-tiny", "llama-tiny-rslora"),
+    ("llama-tiny", "llama-tiny-mts"),
+    ("qwen2-tiny", "qwen2-tiny-lora"),
+];
+
 fn base(dir: &str) -> FastLanguageModel<B> {
     FastLanguageModel::from_pretrained(fixture(dir).to_str().unwrap(), &Default::default()).unwrap()
 }
@@ -26,12 +34,7 @@ fn sorted_targets(mut config: serde_json::Value) -> serde_json::Value {
 
 #[test]
 fn peft_adapters_round_trip_unchanged() {
-    for (model, adapter) in [
-        ("llama-tiny", "llama-tiny-lora"),
-        ("llama-tiny", "llama-tiny-rslora"),
-        ("llama-tiny", "llama-tiny-mts"),
-        ("qwen2-tiny", "qwen2-tiny-lora"),
-    ] {
+    for (model, adapter) in PEFT_ADAPTERS {
         let peft = PeftModel::from_pretrained(base(model), fixture(adapter)).unwrap();
         let out = tempfile::tempdir().unwrap();
         peft.save_pretrained(out.path()).unwrap();
@@ -138,12 +141,7 @@ fn reapplying_get_peft_model() {
 fn trainable_parameter_counts_match_peft() {
     // `n_params` in summary.json is PEFT's trainable count for each fixture adapter.
     let summary = json(&fixture("summary.json"));
-    for (model, adapter) in [
-        ("llama-tiny", "llama-tiny-lora"),
-        ("llama-tiny", "llama-tiny-rslora"),
-        ("llama-tiny", "llama-tiny-mts"),
-        ("qwen2-tiny", "qwen2-tiny-lora"),
-    ] {
+    for (model, adapter) in PEFT_ADAPTERS {
         let peft = PeftModel::from_pretrained(base(model), fixture(adapter)).unwrap();
         let counts = peft.parameter_counts();
         assert_eq!(
