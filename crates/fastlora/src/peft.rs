@@ -353,12 +353,14 @@ fn untie_if_needed<B: Backend>(
     }
 }
 
+/// Makes the `modules_to_save` weights trainable. A head still tied at this point (kept one
+/// parameter by `ensure_weight_tying`) trains through the shared embedding matrix.
 fn make_modules_to_save_trainable<B: Backend>(
     model: &mut LlamaForCausalLm<B>,
     embed: bool,
     head: bool,
 ) {
-    if embed {
+    if embed || (head && model.lm_head.is_none()) {
         let w = model.embed_tokens.weight.val().detach();
         model.embed_tokens.weight = Param::from_tensor(w).set_require_grad(true);
     }
