@@ -296,18 +296,44 @@ fn for_inference_turns_lora_dropout_off_and_for_training_back_on() {
 #[test]
 fn tied_embeddings_untie_for_a_trained_head_unless_ensure_weight_tying() {
     let ids = input_ids(&Default::default());
-    let head_only = LoraConfig { modules_to_save: Some(vec!["lm_head".into()]), ..LoraConfig::default() };
-    let peft = base("qwen2-tiny").get_peft_model(head_only.clone()).unwrap();
-    assert!(peft.model().lm_head.is_some(), "the trained head gets its own copy");
-    assert!(peft.report.notices.iter().any(|n| n.contains("tied embeddings")));
+    let head_only = LoraConfig {
+        modules_to_save: Some(vec!["lm_head".into()]),
+        ..LoraConfig::default()
+    };
+    let peft = base("qwen2-tiny")
+        .get_peft_model(head_only.clone())
+        .unwrap();
+    assert!(
+        peft.model().lm_head.is_some(),
+        "the trained head gets its own copy"
+    );
+    assert!(
+        peft.report
+            .notices
+            .iter()
+            .any(|n| n.contains("tied embeddings"))
+    );
     let names: Vec<String> = peft.adapter_tensors().into_iter().map(|(k, _)| k).collect();
     assert!(names.contains(&"base_model.model.lm_head.weight".to_string()));
 
-    let tied = LoraConfig { ensure_weight_tying: true, ..head_only };
+    let tied = LoraConfig {
+        ensure_weight_tying: true,
+        ..head_only
+    };
     let peft = base("qwen2-tiny").get_peft_model(tied).unwrap();
-    assert!(peft.model().lm_head.is_none(), "ensure_weight_tying keeps one matrix");
+    assert!(
+        peft.model().lm_head.is_none(),
+        "ensure_weight_tying keeps one matrix"
+    );
     // The shared matrix is the trainable one: the loss reaches it through the head.
     let loss = fastlora::llama::causal_lm_loss(peft.model().forward(ids.clone(), None), ids);
     let grads = loss.backward();
-    assert!(peft.model().embed_tokens.weight.val().grad(&grads).is_some());
+    assert!(
+        peft.model()
+            .embed_tokens
+            .weight
+            .val()
+            .grad(&grads)
+            .is_some()
+    );
 }
