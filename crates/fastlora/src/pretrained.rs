@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use fastlora_llama::{
-    Checkpoint, LlamaConfig, LlamaForCausalLm, LlamaTokenizer, WeightSource, build_model,
-    resolve_model,
+    Checkpoint, GgufWeights, LlamaConfig, LlamaForCausalLm, LlamaTokenizer, WeightSource,
+    build_model, gguf_config, is_gguf_path, open_gguf, resolve_model,
 };
 use lora_config::{ArchitectureInfo, LoraConfig};
 
@@ -31,11 +31,16 @@ impl<B: Backend> FastLanguageModel<B> {
     /// the Hugging Face cache (`HF_HOME`, `HF_HUB_OFFLINE` respected).
     ///
     /// The folder holds `config.json` and `model.safetensors` or a sharded
-    /// `model.safetensors.index.json`; weights in f32, bf16 or f16 are read as f32.
+    /// `model.safetensors.index.json`; weights in f32, bf16 or f16 are read as f32. A path to
+    /// a `.gguf` file is read by [`FastLanguageModel::from_gguf`] instead.
     ///
     /// # Errors
     /// [`crate::FastLoraError::Model`] naming the file, tensor or field at fault.
     pub fn from_pretrained(name_or_path: &str, device: &B::Device) -> Result<Self> {
+        let path = Path::new(name_or_path);
+        if is_gguf_path(path) && path.is_file() {
+            return Self::from_gguf(path, device);
+        }
         let source = resolve_model(name_or_path)?;
         let config = LlamaConfig::load(&source.join("config.json"))?;
         let mut checkpoint = Checkpoint::open(&source)?;
@@ -49,6 +54,26 @@ impl<B: Backend> FastLanguageModel<B> {
             config,
             tokenizer,
             source,
+        })
+    }
+
+    /// Loads a llama.cpp GGUF file: config from its metadata, weights dequantized to f32 (the
+    /// query/key RoPE row permutation undone), tokenizer from its `tokenizer.ggml.*` metadata.
+    ///
+    /// # Errors
+    /// [`crate::FastLoraError::Model`] for an unreadable file, an unsupported architecture,
+    /// quantization or tokenizer, or a tensor of the wrong shape.
+    pub fn from_gguf(path: &Path, device: &B::Device) -> Result<Self> {
+        let file = open_gguf(path)?;
+        let config = gguf_config(&file)?;
+        let tokenizer = LlamaTokenizer::from_gguf(&file)?;
+        let mut weights = GgufWeights::new(file, &config);
+        let model = build_model(&config, &mut weights, device)?;
+        Ok(Self {
+            model,
+            config,
+            tokenizer: Some(tokenizer),
+            source: path.to_path_buf(),
         })
     }
 

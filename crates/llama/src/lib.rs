@@ -4,6 +4,7 @@ mod cache;
 mod checkpoint;
 mod config;
 mod error;
+mod gguf;
 mod hub;
 mod json;
 mod loss;
@@ -17,6 +18,10 @@ pub use checkpoint::{
 };
 pub use config::{LlamaConfig, ModelType, RopeScaling};
 pub use error::ModelError;
+pub use fastlora_gguf::{self, GgufFile};
+pub use gguf::{
+    GgufWeights, gguf_config, gguf_config_json, is_gguf_path, open_gguf, unpermute_rope_rows,
+};
 pub use hub::{HubSettings, ModelRef, resolve_model, resolve_model_with};
 pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum, token_cross_entropy};
 pub use model::{

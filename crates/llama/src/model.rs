@@ -131,7 +131,7 @@ pub struct LayerContext<B: Backend> {
     /// Position of the first token of this pass (non-zero when decoding with a cache).
     pub start_pos: usize,
     /// Additive mask, `[batch, 1, seq_q, seq_k]` (`seq_k = start_pos + seq_q`): 0 where
-    /// attending, [`MASKED_SCORE`] elsewhere.
+    /// attending, a large negative score (-1e9) elsewhere.
     pub mask: Tensor<B, 4>,
 }
 

@@ -13,6 +13,9 @@ const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 /// transformers ≥ 4.43 saves the chat template here, and prefers it to `tokenizer_config.json`'s.
 const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 
+/// The pre-tokenizer regex of Llama 3 (`tokenizer.ggml.pre = "llama-bpe"`).
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// A special token and its id in the vocabulary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SpecialToken {
@@ -79,6 +82,187 @@ impl LlamaTokenizer {
             loaded.chat_template = Some(template);
         }
         Ok(loaded)
+    }
+
+    /// Builds the tokenizer stored in a GGUF file's `tokenizer.ggml.*` metadata: a byte-level
+    /// BPE (`tokenizer.ggml.model = "gpt2"`) from `tokens` (id = index) and `merges`, with the
+    /// pre-tokenizer named by `tokenizer.ggml.pre` (`default`/`gpt-2`, `smollm`, `llama-bpe`),
+    /// CONTROL tokens (`token_type` 3) as special added tokens and USER_DEFINED ones (4) as
+    /// added tokens; BOS/EOS/padding from the `*_token_id` keys, the chat template from
+    /// `tokenizer.chat_template`, and a BOS prepended by [`LlamaTokenizer::encode`] only when
+    /// `tokenizer.ggml.add_bos_token` is true.
+    ///
+    /// # Errors
+    ///
+    /// - [`ModelError::Unsupported`] for another tokenizer model (e.g. SentencePiece `llama`)
+    ///   or pre-tokenizer;
+    /// - [`ModelError::Tokenizer`] (naming the GGUF file) for missing or malformed tokenizer
+    ///   metadata, or a special token id outside the vocabulary.
+    pub fn from_gguf(file: &fastlora_gguf::GgufFile) -> Result<Self, ModelError> {
+        let path = file.path().to_path_buf();
+        let fail = |message: String| ModelError::Tokenizer {
+            path: path.clone(),
+            message,
+        };
+        let model = file
+            .get_str("tokenizer.ggml.model")
+            .map_err(|e| fail(e.kind().to_string()))?;
+        if model != "gpt2" {
+            return Err(ModelError::Unsupported {
+                path: path.clone(),
+                what: format!(
+                    "GGUF tokenizer model `{model}` (only byte-level BPE, `gpt2`, is implemented)"
+                ),
+            });
+        }
+        let pre = match file.get("tokenizer.ggml.pre") {
+            Some(_) => file
+                .get_str("tokenizer.ggml.pre")
+                .map_err(|e| fail(e.kind().to_string()))?,
+            None => "default",
+        };
+        let byte_level = |use_regex: bool| {
+            serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+                               "trim_offsets": true, "use_regex": use_regex})
+        };
+        let pre_tokenizer = match pre {
+            "default" | "gpt-2" | "gpt2" => byte_level(true),
+            "smollm" => serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true},
+                byte_level(true),
+            ]}),
+            "llama-bpe" | "llama3" => serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN},
+                 "behavior": "Isolated", "invert": false},
+                byte_level(false),
+            ]}),
+            other => {
+                return Err(ModelError::Unsupported {
+                    path: path.clone(),
+                    what: format!(
+                        "GGUF pre-tokenizer `{other}` (tokenizer.ggml.pre; implemented: default, \
+                         gpt-2, smollm, llama-bpe)"
+                    ),
+                });
+            }
+        };
+        let tokens = file
+            .get_str_array("tokenizer.ggml.tokens")
+            .map_err(|e| fail(e.kind().to_string()))?;
+        let merges = file
+            .get_str_array("tokenizer.ggml.merges")
+            .map_err(|e| fail(e.kind().to_string()))?;
+        let types: Vec<i32> = match file.get("tokenizer.ggml.token_type") {
+            None => Vec::new(),
+            Some(_) => file
+                .get_i32_array("tokenizer.ggml.token_type")
+                .map(<[i32]>::to_vec)
+                .or_else(|_| {
+                    file.get_u32_array("tokenizer.ggml.token_type")
+                        .map(|t| t.iter().map(|&x| x as i32).collect())
+                })
+                .map_err(|e| fail(e.kind().to_string()))?,
+        };
+        let vocab: serde_json::Map<String, Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, token)| (token.clone(), Value::from(id)))
+            .collect();
+        let added: Vec<Value> = types
+            .iter()
+            .enumerate()
+            .filter(|&(_, &t)| t == 3 || t == 4)
+            .filter_map(|(id, &t)| {
+                tokens.get(id).map(|content| {
+                    serde_json::json!({"id": id, "content": content, "single_word": false,
+                        "lstrip": false, "rstrip": false, "normalized": false,
+                        "special": t == 3})
+                })
+            })
+            .collect();
+        let token_id = |key: &str| -> Result<Option<u32>, ModelError> {
+            match file.get(key) {
+                None => Ok(None),
+                Some(_) => file
+                    .get_u32(key)
+                    .map(Some)
+                    .map_err(|e| fail(e.kind().to_string())),
+            }
+        };
+        let special = |key: &str| -> Result<Option<SpecialToken>, ModelError> {
+            let Some(id) = token_id(key)? else {
+                return Ok(None);
+            };
+            let content = tokens.get(id as usize).ok_or_else(|| {
+                fail(format!(
+                    "{key} = {id} is outside the vocabulary of {} tokens",
+                    tokens.len()
+                ))
+            })?;
+            Ok(Some(SpecialToken {
+                content: content.clone(),
+                id,
+            }))
+        };
+        let bos = special("tokenizer.ggml.bos_token_id")?;
+        let add_bos_token = match file.get("tokenizer.ggml.add_bos_token") {
+            None => None,
+            Some(_) => Some(
+                file.get_bool("tokenizer.ggml.add_bos_token")
+                    .map_err(|e| fail(e.kind().to_string()))?,
+            ),
+        };
+        let post_processor = match (&bos, add_bos_token) {
+            (Some(bos), Some(true)) => serde_json::json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos.content, "type_id": 0}},
+                           {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos.content, "type_id": 0}},
+                         {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos.content, "type_id": 1}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos.content.clone(): {"id": bos.content, "ids": [bos.id],
+                                                         "tokens": [bos.content]}}}),
+            _ => serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+                                    "trim_offsets": false, "use_regex": true}),
+        };
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": post_processor,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                        "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": merges},
+        });
+        let tokenizer =
+            tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(|e| {
+                fail(format!(
+                    "cannot build the tokenizer from GGUF metadata: {e}"
+                ))
+            })?;
+        let chat_template = match file.get("tokenizer.chat_template") {
+            None => None,
+            Some(_) => Some(
+                file.get_str("tokenizer.chat_template")
+                    .map_err(|e| fail(e.kind().to_string()))?
+                    .to_string(),
+            ),
+        };
+        Ok(Self {
+            tokenizer,
+            bos,
+            eos: special("tokenizer.ggml.eos_token_id")?,
+            pad: special("tokenizer.ggml.padding_token_id")?,
+            chat_template,
+            add_bos_token,
+            path,
+        })
     }
 
     /// Reads special token `key` of `tokenizer_config.json`: a string, or an `AddedToken`
