@@ -13,7 +13,7 @@ use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use fastlora_llama::{Checkpoint, FloatDtype, write_safetensors};
-use lora_config::{Bias, InitLoraWeights, LoraConfig};
+use lora_config::{InitLoraWeights, LoraConfig};
 
 use crate::error::{FastLoraError, Result};
 use crate::peft::PeftModel;
@@ -74,7 +74,7 @@ impl<B: Backend> PeftModel<B> {
                 ));
             }
             if let Some(bias) = &proj.bias
-                && bias_is_trained(self.lora_config.bias, proj.adapter.is_some())
+                && self.lora_config.bias.trains(proj.adapter.is_some())
             {
                 out.push((
                     bias_key(&name, proj.adapter.is_some()),
@@ -162,7 +162,7 @@ impl<B: Backend> PeftModel<B> {
                 )?);
             }
             if let Some(bias) = proj.bias.as_mut()
-                && bias_is_trained(bias_mode, adapted)
+                && bias_mode.trains(adapted)
             {
                 let values = read(&bias_key(&name, adapted), &[bias.dims()[0]])?;
                 *bias = Param::from_tensor(Tensor::from_data(values, &device));
@@ -229,15 +229,6 @@ impl<B: burn::tensor::backend::AutodiffBackend> AdapterParameter<B> {
             Self::Matrix(t) => t.grad(grads).map(|g| g.into_data()),
             Self::Vector(t) => t.grad(grads).map(|g| g.into_data()),
         }
-    }
-}
-
-/// Whether PEFT's `bias` mode trains (and saves) a projection's base bias.
-fn bias_is_trained(mode: Bias, adapted: bool) -> bool {
-    match mode {
-        Bias::None => false,
-        Bias::All => true,
-        Bias::LoraOnly => adapted,
     }
 }
 

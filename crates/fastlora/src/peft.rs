@@ -141,11 +141,7 @@ impl<B: Backend> PeftModel<B> {
                 *proj = proj.clone().init_adapter(&adapter, init, seed, &name)?;
                 adapted_modules.push(name);
             }
-            let bias_trains = match config.bias {
-                Bias::None => false,
-                Bias::All => true,
-                Bias::LoraOnly => adapted,
-            };
+            let bias_trains = config.bias.trains(adapted);
             *proj = proj.clone().set_bias_trainable(bias_trains);
         }
         make_modules_to_save_trainable(&mut base.model, trains("embed_tokens"), trains("lm_head"));
@@ -211,11 +207,7 @@ impl<B: Backend> PeftModel<B> {
                 all += n;
                 trainable += n;
             }
-            let bias_trains = match self.lora_config.bias {
-                Bias::None => false,
-                Bias::All => true,
-                Bias::LoraOnly => proj.adapter.is_some(),
-            };
+            let bias_trains = self.lora_config.bias.trains(proj.adapter.is_some());
             if let (Some(bias), true) = (&proj.bias, bias_trains) {
                 trainable += bias.dims()[0];
             }
@@ -297,17 +289,16 @@ impl<B: Backend> PeftModel<B> {
     /// their originals, as PEFT's `merge_and_unload`.
     pub fn merge_and_unload(mut self) -> FastLanguageModel<B> {
         for (_, proj) in self.base.model.projections_mut() {
-            *proj = proj.clone().merge_and_unload().set_bias_trainable(false);
+            let mut merged = proj.clone().merge_and_unload().set_bias_trainable(false);
+            // A trained `modules_to_save` head is base weight again after the merge.
+            merged.weight = merged.weight.set_require_grad(false);
+            *proj = merged;
         }
         let model = &mut self.base.model;
-        model.embed_tokens.weight = freeze(model.embed_tokens.weight.clone());
+        model.embed_tokens.weight = model.embed_tokens.weight.clone().set_require_grad(false);
         model.checkpointing = CheckpointMode::Off;
         self.base
     }
-}
-
-fn freeze<const D: usize, B: Backend>(param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-    param.set_require_grad(false)
 }
 
 /// Maps PEFT's `init_lora_weights` onto the initialisations this crate draws.

@@ -23,6 +23,16 @@ pub enum Bias {
 }
 
 impl Bias {
+    /// Whether this mode trains (and saves) the base bias of a layer; `adapted` says whether
+    /// the layer carries a LoRA adapter.
+    pub fn trains(self, adapted: bool) -> bool {
+        match self {
+            Self::None => false,
+            Self::All => true,
+            Self::LoraOnly => adapted,
+        }
+    }
+
     /// The spelling used in `adapter_config.json`.
     pub fn as_str(self) -> &'static str {
         match self {
