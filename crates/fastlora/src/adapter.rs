@@ -14,6 +14,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use fastlora_llama::{Checkpoint, FloatDtype, write_safetensors};
 use lora_config::{InitLoraWeights, LoraConfig};
+use lora_layers::BaseWeight;
 
 use crate::error::{FastLoraError, Result};
 use crate::peft::PeftModel;
@@ -88,7 +89,7 @@ impl<B: Backend> PeftModel<B> {
                     format!("{PREFIX}{EMBED}.weight"),
                     model.embed_tokens.weight.val(),
                 ),
-                (_, Some(head)) => (format!("{PREFIX}{LM_HEAD}.weight"), head.weight.val()),
+                (_, Some(head)) => (format!("{PREFIX}{LM_HEAD}.weight"), head.base_weight()),
                 (_, None) => (
                     format!("{PREFIX}{LM_HEAD}.weight"),
                     model.embed_tokens.weight.val(),
@@ -182,7 +183,7 @@ impl<B: Backend> PeftModel<B> {
                         &[vocab, hidden],
                     )?);
                     match model.lm_head.as_mut() {
-                        Some(head) => head.weight = w,
+                        Some(head) => head.weight = BaseWeight::Dense(w),
                         None => model.embed_tokens.weight = w,
                     }
                 }

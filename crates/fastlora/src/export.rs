@@ -20,7 +20,10 @@ const COMPANION_FILES: [&str; 4] = [
 
 impl<B: Backend> FastLanguageModel<B> {
     /// Writes `config.json`, `model.safetensors` (in `dtype`, metadata `format=pt`) and the
-    /// source folder's tokenizer files into `dir`, each file atomically.
+    /// source folder's tokenizer files into `dir`, each file atomically. A source without
+    /// tokenizer files (a GGUF file) gets `tokenizer.json`, `tokenizer_config.json` (special
+    /// tokens, chat template) and `generation_config.json` written from its tokenizer: this is
+    /// `fastlora export`, GGUF → HF folder.
     ///
     /// A model whose tied `lm_head` was untied (a trained or adapted head) is written untied,
     /// with `tie_word_embeddings: false`.
@@ -37,12 +40,26 @@ impl<B: Backend> FastLanguageModel<B> {
         config["tie_word_embeddings"] = serde_json::Value::Bool(self.model.lm_head.is_none());
         let text = serde_json::to_string_pretty(&config).expect("a JSON value always serialises");
         write_file(&dir.join("config.json"), text.as_bytes())?;
+        let mut copied = Vec::new();
         for name in COMPANION_FILES {
             let from = self.source.join(name);
             if from.is_file() {
                 let bytes = std::fs::read(&from).map_err(|e| ModelError::io("read", &from, e))?;
                 write_file(&dir.join(name), &bytes)?;
+                copied.push(name);
             }
+        }
+        // A source without HF tokenizer files (a GGUF file, generated weights) still has its
+        // tokenizer in memory: write it, so the folder is complete for transformers.
+        if let Some(tokenizer) = self.tokenizer.as_ref().filter(|_| copied.is_empty()) {
+            tokenizer.save(dir)?;
+            let generation = serde_json::json!({
+                "bos_token_id": tokenizer.bos_id(),
+                "eos_token_id": tokenizer.eos_id(),
+                "pad_token_id": tokenizer.pad_id(),
+            });
+            let text = serde_json::to_string_pretty(&generation).expect("JSON serialises");
+            write_file(&dir.join("generation_config.json"), text.as_bytes())?;
         }
         Ok(())
     }

@@ -1,4 +1,5 @@
-//! The `fastlora` command line: inspect models, compute parity logits, merge adapters.
+//! The `fastlora` command line: train, generate, inspect models, compute parity logits, export
+//! and merge.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,8 +8,8 @@ use clap::{Parser, Subcommand};
 use fastlora::llama::FloatDtype;
 use fastlora::train::{TrainArgs, train_command};
 use fastlora::{
-    ChatMessage, ChatTemplate, CpuBackend, FastLanguageModel, GenerationConfig, LoraConfig,
-    PeftModel, eos_token_ids, generate, logits_command,
+    ChatMessage, ChatTemplate, CpuBackend, FastLanguageModel, GenerationConfig, LoadOptions,
+    LoraConfig, PeftModel, eos_token_ids, generate, logits_command,
 };
 
 /// Unsloth-class LoRA fine-tuning for Llama-family models, in Rust.
@@ -36,6 +37,10 @@ enum Command {
         /// Model folder, .safetensors file, or hub id (owner/name[@revision]).
         #[arg(long)]
         model: String,
+        /// Keep a .gguf model's quantized projections quantized in memory (dequantized per
+        /// layer on the fly).
+        #[arg(long)]
+        quantized_base: bool,
         /// LoRA rank to report for.
         #[arg(long, default_value_t = 16)]
         r: usize,
@@ -54,6 +59,10 @@ enum Command {
         /// Model folder or hub id.
         #[arg(long)]
         model: String,
+        /// Keep a .gguf model's quantized projections quantized in memory (dequantized per
+        /// layer on the fly).
+        #[arg(long)]
+        quantized_base: bool,
         /// PEFT adapter folder to apply.
         #[arg(long)]
         adapter: Option<PathBuf>,
@@ -97,6 +106,21 @@ enum Command {
         /// Output safetensors file: f32 `logits` [batch, seq, vocab] and `loss` [1].
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Write a model (e.g. a llama.cpp .gguf file, dequantized) as an HF safetensors folder:
+    /// config.json, model.safetensors, tokenizer.json, tokenizer_config.json (chat template).
+    ///
+    /// Example: fastlora export --model SmolLM2-135M-Instruct.Q4_1.gguf --out smollm2-hf
+    Export {
+        /// Model: .gguf file, folder or hub id.
+        #[arg(long)]
+        model: String,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Weight dtype on disk: float32, bfloat16 or float16.
+        #[arg(long, default_value = "float32", value_parser = parse_dtype)]
+        dtype: FloatDtype,
     },
     /// Merge an adapter into its base model and write an HF safetensors folder.
     ///
@@ -147,18 +171,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// Loads `model` on the CPU, its GGUF projections kept quantized when asked.
+fn load(
+    model: &str,
+    quantized_base: bool,
+    device: &burn::backend::ndarray::NdArrayDevice,
+) -> fastlora::Result<FastLanguageModel<CpuBackend>> {
+    FastLanguageModel::from_pretrained_with(model, LoadOptions { quantized_base }, device)
+}
+
 fn run(cli: Cli) -> fastlora::Result<()> {
     let device = Default::default();
     match cli.command {
         Command::Train(args) => train_command(*args)?,
         Command::Info {
             model,
+            quantized_base,
             r,
             lora_alpha,
             target_modules,
         } => {
-            let base = FastLanguageModel::<CpuBackend>::from_pretrained(&model, &device)?;
+            let base = load(&model, quantized_base, &device)?;
             println!("{}", base.config);
+            if quantized_base {
+                println!("{}", base.base_memory_report());
+            }
             let mut builder = LoraConfig::builder().r(r).lora_alpha(lora_alpha);
             if let Some(targets) = target_modules {
                 builder = builder.target_modules(targets);
@@ -169,6 +206,7 @@ fn run(cli: Cli) -> fastlora::Result<()> {
         }
         Command::Generate {
             model,
+            quantized_base,
             adapter,
             prompt,
             format,
@@ -178,7 +216,7 @@ fn run(cli: Cli) -> fastlora::Result<()> {
             top_p,
             seed,
         } => {
-            let base = FastLanguageModel::<CpuBackend>::from_pretrained(&model, &device)?;
+            let base = load(&model, quantized_base, &device)?;
             let stop = eos_token_ids(&base);
             let peft = match adapter {
                 Some(dir) => Some(PeftModel::from_pretrained(base.clone(), &dir)?.for_inference()),
@@ -229,6 +267,11 @@ fn run(cli: Cli) -> fastlora::Result<()> {
                 &device,
             )?;
             println!("loss {loss:.6} → {}", out.display());
+        }
+        Command::Export { model, out, dtype } => {
+            let base = FastLanguageModel::<CpuBackend>::from_pretrained(&model, &device)?;
+            base.save_pretrained(&out, dtype)?;
+            println!("exported {model} → {}", out.display());
         }
         Command::Merge {
             model,

@@ -8,7 +8,7 @@ use burn::prelude::*;
 use checkpointing::CheckpointMode;
 use fastlora_llama::{LlamaForCausalLm, LlamaTokenizer};
 use lora_config::{Bias, GradientCheckpointing, InitLoraWeights, LoraConfig, Notice};
-use lora_layers::{LoraAdapterConfig, LoraInit, LoraLinear, module_seed};
+use lora_layers::{BaseWeight, LoraAdapterConfig, LoraInit, LoraLinear, module_seed};
 
 use crate::error::Result;
 use crate::pretrained::FastLanguageModel;
@@ -267,7 +267,10 @@ impl<B: Backend> PeftModel<B> {
             if let Some(bias) = proj.bias.as_mut() {
                 stamp(bias, &format!("{name}.bias"));
             }
-            stamp(&mut proj.weight, &format!("{name}.weight"));
+            // A packed base is no parameter: nothing to stamp.
+            if let Some(weight) = proj.weight.as_dense_mut() {
+                stamp(weight, &format!("{name}.weight"));
+            }
         }
         stamp(&mut model.embed_tokens.weight, "model.embed_tokens.weight");
     }
@@ -291,7 +294,9 @@ impl<B: Backend> PeftModel<B> {
         for (_, proj) in self.base.model.projections_mut() {
             let mut merged = proj.clone().merge_and_unload().set_bias_trainable(false);
             // A trained `modules_to_save` head is base weight again after the merge.
-            merged.weight = merged.weight.set_require_grad(false);
+            if let Some(weight) = merged.weight.as_dense_mut() {
+                *weight = weight.clone().set_require_grad(false);
+            }
             *proj = merged;
         }
         let model = &mut self.base.model;
@@ -356,8 +361,8 @@ fn make_modules_to_save_trainable<B: Backend>(
         model.embed_tokens.weight = Param::from_tensor(w).set_require_grad(true);
     }
     if head && let Some(lm_head) = model.lm_head.as_mut() {
-        let w = lm_head.weight.val().detach();
-        lm_head.weight = Param::from_tensor(w).set_require_grad(true);
+        let w = lm_head.base_weight().detach();
+        lm_head.weight = BaseWeight::Dense(Param::from_tensor(w).set_require_grad(true));
     }
 }
 

@@ -62,6 +62,16 @@ pub enum ModelError {
         message: String,
     },
 
+    /// A GGUF file is truncated or corrupt, holds a tensor of a type that cannot be decoded,
+    /// or lacks (or mistypes) metadata the model needs.
+    #[error("{}: GGUF: {message}", path.display())]
+    Gguf {
+        /// The GGUF file.
+        path: PathBuf,
+        /// What is wrong, naming the tensor or metadata key at fault where there is one.
+        message: String,
+    },
+
     /// A checkpoint does not hold a tensor the model needs.
     #[error("{}: tensor `{name}` not found", path.display())]
     MissingTensor {
@@ -133,6 +143,14 @@ impl ModelError {
             action,
             path: path.into(),
             source,
+        }
+    }
+
+    /// A [`ModelError::Gguf`] about `path`.
+    pub(crate) fn gguf(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Self::Gguf {
+            path: path.into(),
+            message: message.into(),
         }
     }
 

@@ -10,9 +10,10 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Int};
 use checkpointing::{CheckpointMode, checkpoint};
-use lora_layers::LoraLinear;
+use lora_layers::{LoraLinear, PackedWeight};
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::cache::{KvCache, LayerKv};
 use crate::checkpoint::Checkpoint;
@@ -518,11 +519,28 @@ pub trait WeightSource {
     /// A present tensor that cannot be read or has another shape.
     fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>, ModelError>;
 
+    /// The packed (e.g. quantized) form of weight `name`, `[d_output, d_input]` once unpacked,
+    /// for a source that keeps it packed; `Ok(None)` (the default) has [`build_model`] read it
+    /// dense through [`WeightSource::tensor`]. Asked only for the seven projection weights of
+    /// each decoder layer ([`LAYER_PROJECTIONS`]).
+    ///
+    /// # Errors
+    /// A present tensor that cannot be read or has another shape.
+    fn packed(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
+    ) -> Result<Option<Arc<dyn PackedWeight>>, ModelError> {
+        let _ = (name, shape);
+        Ok(None)
+    }
+
     /// Where the weights come from, for error messages (a directory or file path).
     fn location(&self) -> PathBuf;
 }
 
-/// Builds the module tree for `config` from `source`, every base weight frozen.
+/// Builds the module tree for `config` from `source`, every base weight frozen; the layer
+/// projections the source keeps packed ([`WeightSource::packed`]) stay packed.
 ///
 /// # Errors
 /// [`ModelError::MissingTensor`] for an absent tensor (only a tied `lm_head` may be absent), or
@@ -675,12 +693,15 @@ impl<B: Backend> Loader<'_, B> {
         d_out: usize,
         bias: bool,
     ) -> Result<LoraLinear<B>, ModelError> {
-        let weight = self.matrix(&format!("{name}.weight"), d_out, d_in)?;
+        let weight = format!("{name}.weight");
         let bias = match bias {
             true => Some(self.vector(&format!("{name}.bias"), d_out)?),
             false => None,
         };
-        Ok(LoraLinear::from_weights(weight, bias))
+        Ok(match self.source.packed(&weight, [d_out, d_in])? {
+            Some(packed) => LoraLinear::from_packed(packed, bias, self.device),
+            None => LoraLinear::from_weights(self.matrix(&weight, d_out, d_in)?, bias),
+        })
     }
 
     fn norm(&mut self, name: &str, hidden: usize, eps: f64) -> Result<RmsNorm<B>, ModelError> {
@@ -763,7 +784,8 @@ impl<B: Backend> LlamaForCausalLm<B> {
     }
 
     /// Every base tensor by its HF checkpoint name, in checkpoint order, as it is now (merged
-    /// adapters included, unmerged ones not); `lm_head.weight` only when not tied.
+    /// adapters included, unmerged ones not); `lm_head.weight` only when not tied. Packed
+    /// projection weights are dequantized.
     pub fn base_tensors(&self) -> Vec<(String, TensorData)> {
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
@@ -776,7 +798,7 @@ impl<B: Backend> LlamaForCausalLm<B> {
                 layer.input_layernorm.weight.val().into_data(),
             ));
             for (name, proj) in LAYER_PROJECTIONS.iter().zip(layer.projections()) {
-                out.push((format!("{p}.{name}.weight"), proj.weight.val().into_data()));
+                out.push((format!("{p}.{name}.weight"), proj.base_weight().into_data()));
                 if let Some(bias) = &proj.bias {
                     out.push((format!("{p}.{name}.bias"), bias.val().into_data()));
                 }
@@ -791,7 +813,7 @@ impl<B: Backend> LlamaForCausalLm<B> {
             self.norm.weight.val().into_data(),
         ));
         if let Some(head) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), head.weight.val().into_data()));
+            out.push(("lm_head.weight".to_string(), head.base_weight().into_data()));
         }
         out
     }

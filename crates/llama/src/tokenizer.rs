@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::checkpoint::write_atomically;
 use crate::error::ModelError;
 use crate::json::{self, Fields};
 
@@ -384,6 +385,44 @@ impl LlamaTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }
+
+    /// Writes `tokenizer.json` and a `tokenizer_config.json` (special tokens, `add_bos_token`,
+    /// the chat template) into `dir`, each atomically, so that transformers'
+    /// `AutoTokenizer.from_pretrained(dir)` and [`LlamaTokenizer::load`] rebuild this tokenizer
+    /// — the way a GGUF tokenizer becomes an HF folder.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::Io`] naming the file that could not be written, or
+    /// [`ModelError::Tokenizer`] if the tokenizer cannot be serialised.
+    pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        let text = self
+            .tokenizer
+            .to_string(true)
+            .map_err(|e| self.error(format!("cannot serialise the tokenizer: {e}")))?;
+        write_text(&dir.join(TOKENIZER_FILE), &text)?;
+        let mut config = serde_json::Map::new();
+        // transformers picks the tokenizer class from here; the fast tokenizer is all there is.
+        config.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+        for (key, token) in [
+            ("bos_token", &self.bos),
+            ("eos_token", &self.eos),
+            ("pad_token", &self.pad),
+        ] {
+            if let Some(token) = token {
+                config.insert(key.into(), token.content.clone().into());
+            }
+        }
+        if let Some(add_bos) = self.add_bos_token {
+            config.insert("add_bos_token".into(), add_bos.into());
+        }
+        if let Some(template) = &self.chat_template {
+            config.insert("chat_template".into(), template.clone().into());
+        }
+        let text = serde_json::to_string_pretty(&Value::Object(config))
+            .expect("a JSON map always serialises");
+        write_text(&dir.join(TOKENIZER_CONFIG_FILE), &text)
+    }
 }
 
 /// `chat_template` of `tokenizer_config.json`: a string, or a list of `{name, template}`
@@ -414,6 +453,13 @@ fn chat_template(fields: &Fields<'_>) -> Result<Option<String>, ModelError> {
             ),
         )),
     }
+}
+
+/// Writes `text` to `path` atomically.
+fn write_text(path: &Path, text: &str) -> Result<(), ModelError> {
+    write_atomically(path, |temp| {
+        std::fs::write(temp, text).map_err(|e| ModelError::io("write", temp, e))
+    })
 }
 
 #[cfg(test)]

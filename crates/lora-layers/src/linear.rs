@@ -1,12 +1,15 @@
 //! [`LoraLinear`]: a frozen base projection with an optional low-rank adapter, PEFT's
 //! `lora.Linear`.
 
+use std::sync::Arc;
+
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
 use crate::init::{FactorShape, InitError, LoraInit, init_factors};
+use crate::packed::{BaseWeight, PackedBase, PackedWeight};
 
 /// A linear projection `y = x·Wᵀ (+ b) + s · dropout(x)·Aᵀ·Bᵀ`.
 ///
@@ -15,13 +18,20 @@ use crate::init::{FactorShape, InitError, LoraInit, init_factors};
 /// the bias trains only when [`LoraLinear::set_bias_trainable`] says so (PEFT's `bias="all"` or
 /// `"lora_only"`). Without an adapter this is a plain linear layer.
 ///
+/// `W` is either a dense parameter or packed ([`LoraLinear::from_packed`], QLoRA's quantized
+/// base): packed blocks stay in memory and are dequantized to f32 in every forward, so the
+/// output and the adapter's gradients equal those of the dense layer holding the dequantized
+/// values. The saving is in resident model memory and in inference: during training, autodiff
+/// keeps each projection's dequantized `W` until backward (the matmul saves its right-hand side
+/// for the gradient of `x`), so activation memory then includes one dense copy per projection.
+///
 /// # Shapes
 /// - input: `[..., d_input]`
 /// - output: `[..., d_output]`
 #[derive(Module, Debug)]
 pub struct LoraLinear<B: Backend> {
-    /// Frozen base weight, `[d_output, d_input]`.
-    pub weight: Param<Tensor<B, 2>>,
+    /// Frozen base weight, `[d_output, d_input]`: dense or packed.
+    pub weight: BaseWeight<B>,
     /// Optional base bias, `[d_output]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// The low-rank adapter, when this projection is a LoRA target.
@@ -83,8 +93,22 @@ impl LoraLinearConfig {
 impl<B: Backend> LoraLinear<B> {
     /// Wraps loaded base weights (`[d_output, d_input]` and `[d_output]`), frozen, no adapter.
     pub fn from_weights(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Self::from_base(BaseWeight::dense(weight), bias)
+    }
+
+    /// Wraps a packed base weight (`[d_output, d_input]` once dequantized, onto `device`) and a
+    /// loaded bias (`[d_output]`), frozen, no adapter.
+    pub fn from_packed(
+        weight: Arc<dyn PackedWeight>,
+        bias: Option<Tensor<B, 1>>,
+        device: &B::Device,
+    ) -> Self {
+        Self::from_base(BaseWeight::Packed(PackedBase::new(weight, device)), bias)
+    }
+
+    fn from_base(weight: BaseWeight<B>, bias: Option<Tensor<B, 1>>) -> Self {
         Self {
-            weight: Param::from_tensor(weight).set_require_grad(false),
+            weight,
             bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
             adapter: None,
         }
@@ -100,6 +124,15 @@ impl<B: Backend> LoraLinear<B> {
         self.weight.dims()[0]
     }
 
+    /// The base weight as a dense tensor: the parameter, or the packed weight dequantized now
+    /// on its device (merged adapters included, unmerged ones not).
+    ///
+    /// # Shapes
+    /// - output: `[d_output, d_input]`
+    pub fn base_weight(&self) -> Tensor<B, 2> {
+        self.weight.tensor()
+    }
+
     /// Applies the projection.
     ///
     /// # Shapes
@@ -108,7 +141,7 @@ impl<B: Backend> LoraLinear<B> {
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
         let base = burn::tensor::module::linear(
             input.clone(),
-            self.weight.val().transpose(),
+            self.base_weight().transpose(),
             self.bias.as_ref().map(|b| b.val()),
         );
         match &self.adapter {
@@ -117,7 +150,8 @@ impl<B: Backend> LoraLinear<B> {
         }
     }
 
-    /// Attaches a freshly initialised adapter; PiSSA also rewrites the base weight.
+    /// Attaches a freshly initialised adapter; PiSSA also rewrites the base weight (a packed base
+    /// is dequantized for the decomposition and replaced by the dense residual).
     ///
     /// `seed` fixes the draw (see [`crate::module_seed`]); `module` names the layer in errors.
     ///
@@ -140,8 +174,7 @@ impl<B: Backend> LoraLinear<B> {
         };
         let base = match init {
             LoraInit::Pissa => Some(
-                self.weight
-                    .val()
+                self.base_weight()
                     .into_data()
                     .convert::<f32>()
                     .to_vec::<f32>()
@@ -153,13 +186,13 @@ impl<B: Backend> LoraLinear<B> {
         };
         let factors = init_factors(init, shape, seed, module, base.as_deref())?;
         if let Some(residual) = factors.residual_weight {
-            let dtype = self.weight.val().dtype();
-            self.weight = self.weight.map(|w| {
-                let data = TensorData::new(residual, [d_output, d_input]);
-                Tensor::<B, 2>::from_data(data, &w.device())
-                    .cast(dtype)
-                    .set_require_grad(false)
-            });
+            let data = TensorData::new(residual, [d_output, d_input]);
+            // A packed base dequantizes to the default float dtype, which `from_data` gives.
+            let mut residual = Tensor::<B, 2>::from_data(data, &device);
+            if let Some(dense) = self.weight.as_dense() {
+                residual = residual.cast(dense.dtype());
+            }
+            self.weight = self.weight.replaced_by(residual);
         }
         let a = Tensor::from_data(TensorData::new(factors.a, [config.rank, d_input]), &device);
         let b = Tensor::from_data(TensorData::new(factors.b, [d_output, config.rank]), &device);
@@ -181,7 +214,9 @@ impl<B: Backend> LoraLinear<B> {
 
     /// Folds `s·B·A` into the base weight; the adapter stays attached, marked merged.
     ///
-    /// A no-op without an adapter or when already merged.
+    /// A packed base cannot hold the sum: it is dequantized and the base becomes the dense
+    /// `W + s·B·A` (and stays dense after [`LoraLinear::unmerge`]). A no-op without an adapter
+    /// or when already merged.
     pub fn merge(self) -> Self {
         self.fold(1.0, true)
     }
@@ -193,7 +228,8 @@ impl<B: Backend> LoraLinear<B> {
         self.fold(-1.0, false)
     }
 
-    /// Merges the adapter into the base weight and removes it: a plain linear layer.
+    /// Merges the adapter into the base weight and removes it: a plain linear layer (dense,
+    /// when an adapter was folded into a packed base; see [`LoraLinear::merge`]).
     pub fn merge_and_unload(self) -> Self {
         let mut merged = self.merge();
         merged.adapter = None;
@@ -209,13 +245,10 @@ impl<B: Backend> LoraLinear<B> {
         }
         let delta = adapter.delta_weight().mul_scalar(sign);
         adapter.merged = merged;
-        self.weight = self.weight.map(|w| {
-            let dtype = w.dtype();
-            (w.cast(delta.dtype()) + delta)
-                .cast(dtype)
-                .detach()
-                .set_require_grad(false)
-        });
+        let base = self.base_weight();
+        let dtype = base.dtype();
+        let folded = (base.cast(delta.dtype()) + delta).cast(dtype);
+        self.weight = self.weight.replaced_by(folded);
         self
     }
 }
@@ -271,6 +304,7 @@ impl<B: Backend> LoraAdapter<B> {
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, NdArray};
+    use burn::module::AutodiffModule;
 
     type B = NdArray<f32>;
     type AB = Autodiff<B>;
@@ -352,7 +386,7 @@ mod tests {
             &device,
         );
         let before = to_vec(linear.forward(x.clone()));
-        let w_before = to_vec(linear.weight.val());
+        let w_before = to_vec(linear.base_weight());
         let merged = linear.merge();
         assert!(merged.adapter.as_ref().unwrap().merged);
         let after = to_vec(merged.forward(x.clone()));
@@ -360,7 +394,7 @@ mod tests {
         for (p, q) in before.iter().zip(&after) {
             assert!((p - q).abs() < 1e-6);
         }
-        for (p, q) in w_before.iter().zip(to_vec(restored.weight.val())) {
+        for (p, q) in w_before.iter().zip(to_vec(restored.base_weight())) {
             assert!((p - q).abs() < 1e-7);
         }
         let unloaded = restored.merge_and_unload();
@@ -375,7 +409,7 @@ mod tests {
         let device = Default::default();
         let (linear, [_, _, a, b]) = layer(&device);
         let linear: LoraLinear<AB> = LoraLinear::from_weights(
-            Tensor::from_data(linear.weight.val().into_data(), &device),
+            Tensor::from_data(linear.base_weight().into_data(), &device),
             Some(Tensor::from_data(
                 linear.bias.unwrap().val().into_data(),
                 &device,
@@ -391,7 +425,8 @@ mod tests {
         let xt = Tensor::<AB, 2>::from_data(TensorData::new(x.clone(), [3, 3]), &device);
         // loss = Σ y, so G = 1: dB = s·Gᵀ·(X·Aᵀ), dA = s·Bᵀ·Gᵀ·X.
         let grads = linear.forward(xt).sum().backward();
-        assert!(linear.weight.val().grad(&grads).is_none());
+        let weight = linear.weight.as_dense().unwrap();
+        assert!(weight.val().grad(&grads).is_none());
         assert!(linear.bias.as_ref().unwrap().val().grad(&grads).is_none());
         let adapter = linear.adapter.as_ref().unwrap();
         let ga = to_vec(adapter.lora_a.val().grad(&grads).unwrap());
@@ -452,5 +487,139 @@ mod tests {
                 .zip(&changed)
                 .any(|(p, q)| (p - q).abs() > 1e-3)
         );
+    }
+
+    /// A packed weight for tests: i8 codes times a scale, as a block quantizer stores them.
+    #[derive(Debug)]
+    struct Int8Weight {
+        codes: Vec<i8>,
+        scale: f32,
+        shape: [usize; 2],
+    }
+
+    impl PackedWeight for Int8Weight {
+        fn shape(&self) -> [usize; 2] {
+            self.shape
+        }
+
+        fn dequantize(&self) -> Vec<f32> {
+            self.codes
+                .iter()
+                .map(|&c| f32::from(c) * self.scale)
+                .collect()
+        }
+
+        fn stored_bytes(&self) -> usize {
+            self.codes.len() + 4
+        }
+
+        fn format(&self) -> &str {
+            "I8"
+        }
+    }
+
+    /// The same 5→4 projection with a rank-2 adapter twice: base packed, and base dense holding
+    /// the dequantized values.
+    fn packed_and_dense<Bk: Backend>(device: &Bk::Device) -> (LoraLinear<Bk>, LoraLinear<Bk>) {
+        let packed = Arc::new(Int8Weight {
+            codes: (0..20).map(|k| (k * 37 % 29) as i8 - 14).collect(),
+            scale: 0.03,
+            shape: [4, 5],
+        });
+        let dense_values = TensorData::new(packed.dequantize(), [4, 5]);
+        let bias = || Tensor::from_data(TensorData::new(vec![0.1, -0.2, 0.3, 0.0], [4]), device);
+        let adapter = || {
+            LoraAdapter::new(
+                Tensor::from_data(
+                    TensorData::new(tensor2(2, 5, |r, c| 0.1 * (r + c) as f32 - 0.2), [2, 5]),
+                    device,
+                ),
+                Tensor::from_data(
+                    TensorData::new(
+                        tensor2(4, 2, |r, c| 0.05 * (r * 2 + c) as f32 - 0.1),
+                        [4, 2],
+                    ),
+                    device,
+                ),
+                2.0,
+                0.0,
+            )
+        };
+        let packed = LoraLinear::from_packed(packed, Some(bias()), device).with_adapter(adapter());
+        let dense = LoraLinear::from_weights(Tensor::from_data(dense_values, device), Some(bias()))
+            .with_adapter(adapter());
+        (packed, dense)
+    }
+
+    #[test]
+    fn packed_base_gives_the_dense_output_and_lora_gradients() {
+        let device = Default::default();
+        let (packed, dense) = packed_and_dense::<AB>(&device);
+        assert!(packed.weight.as_packed().is_some());
+        assert_eq!((packed.d_input(), packed.d_output()), (5, 4));
+        // Only the adapter and the frozen bias are parameters: the packed base is none.
+        assert_eq!(packed.num_params(), 10 + 8 + 4);
+        assert_eq!(dense.num_params(), packed.num_params() + 20);
+        let x = tensor2(6, 5, |r, c| (r as f32 - 2.5) * 0.3 + c as f32 * 0.1);
+        let run = |linear: &LoraLinear<AB>| {
+            let x = Tensor::<AB, 3>::from_data(TensorData::new(x.clone(), [2, 3, 5]), &device)
+                .require_grad();
+            let y = linear.forward(x.clone());
+            let grads = (y.clone() * y.clone()).sum().backward();
+            let adapter = linear.adapter.as_ref().unwrap();
+            let grad = |t: Tensor<AB, 2>| t.grad(&grads).unwrap().into_data();
+            (
+                y.into_data(),
+                x.grad(&grads).unwrap().into_data(),
+                grad(adapter.lora_a.val()),
+                grad(adapter.lora_b.val()),
+            )
+        };
+        let (p, d) = (run(&packed), run(&dense));
+        assert_eq!(p.0, d.0, "output");
+        assert_eq!(p.1, d.1, "input gradient");
+        assert_eq!(p.2, d.2, "lora_A gradient");
+        assert_eq!(p.3, d.3, "lora_B gradient");
+        // The inference copy keeps the base packed.
+        assert!(packed.valid().weight.as_packed().is_some());
+    }
+
+    #[test]
+    fn merging_into_a_packed_base_gives_the_dense_merge() {
+        let device = Default::default();
+        let (packed, dense) = packed_and_dense::<B>(&device);
+        let x = Tensor::<B, 2>::from_data(
+            TensorData::new(
+                tensor2(3, 5, |r, c| 0.2 * r as f32 - 0.1 * c as f32),
+                [3, 5],
+            ),
+            &device,
+        );
+        let before = to_vec(packed.forward(x.clone()));
+        let merged = packed.clone().merge_and_unload();
+        let BaseWeight::Dense(weight) = &merged.weight else {
+            panic!("a merged packed base is dense");
+        };
+        // W + s·B·A, exactly as the dense layer merges.
+        assert_eq!(
+            weight.val().into_data(),
+            dense.merge_and_unload().base_weight().into_data()
+        );
+        for (p, q) in before.iter().zip(to_vec(merged.forward(x.clone()))) {
+            assert!((p - q).abs() < 1e-6, "{p} vs {q}");
+        }
+        // PiSSA decomposes the dequantized weight, keeps a dense residual and the output.
+        let base = LoraLinear::<B> {
+            adapter: None,
+            ..packed
+        };
+        let plain = to_vec(base.forward(x.clone()));
+        let pissa = base
+            .init_adapter(&LoraAdapterConfig::new(2, 2.0), LoraInit::Pissa, 3407, "m")
+            .unwrap();
+        assert!(pissa.weight.as_dense().is_some());
+        for (p, q) in plain.iter().zip(to_vec(pissa.forward(x))) {
+            assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+        }
     }
 }

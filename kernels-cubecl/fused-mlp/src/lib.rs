@@ -5,14 +5,51 @@
 //! - `h = silu(e)·g`
 //! - `y = h·W_dᵀ + s_d·(h·A_dᵀ)·B_dᵀ`
 //!
-//! Today this crate holds the portable path (plain Burn ops, the same math), which every backend
-//! runs and which is the oracle for the fused CUDA kernel, and the rule that decides when the
-//! fused kernel may take over ([`check_fusable`]). The CubeCL kernel with its own backward is not
-//! written yet.
+//! Two paths compute it:
+//!
+//! - **portable** ([`lora_mlp`]): plain Burn ops, every backend, autodiff by Burn. It is the
+//!   oracle for the fused path.
+//! - **fused** ([`fused_lora_mlp`], [`fused_lora_mlp_2d`], on a [`FusedMlpBackend`]): the base and
+//!   LoRA-A GEMMs, then one CubeCL kernel that adds the LoRA-B products (length-r dots, no extra
+//!   `N×I` GEMM) and applies SwiGLU, then the down projection. Its backward is hand-written as
+//!   Unsloth's: only `x`, `e`, `g` are saved; a second kernel recomputes `h` and forms `δe`, `δg`
+//!   in place; the LoRA gradients are GEMMs in activation space (`ΔW` is never formed).
+//!   Every GEMM goes through [`FusedMlpKernels::gemm`], the hook for a vendor GEMM.
+//!
+//! The fused op is implemented (feature `cubecl`, turned on by `wgpu` or `cuda`) for plain
+//! `CubeBackend<R, F, I, BT>` over any CubeCL runtime `R`, and for `Autodiff` over it. There is
+//! deliberately no `Fusion<CubeBackend<..>>` implementation (the project's decision: custom ops
+//! are simplest on the plain backend); Burn's `Wgpu`/`Cuda` aliases are Fusion-wrapped when
+//! burn's `fusion` feature is on, so name the backend explicitly (`WgpuBackend`, `CudaBackend`).
+//!
+//! [`check_fusable`] is Unsloth's rule for when the fused path may take over; the kernels are in
+//! `kernels` (feature `cubecl`; one per file, the `#[cube]` function next to its launch).
 
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use lora_layers::LoraLinear;
+
+mod autodiff;
+#[cfg(feature = "cubecl")]
+mod cube;
+#[cfg(feature = "cubecl")]
+mod gemm;
+#[cfg(feature = "cubecl")]
+pub mod kernels;
+mod op;
+
+pub use op::{
+    FusedMlpBackend, FusedMlpKernels, LoraProj, MlpWeights, SwigluLoraBackward, SwigluLoraForward,
+    Trans, fused_lora_mlp_2d,
+};
+
+/// The wgpu backend the fused op is implemented for: plain `CubeBackend`, no Fusion (f32).
+#[cfg(feature = "wgpu")]
+pub type WgpuBackend<F = f32> = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, F, i32, u32>;
+
+/// The CUDA backend the fused op is implemented for: plain `CubeBackend`, no Fusion.
+#[cfg(feature = "cuda")]
+pub type CudaBackend<F = f32> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, i32, u8>;
 
 /// Why an MLP cannot take the fused path (it then runs the portable path, same result).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -26,10 +63,13 @@ pub enum NotFusable {
     /// A projection has a base bias, which the fused kernel does not add.
     #[error("`{0}` has a base bias")]
     BaseBias(&'static str),
+    /// A projection's adapter is merged into its base weight (the fused path would add it twice).
+    #[error("`{0}` has its adapter merged into the base weight")]
+    Merged(&'static str),
 }
 
 /// Checks Unsloth's patch rule for the MLP: all three projections carry LoRA with dropout 0
-/// and no base bias.
+/// and no base bias (and, here, an unmerged adapter).
 ///
 /// # Errors
 /// The first [`NotFusable`] reason found, in gate, up, down order.
@@ -46,8 +86,46 @@ pub fn check_fusable<B: Backend>(
         if proj.bias.is_some() {
             return Err(NotFusable::BaseBias(name));
         }
+        if adapter.merged {
+            return Err(NotFusable::Merged(name));
+        }
     }
     Ok(())
+}
+
+/// The fused LoRA SwiGLU MLP on [`LoraLinear`] projections: the same result as [`lora_mlp`],
+/// computed by [`FusedMlpBackend::fused_lora_mlp`].
+///
+/// # Shapes
+/// - x: `[batch, seq, hidden]`
+/// - output: `[batch, seq, hidden]`
+///
+/// # Errors
+/// [`NotFusable`] when [`check_fusable`] rejects the projections (then use [`lora_mlp`]).
+pub fn fused_lora_mlp<B: FusedMlpBackend>(
+    x: Tensor<B, 3>,
+    gate: &LoraLinear<B>,
+    up: &LoraLinear<B>,
+    down: &LoraLinear<B>,
+) -> Result<Tensor<B, 3>, NotFusable> {
+    check_fusable(gate, up, down)?;
+    let proj = |p: &LoraLinear<B>| {
+        let adapter = p.adapter.as_ref().expect("checked by check_fusable");
+        LoraProj {
+            weight: p.base_weight(),
+            lora_a: adapter.lora_a.val(),
+            lora_b: adapter.lora_b.val(),
+            scaling: adapter.scaling,
+        }
+    };
+    let weights = MlpWeights {
+        gate: proj(gate),
+        up: proj(up),
+        down: proj(down),
+    };
+    let [batch, seq, hidden] = x.dims();
+    let y = fused_lora_mlp_2d(x.reshape([batch * seq, hidden]), weights);
+    Ok(y.reshape([batch, seq, hidden]))
 }
 
 /// The portable LoRA SwiGLU MLP.
@@ -122,7 +200,7 @@ mod tests {
     fn patch_rule_names_the_blocking_projection() {
         let [gate, up, down] = projections(false, 0.0);
         assert_eq!(check_fusable(&gate, &up, &down), Ok(()));
-        let plain_up = LoraLinear::from_weights(up.weight.val(), None);
+        let plain_up = LoraLinear::from_weights(up.base_weight(), None);
         assert_eq!(
             check_fusable(&gate, &plain_up, &down),
             Err(NotFusable::NoAdapter("up_proj"))
@@ -136,6 +214,11 @@ mod tests {
         assert_eq!(
             check_fusable(&gate, &up, &down),
             Err(NotFusable::Dropout("gate_proj", 0.1))
+        );
+        let [gate, up, down] = projections(false, 0.0);
+        assert_eq!(
+            check_fusable(&gate, &up, &down.merge()),
+            Err(NotFusable::Merged("down_proj"))
         );
     }
 }

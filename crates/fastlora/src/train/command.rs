@@ -16,7 +16,7 @@ use crate::builtin::{TINY_DATASET, materialize_builtin_model};
 use crate::data::{DataConfig, Dataset};
 use crate::error::{FastLoraError, Result};
 use crate::peft::PeftModel;
-use crate::pretrained::FastLanguageModel;
+use crate::pretrained::{FastLanguageModel, LoadOptions};
 
 /// Flags of `fastlora train`. Unset flags take the `--config` file's values, then the defaults
 /// (Unsloth's for LoRA, the built-in demo's for training when no `--model` is given).
@@ -30,6 +30,10 @@ pub struct TrainArgs {
     /// Model folder, .safetensors file or hub id; default: the built-in tiny Llama.
     #[arg(long)]
     pub model: Option<String>,
+    /// Keep a GGUF model's quantized projection weights quantized in memory and dequantize
+    /// them per layer on the fly (the QLoRA idea; `.gguf` models only).
+    #[arg(long)]
+    pub quantized_base: Option<bool>,
     /// JSONL training data ({"text"}, Alpaca or chat rows); default: the bundled demo set.
     #[arg(long)]
     pub dataset: Option<PathBuf>,
@@ -167,6 +171,7 @@ impl TrainArgs {
         }
         pick!(
             model,
+            quantized_base,
             dataset,
             output_dir,
             r,
@@ -352,7 +357,13 @@ pub fn train_command(args: TrainArgs) -> Result<()> {
             .display()
             .to_string(),
     };
-    let base = FastLanguageModel::<CpuBackend>::from_pretrained(&model_dir, &device)?;
+    let options = LoadOptions {
+        quantized_base: args.quantized_base.unwrap_or(false),
+    };
+    let base = FastLanguageModel::<CpuBackend>::from_pretrained_with(&model_dir, options, &device)?;
+    if options.quantized_base {
+        println!("{}", base.base_memory_report());
+    }
     let tokenizer = base.tokenizer.clone().ok_or_else(|| FastLoraError::Input {
         path: base.source.clone(),
         message: "training needs a tokenizer.json beside the model".to_string(),

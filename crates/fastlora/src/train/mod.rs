@@ -329,7 +329,10 @@ fn split_embedding_grads<B: AutodiffBackend>(
 ) -> GradientsParams {
     let mut ids: Vec<ParamId> = vec![model.embed_tokens.weight.id];
     if let Some(head) = &model.lm_head {
-        ids.push(head.weight.id);
+        // A packed head is no parameter (a trained `modules_to_save` head is dense).
+        if let Some(weight) = head.weight.as_dense() {
+            ids.push(weight.id);
+        }
     }
     let mut out = GradientsParams::new();
     for id in ids {

@@ -1,0 +1,68 @@
+//! The fused MLP on `CubeBackend<R, F, I, BT>`, any CubeCL runtime `R` (CUDA, wgpu, ...).
+//!
+//! Plain `CubeBackend` only, no `Fusion<..>` wrapper: custom ops are simplest there (a Fusion
+//! custom op needs its own IR registration). Burn's `Wgpu`/`Cuda` aliases are Fusion-wrapped
+//! when burn's `fusion` feature is on (this workspace leaves it off); name the backend as
+//! `CubeBackend<Runtime, f32, i32, u32>` (`crate::WgpuBackend`, `crate::CudaBackend`) to be sure.
+
+use burn::tensor::ops::FloatTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+
+use crate::kernels::{swiglu_lora_backward, swiglu_lora_forward};
+use crate::op::{
+    FusedMlpBackend, FusedMlpKernels, MlpWeights, SwigluLoraBackward, SwigluLoraForward, Trans,
+    forward,
+};
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpKernels
+    for CubeBackend<R, F, I, BT>
+{
+    fn gemm(
+        a: FloatTensor<Self>,
+        trans_a: Trans,
+        b: FloatTensor<Self>,
+        trans_b: Trans,
+        alpha: f64,
+        acc: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        crate::gemm::gemm::<Self>(a, trans_a, b, trans_b, alpha, acc)
+    }
+
+    fn swiglu_lora_forward(
+        e0: FloatTensor<Self>,
+        g0: FloatTensor<Self>,
+        xa_g: FloatTensor<Self>,
+        b_g: FloatTensor<Self>,
+        s_g: f64,
+        xa_u: FloatTensor<Self>,
+        b_u: FloatTensor<Self>,
+        s_u: f64,
+    ) -> SwigluLoraForward<FloatTensor<Self>> {
+        let h = burn_cubecl::ops::numeric::empty_device_dtype(
+            e0.client.clone(),
+            e0.device.clone(),
+            e0.meta.shape().clone(),
+            e0.dtype,
+        );
+        swiglu_lora_forward::launch(e0, g0, xa_g, b_g, s_g as f32, xa_u, b_u, s_u as f32, h)
+    }
+
+    fn swiglu_lora_backward(
+        dh: FloatTensor<Self>,
+        e: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+    ) -> SwigluLoraBackward<FloatTensor<Self>> {
+        swiglu_lora_backward::launch(dh, e, g)
+    }
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpBackend
+    for CubeBackend<R, F, I, BT>
+{
+    fn fused_lora_mlp(
+        x: FloatTensor<Self>,
+        weights: MlpWeights<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        forward::<Self>(x, weights).0
+    }
+}

@@ -1,0 +1,62 @@
+//! The CubeCL kernels of the fused LoRA SwiGLU MLP, one per file, each `#[cube]` function next
+//! to its host-side launch. They run on any CubeCL runtime (CUDA, wgpu, ...) through
+//! `CubeTensor<R>`.
+
+pub mod swiglu_lora_backward;
+pub mod swiglu_lora_forward;
+
+use burn_cubecl::CubeRuntime;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+use cubecl::{calculate_cube_count_elemwise, client::ComputeClient};
+
+/// The tensor itself when its buffer is ours alone and safe to write, else a copy.
+fn exclusive<R: CubeRuntime>(tensor: CubeTensor<R>) -> CubeTensor<R> {
+    if tensor.can_mut() && tensor.is_nonoverlapping() {
+        tensor
+    } else {
+        tensor.copy()
+    }
+}
+
+/// Checks that `tensor` is a matrix with the expected rows/columns; returns its dims.
+fn check_matrix<R: CubeRuntime>(
+    name: &str,
+    tensor: &CubeTensor<R>,
+    rows: Option<usize>,
+    cols: Option<usize>,
+) -> [usize; 2] {
+    let dims = tensor.meta.shape().as_slice();
+    let [r, c] = dims else {
+        panic!("`{name}` must be a matrix, got shape {dims:?}");
+    };
+    if let Some(rows) = rows {
+        assert_eq!(*r, rows, "`{name}` has {r} rows, expected {rows}");
+    }
+    if let Some(cols) = cols {
+        assert_eq!(*c, cols, "`{name}` has {c} columns, expected {cols}");
+    }
+    [*r, *c]
+}
+
+/// The widest address type any of the tensors needs.
+fn address_type<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> AddressType {
+    tensors
+        .iter()
+        .map(|t| t.required_address_type())
+        .max()
+        .unwrap_or_default()
+}
+
+/// Client, cube count and cube dim for `units` one-element units; `None` when there is no work.
+fn elementwise_launch<R: CubeRuntime>(
+    reference: &CubeTensor<R>,
+    units: usize,
+) -> Option<(ComputeClient<R>, CubeCount, CubeDim)> {
+    (units > 0).then(|| {
+        let client = reference.client.clone();
+        let cube_dim = CubeDim::new(&client, units);
+        let cube_count = calculate_cube_count_elemwise(&client, units, cube_dim);
+        (client, cube_count, cube_dim)
+    })
+}

@@ -1,0 +1,331 @@
+//! The fused LoRA SwiGLU MLP as backend operations: the traits, the weights it takes, and the
+//! forward and backward passes composed from GEMMs and the two kernels.
+
+use burn::prelude::*;
+use burn::tensor::TensorPrimitive;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+
+/// Whether a GEMM operand is used as stored or transposed (BLAS's `N`/`T`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trans {
+    /// As stored.
+    N,
+    /// Transposed.
+    T,
+}
+
+/// One projection of the MLP: frozen base weight plus LoRA factors, in PEFT's layouts.
+#[derive(Debug, Clone)]
+pub struct LoraProj<T> {
+    /// Base weight `W`, `[d_out, d_in]`.
+    pub weight: T,
+    /// `lora_A`, `[r, d_in]`.
+    pub lora_a: T,
+    /// `lora_B`, `[d_out, r]`.
+    pub lora_b: T,
+    /// The LoRA scaling `s`.
+    pub scaling: f64,
+}
+
+/// The three projections of the LoRA SwiGLU MLP (`D` hidden, `I` intermediate features).
+#[derive(Debug, Clone)]
+pub struct MlpWeights<T> {
+    /// `gate_proj`: `W_g` `[I, D]`, `A_g` `[r, D]`, `B_g` `[I, r]`.
+    pub gate: LoraProj<T>,
+    /// `up_proj`: `W_u` `[I, D]`, `A_u` `[r, D]`, `B_u` `[I, r]`.
+    pub up: LoraProj<T>,
+    /// `down_proj`: `W_d` `[D, I]`, `A_d` `[r, I]`, `B_d` `[D, r]`.
+    pub down: LoraProj<T>,
+}
+
+impl<T> LoraProj<T> {
+    fn map<U>(self, mut f: impl FnMut(T) -> U) -> LoraProj<U> {
+        LoraProj {
+            weight: f(self.weight),
+            lora_a: f(self.lora_a),
+            lora_b: f(self.lora_b),
+            scaling: self.scaling,
+        }
+    }
+
+    fn as_ref(&self) -> LoraProj<&T> {
+        LoraProj {
+            weight: &self.weight,
+            lora_a: &self.lora_a,
+            lora_b: &self.lora_b,
+            scaling: self.scaling,
+        }
+    }
+}
+
+impl<T> MlpWeights<T> {
+    /// Applies `f` to the nine tensors (gate, up, down; each W, A, B), keeping the scalings.
+    pub fn map<U>(self, mut f: impl FnMut(T) -> U) -> MlpWeights<U> {
+        MlpWeights {
+            gate: self.gate.map(&mut f),
+            up: self.up.map(&mut f),
+            down: self.down.map(&mut f),
+        }
+    }
+
+    /// The same weights by reference.
+    pub fn as_ref(&self) -> MlpWeights<&T> {
+        MlpWeights {
+            gate: self.gate.as_ref(),
+            up: self.up.as_ref(),
+            down: self.down.as_ref(),
+        }
+    }
+
+    /// The nine tensors in gate, up, down order, each as `[W, A, B]`.
+    pub fn into_array(self) -> [T; 9] {
+        let [g, u, d] = [self.gate, self.up, self.down];
+        [
+            g.weight, g.lora_a, g.lora_b, u.weight, u.lora_a, u.lora_b, d.weight, d.lora_a,
+            d.lora_b,
+        ]
+    }
+}
+
+/// Kernel 1's outputs.
+#[derive(Debug, Clone)]
+pub struct SwigluLoraForward<T> {
+    /// `e = x·W_gᵀ + s_g·(x·A_gᵀ)·B_gᵀ`, `[N, I]`.
+    pub e: T,
+    /// `g = x·W_uᵀ + s_u·(x·A_uᵀ)·B_uᵀ`, `[N, I]`.
+    pub g: T,
+    /// `h = silu(e)·g`, `[N, I]`.
+    pub h: T,
+}
+
+/// Kernel 2's outputs.
+#[derive(Debug, Clone)]
+pub struct SwigluLoraBackward<T> {
+    /// `h = silu(e)·g` recomputed, `[N, I]`.
+    pub h: T,
+    /// `δe = δh·g·σ(e)·(1 + e·(1 − σ(e)))`, `[N, I]`.
+    pub de: T,
+    /// `δg = δh·silu(e)`, `[N, I]`.
+    pub dg: T,
+}
+
+/// The building blocks of the fused MLP on a backend: the GEMM every matrix product goes
+/// through, and the two elementwise kernels. Implemented for `CubeBackend<R, F, I, BT>` (feature
+/// `cubecl`); the forward and backward passes are written once on top of these.
+pub trait FusedMlpKernels: Backend {
+    /// `alpha·op(a)·op(b) + acc` (`acc` absent: `+ 0`): the one GEMM entry point, so a vendor
+    /// GEMM (cuBLAS) can replace Burn's matmul in one place.
+    fn gemm(
+        a: FloatTensor<Self>,
+        trans_a: Trans,
+        b: FloatTensor<Self>,
+        trans_b: Trans,
+        alpha: f64,
+        acc: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self>;
+
+    /// Kernel 1: `e = e0 + s_g·xa_g·B_gᵀ`, `g = g0 + s_u·xa_u·B_uᵀ` (into the `e0`/`g0` buffers
+    /// when not shared) and `h = silu(e)·g`. Shapes: `e0`, `g0` `[N, I]`; `xa_*` `[N, r]`;
+    /// `b_*` `[I, r]`.
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu_lora_forward(
+        e0: FloatTensor<Self>,
+        g0: FloatTensor<Self>,
+        xa_g: FloatTensor<Self>,
+        b_g: FloatTensor<Self>,
+        s_g: f64,
+        xa_u: FloatTensor<Self>,
+        b_u: FloatTensor<Self>,
+        s_u: f64,
+    ) -> SwigluLoraForward<FloatTensor<Self>>;
+
+    /// Kernel 2: from `δh`, `e`, `g` (all `[N, I]`), `h` (into `δh`'s buffer), `δe` (into
+    /// `e`'s), `δg` (into `g`'s), buffers reused when not shared.
+    fn swiglu_lora_backward(
+        dh: FloatTensor<Self>,
+        e: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+    ) -> SwigluLoraBackward<FloatTensor<Self>>;
+}
+
+/// A backend that runs the LoRA SwiGLU MLP as one fused operation.
+///
+/// Implemented for `CubeBackend<R, F, I, BT>` (feature `cubecl`; forward only) and for
+/// `Autodiff<B>` over any [`FusedMlpKernels`] backend (forward plus a hand-written backward that
+/// saves only `x`, `e`, `g`).
+pub trait FusedMlpBackend: Backend {
+    /// `y = h·W_dᵀ + s_d·(h·A_dᵀ)·B_dᵀ` with `h = silu(e)·g`, `e`/`g` the gate/up LoRA
+    /// projections of `x`.
+    ///
+    /// `x` is `[N, D]`, the output `[N, D]`; every tensor has `x`'s dtype (see
+    /// [`fused_lora_mlp_2d`], which casts). Gradients flow to `x` and to every tracked weight
+    /// (base weights are normally frozen and get none).
+    fn fused_lora_mlp(
+        x: FloatTensor<Self>,
+        weights: MlpWeights<FloatTensor<Self>>,
+    ) -> FloatTensor<Self>;
+}
+
+/// What the backward pass needs from the forward: `x` and the pre-activations `e`, `g` (not `h`,
+/// which kernel 2 recomputes), plus the weights.
+#[derive(Debug, Clone)]
+pub(crate) struct Saved<T> {
+    pub x: T,
+    pub e: T,
+    pub g: T,
+    pub weights: MlpWeights<T>,
+}
+
+/// The forward pass on primitives: `y` and what the backward needs.
+pub(crate) fn forward<B: FusedMlpKernels>(
+    x: FloatTensor<B>,
+    w: MlpWeights<FloatTensor<B>>,
+) -> (FloatTensor<B>, Saved<FloatTensor<B>>) {
+    use Trans::{N, T};
+    let e0 = B::gemm(x.clone(), N, w.gate.weight.clone(), T, 1.0, None);
+    let g0 = B::gemm(x.clone(), N, w.up.weight.clone(), T, 1.0, None);
+    let xa_g = B::gemm(x.clone(), N, w.gate.lora_a.clone(), T, 1.0, None);
+    let xa_u = B::gemm(x.clone(), N, w.up.lora_a.clone(), T, 1.0, None);
+    let SwigluLoraForward { e, g, h } = B::swiglu_lora_forward(
+        e0,
+        g0,
+        xa_g,
+        w.gate.lora_b.clone(),
+        w.gate.scaling,
+        xa_u,
+        w.up.lora_b.clone(),
+        w.up.scaling,
+    );
+    let d = &w.down;
+    let ha = B::gemm(h.clone(), N, d.lora_a.clone(), T, 1.0, None);
+    let y = B::gemm(h, N, d.weight.clone(), T, 1.0, None);
+    let y = B::gemm(ha, N, d.lora_b.clone(), T, d.scaling, Some(y));
+    (
+        y,
+        Saved {
+            x,
+            e,
+            g,
+            weights: w,
+        },
+    )
+}
+
+/// The backward pass on primitives, given `dy = dL/dy` `[N, D]`.
+///
+/// `need` flags, in [`MlpWeights::into_array`] order after `x`, which gradients to compute; the
+/// result holds them in the same order (`None` where not needed):
+///
+/// ```text
+/// δh   = G·W_d + s_d·(G·B_d)·A_d
+/// h, δe, δg = kernel 2 (δh, e, g)
+/// dA_d = s_d·(G·B_d)ᵀ·h        dB_d = s_d·Gᵀ·(h·A_dᵀ)        dW_d = Gᵀ·h
+/// dA_u = s_u·(δg·B_u)ᵀ·x       dB_u = s_u·δgᵀ·(x·A_uᵀ)       dW_u = δgᵀ·x
+/// dA_g = s_g·(δe·B_g)ᵀ·x       dB_g = s_g·δeᵀ·(x·A_gᵀ)       dW_g = δeᵀ·x
+/// dx   = δe·W_g + δg·W_u + s_g·(δe·B_g)·A_g + s_u·(δg·B_u)·A_u
+/// ```
+pub(crate) fn backward<B: FusedMlpKernels>(
+    dy: FloatTensor<B>,
+    saved: Saved<FloatTensor<B>>,
+    need: [bool; 10],
+) -> [Option<FloatTensor<B>>; 10] {
+    use Trans::{N, T};
+    let Saved { x, e, g, weights } = saved;
+    let [need_x, ng0, ng1, ng2, nu0, nu1, nu2, nd0, nd1, nd2] = need;
+    let MlpWeights { gate, up, down } = weights;
+    let mut out: [Option<FloatTensor<B>>; 10] = Default::default();
+
+    // δh = G·W_d + s_d·(G·B_d)·A_d
+    let gb_d = B::gemm(dy.clone(), N, down.lora_b.clone(), N, 1.0, None);
+    let dh = B::gemm(dy.clone(), N, down.weight, N, 1.0, None);
+    let dh = B::gemm(
+        gb_d.clone(),
+        N,
+        down.lora_a.clone(),
+        N,
+        down.scaling,
+        Some(dh),
+    );
+    let SwigluLoraBackward { h, de, dg } = B::swiglu_lora_backward(dh, e, g);
+
+    // down_proj
+    if nd1 {
+        out[8] = Some(B::gemm(gb_d, T, h.clone(), N, down.scaling, None));
+    }
+    if nd2 {
+        let ha = B::gemm(h.clone(), N, down.lora_a, T, 1.0, None);
+        out[9] = Some(B::gemm(dy.clone(), T, ha, N, down.scaling, None));
+    }
+    if nd0 {
+        out[7] = Some(B::gemm(dy, T, h, N, 1.0, None));
+    }
+
+    // gate_proj with δe, up_proj with δg; dx accumulates over both.
+    let mut dx = None;
+    for (proj, delta, [need_w, need_a, need_b], first) in
+        [(gate, de, [ng0, ng1, ng2], 1), (up, dg, [nu0, nu1, nu2], 4)]
+    {
+        let db = (need_a || need_x).then(|| B::gemm(delta.clone(), N, proj.lora_b, N, 1.0, None));
+        if need_a {
+            let db = db.clone().expect("computed when needed");
+            out[first + 1] = Some(B::gemm(db, T, x.clone(), N, proj.scaling, None));
+        }
+        if need_b {
+            let xa = B::gemm(x.clone(), N, proj.lora_a.clone(), T, 1.0, None);
+            out[first + 2] = Some(B::gemm(delta.clone(), T, xa, N, proj.scaling, None));
+        }
+        if need_w {
+            out[first] = Some(B::gemm(delta.clone(), T, x.clone(), N, 1.0, None));
+        }
+        if need_x {
+            let acc = B::gemm(delta, N, proj.weight, N, 1.0, dx.take());
+            let db = db.expect("computed when needed");
+            dx = Some(B::gemm(db, N, proj.lora_a, N, proj.scaling, Some(acc)));
+        }
+    }
+    out[0] = dx;
+    out
+}
+
+/// The fused LoRA SwiGLU MLP on `[N, D]` activations: [`FusedMlpBackend::fused_lora_mlp`] with
+/// shape checks, and the weights cast to `x`'s dtype as Unsloth does (gradients are cast back to
+/// each weight's own dtype by autodiff).
+///
+/// # Panics
+/// If the shapes disagree (see [`MlpWeights`]).
+pub fn fused_lora_mlp_2d<B: FusedMlpBackend>(
+    x: Tensor<B, 2>,
+    weights: MlpWeights<Tensor<B, 2>>,
+) -> Tensor<B, 2> {
+    check_shapes(x.dims(), &weights.as_ref().map(|t| t.dims()));
+    let dtype = x.dtype();
+    let weights = weights.map(|t| {
+        if t.dtype() == dtype { t } else { t.cast(dtype) }
+            .into_primitive()
+            .tensor()
+    });
+    let y = B::fused_lora_mlp(x.into_primitive().tensor(), weights);
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+fn check_shapes(x: [usize; 2], w: &MlpWeights<[usize; 2]>) {
+    let [_, d] = x;
+    let i = w.gate.weight[0];
+    let expect = |name: &str, got: [usize; 2], want: [usize; 2]| {
+        assert_eq!(
+            got, want,
+            "fused LoRA MLP: `{name}` has shape {got:?}, expected {want:?}"
+        );
+    };
+    for (name, p, d_in, d_out) in [
+        ("gate", &w.gate, d, i),
+        ("up", &w.up, d, i),
+        ("down", &w.down, i, d),
+    ] {
+        let r = p.lora_a[0];
+        expect(&format!("{name}.weight"), p.weight, [d_out, d_in]);
+        expect(&format!("{name}.lora_a"), p.lora_a, [r, d_in]);
+        expect(&format!("{name}.lora_b"), p.lora_b, [d_out, r]);
+    }
+}

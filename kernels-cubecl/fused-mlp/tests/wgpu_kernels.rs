@@ -1,0 +1,343 @@
+//! The CubeCL kernels and the fused autodiff op on Burn's wgpu backend, checked against plain
+//! Burn math and against autodiff of the portable path, f32.
+//!
+//! On a machine without a GPU this runs on Mesa's software Vulkan (lavapipe, Debian/Ubuntu
+//! package `mesa-vulkan-drivers`). Without any Vulkan adapter they are skipped with a message,
+//! so `cargo test --workspace` passes on a fresh machine; CI installs lavapipe and sets
+//! `FASTLORA_REQUIRE_WGPU=1`, which turns a missing adapter into a failure.
+
+use burn::backend::Autodiff;
+use burn::backend::wgpu::WgpuDevice;
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::{Distribution, TensorPrimitive};
+use fused_mlp::kernels::{swiglu_lora_backward, swiglu_lora_forward};
+use fused_mlp::{
+    FusedMlpBackend, LoraProj, MlpWeights, SwigluLoraBackward, SwigluLoraForward, WgpuBackend,
+    fused_lora_mlp, fused_lora_mlp_2d, lora_mlp,
+};
+use lora_layers::{LoraAdapterConfig, LoraInit, LoraLinear, LoraLinearConfig};
+
+type B = WgpuBackend;
+type AB = Autodiff<B>;
+
+/// Rows: ragged on purpose (not a multiple of 8, 32 or 64).
+const N: usize = 37;
+const D: usize = 24;
+const I: usize = 40;
+/// Relative tolerance: `max|got − want| / max|want|`.
+const TOL: f32 = 1e-4;
+
+/// The wgpu device, after checking that a Vulkan adapter exists; `None` (tests skipped) when
+/// there is none and `FASTLORA_REQUIRE_WGPU=1` is not set.
+fn device() -> Option<WgpuDevice> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::VULKAN,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let adapters = cubecl::future::block_on(instance.enumerate_adapters(wgpu::Backends::VULKAN));
+    if adapters.is_empty() {
+        let message = "no Vulkan adapter found: the fused-mlp kernel tests run on Burn's wgpu \
+                       backend. On a machine without a GPU install Mesa's software Vulkan \
+                       (lavapipe): `apt-get install -y mesa-vulkan-drivers` (Debian/Ubuntu).";
+        assert!(
+            !std::env::var("FASTLORA_REQUIRE_WGPU").is_ok_and(|v| v == "1"),
+            "{message} (FASTLORA_REQUIRE_WGPU=1 is set)"
+        );
+        eprintln!("skipping: {message}");
+        return None;
+    }
+    for adapter in &adapters {
+        let info = adapter.get_info();
+        eprintln!("Vulkan adapter: {} ({:?})", info.name, info.device_type);
+    }
+    // DefaultDevice takes the best adapter, a CPU one (lavapipe) when there is nothing else.
+    Some(WgpuDevice::DefaultDevice)
+}
+
+fn random<BK: Backend, const R: usize>(shape: [usize; R], device: &BK::Device) -> Tensor<BK, R> {
+    Tensor::random(shape, Distribution::Uniform(-1.0, 1.0), device)
+}
+
+fn values<BK: Backend, const R: usize>(t: Tensor<BK, R>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+/// Same values, fresh tensor (a buffer no one else holds).
+fn fresh<const R: usize>(t: &Tensor<B, R>) -> Tensor<B, R> {
+    Tensor::from_data(t.to_data(), &t.device())
+}
+
+fn prim<const R: usize>(
+    t: Tensor<B, R>,
+) -> burn_cubecl::tensor::CubeTensor<cubecl::wgpu::WgpuRuntime> {
+    t.into_primitive().tensor()
+}
+
+fn tensor2(p: burn_cubecl::tensor::CubeTensor<cubecl::wgpu::WgpuRuntime>) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+#[track_caller]
+fn assert_close<BK: Backend, const R: usize>(what: &str, got: Tensor<BK, R>, want: Tensor<BK, R>) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
+    let (got, want) = (values(got), values(want));
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0, "{what}: reference is all zeros");
+    let mut worst = (0usize, 0f32);
+    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(g.is_finite(), "{what}[{k}] = {g} (output not written?)");
+        let err = (g - w).abs();
+        if err > worst.1 {
+            worst = (k, err);
+        }
+    }
+    let rel = worst.1 / scale;
+    assert!(
+        rel <= TOL,
+        "{what}: relative error {rel:e} at {} (got {}, want {})",
+        worst.0,
+        got[worst.0],
+        want[worst.0]
+    );
+}
+
+fn silu<BK: Backend, const R: usize>(t: Tensor<BK, R>) -> Tensor<BK, R> {
+    burn::tensor::activation::silu(t)
+}
+
+fn kernel1_matches_plain_burn(rank: usize) {
+    let Some(device) = device() else { return };
+    let (s_g, s_u) = (0.5f32, 2.0f32);
+    let e0 = random::<B, 2>([N, I], &device);
+    let g0 = random::<B, 2>([N, I], &device);
+    let xa_g = random::<B, 2>([N, rank], &device);
+    let xa_u = random::<B, 2>([N, rank], &device);
+    let b_g = random::<B, 2>([I, rank], &device);
+    // B_u arrives transposed (strided): the kernel indexes through strides.
+    let b_u_t = random::<B, 2>([rank, I], &device);
+
+    let e = e0.clone() + xa_g.clone().matmul(b_g.clone().transpose()).mul_scalar(s_g);
+    let g = g0.clone() + xa_u.clone().matmul(b_u_t.clone()).mul_scalar(s_u);
+    let h = silu(e.clone()) * g.clone();
+
+    // Poisoned output buffer; e0 and g0 are handed over alone, so they are written in place.
+    let poison = Tensor::<B, 2>::full([N, I], f32::NAN, &device);
+    let out = swiglu_lora_forward::launch(
+        prim(fresh(&e0)),
+        prim(fresh(&g0)),
+        prim(xa_g),
+        prim(b_g),
+        s_g,
+        prim(xa_u),
+        prim(b_u_t.transpose()),
+        s_u,
+        prim(poison),
+    );
+    let SwigluLoraForward {
+        e: got_e,
+        g: got_g,
+        h: got_h,
+    } = out;
+    assert_close("kernel 1 e", tensor2(got_e), e);
+    assert_close("kernel 1 g", tensor2(got_g), g);
+    assert_close("kernel 1 h", tensor2(got_h), h);
+}
+
+#[test]
+fn kernel1_matches_plain_burn_rank4() {
+    kernel1_matches_plain_burn(4);
+}
+
+#[test]
+fn kernel1_matches_plain_burn_rank8() {
+    kernel1_matches_plain_burn(8);
+}
+
+#[test]
+fn kernel1_leaves_shared_inputs_alone() {
+    let Some(device) = device() else { return };
+    let e0 = random::<B, 2>([N, I], &device);
+    let g0 = random::<B, 2>([N, I], &device);
+    let (e0_before, g0_before) = (values(e0.clone()), values(g0.clone()));
+    let xa = random::<B, 2>([N, 4], &device);
+    let b = random::<B, 2>([I, 4], &device);
+    let h = Tensor::<B, 2>::full([N, I], f32::NAN, &device);
+    // Clones kept: the kernel must write copies, not the buffers `e0`, `g0` still see.
+    let _ = swiglu_lora_forward::launch(
+        prim(e0.clone()),
+        prim(g0.clone()),
+        prim(xa.clone()),
+        prim(b.clone()),
+        1.0,
+        prim(xa),
+        prim(b),
+        1.0,
+        prim(h),
+    );
+    assert_eq!(values(e0), e0_before);
+    assert_eq!(values(g0), g0_before);
+}
+
+#[test]
+fn kernel2_matches_plain_burn() {
+    let Some(device) = device() else { return };
+    // Larger pre-activations than U(-1, 1) to exercise the sigmoid's tails.
+    let e = random::<B, 2>([N, I], &device).mul_scalar(6.0);
+    let g = random::<B, 2>([N, I], &device);
+    let dh = random::<B, 2>([N, I], &device);
+
+    let sig = burn::tensor::activation::sigmoid(e.clone());
+    let silu_e = e.clone() * sig.clone();
+    let want_h = silu_e.clone() * g.clone();
+    let want_dg = dh.clone() * silu_e;
+    let one = Tensor::<B, 2>::ones([N, I], &device);
+    let want_de = dh.clone() * g.clone() * sig.clone() * (one.clone() + e.clone() * (one - sig));
+
+    // All three buffers handed over alone: written in place.
+    let SwigluLoraBackward { h, de, dg } =
+        swiglu_lora_backward::launch(prim(fresh(&dh)), prim(fresh(&e)), prim(fresh(&g)));
+    assert_close("kernel 2 h", tensor2(h), want_h);
+    assert_close("kernel 2 δe", tensor2(de), want_de);
+    assert_close("kernel 2 δg", tensor2(dg), want_dg);
+
+    // Shared buffers are copied, never written.
+    let before = values(e.clone());
+    let _ = swiglu_lora_backward::launch(prim(dh), prim(e.clone()), prim(g));
+    assert_eq!(values(e), before);
+}
+
+/// gate, up, down on the autodiff backend, PEFT-style: frozen base, random nonzero A and B.
+fn projections(rank: usize, device: &WgpuDevice) -> [LoraLinear<AB>; 3] {
+    let scalings = [0.5, 2.0, 1.5];
+    let shapes = [(D, I), (D, I), (I, D)];
+    let names = ["gate_proj", "up_proj", "down_proj"];
+    std::array::from_fn(|k| {
+        let (d_in, d_out) = shapes[k];
+        LoraLinearConfig::new(d_in, d_out)
+            .init::<AB>(device)
+            .init_adapter(
+                &LoraAdapterConfig::new(rank, scalings[k]),
+                LoraInit::Random,
+                k as u64 + 7,
+                names[k],
+            )
+            .unwrap()
+    })
+}
+
+fn fused_op_matches_portable_autodiff(rank: usize) {
+    let Some(device) = device() else { return };
+    let [gate, up, down] = projections(rank, &device);
+    let x = random::<AB, 3>([1, N, D], &device).require_grad();
+    // A fixed random cotangent, so dL/dy is not uniform.
+    let cot = random::<AB, 3>([1, N, D], &device);
+
+    let y_ref = lora_mlp(x.clone(), &gate, &up, &down);
+    let grads_ref = (y_ref.clone() * cot.clone()).sum().backward();
+    let y = fused_lora_mlp(x.clone(), &gate, &up, &down).expect("fusable");
+    let grads = (y.clone() * cot).sum().backward();
+
+    assert_close("y", y.inner(), y_ref.inner());
+    assert_close(
+        "dx",
+        x.grad(&grads).expect("dx"),
+        x.grad(&grads_ref).expect("dx ref"),
+    );
+    for (name, proj) in [("gate", &gate), ("up", &up), ("down", &down)] {
+        let adapter = proj.adapter.as_ref().unwrap();
+        for (factor, param) in [("A", &adapter.lora_a), ("B", &adapter.lora_b)] {
+            let t = param.val();
+            assert_close(
+                &format!("d{factor}_{name}"),
+                t.grad(&grads).expect("LoRA grad"),
+                t.grad(&grads_ref).expect("LoRA grad ref"),
+            );
+        }
+        assert!(
+            proj.base_weight().grad(&grads).is_none(),
+            "frozen {name} base weight got a gradient"
+        );
+    }
+}
+
+#[test]
+fn fused_op_matches_portable_autodiff_rank4() {
+    fused_op_matches_portable_autodiff(4);
+}
+
+#[test]
+fn fused_op_matches_portable_autodiff_rank8() {
+    fused_op_matches_portable_autodiff(8);
+}
+
+/// Every one of the ten inputs tracked (base weights too), on `[N, D]` through
+/// `fused_lora_mlp_2d`, against autodiff of the same math written with plain Burn ops.
+#[test]
+fn all_ten_gradients_match_when_everything_is_tracked() {
+    let Some(device) = device() else { return };
+    let rank = 8;
+    let proj = |d_in: usize, d_out: usize, scaling: f64| LoraProj {
+        weight: random::<AB, 2>([d_out, d_in], &device).require_grad(),
+        lora_a: random::<AB, 2>([rank, d_in], &device).require_grad(),
+        lora_b: random::<AB, 2>([d_out, rank], &device).require_grad(),
+        scaling,
+    };
+    let w = MlpWeights {
+        gate: proj(D, I, 0.5),
+        up: proj(D, I, 2.0),
+        down: proj(I, D, 1.5),
+    };
+    let x = random::<AB, 2>([N, D], &device).require_grad();
+    let cot = random::<AB, 2>([N, D], &device);
+
+    let lin = |x: Tensor<AB, 2>, p: &LoraProj<Tensor<AB, 2>>| {
+        x.clone().matmul(p.weight.clone().transpose())
+            + x.matmul(p.lora_a.clone().transpose())
+                .matmul(p.lora_b.clone().transpose())
+                .mul_scalar(p.scaling)
+    };
+    let h = silu(lin(x.clone(), &w.gate)) * lin(x.clone(), &w.up);
+    let y_ref = lin(h, &w.down);
+    let grads_ref = (y_ref.clone() * cot.clone()).sum().backward();
+    let y = fused_lora_mlp_2d(x.clone(), w.clone());
+    let grads = (y.clone() * cot).sum().backward();
+
+    assert_close("y", y.inner(), y_ref.inner());
+    assert_close("dx", x.grad(&grads).unwrap(), x.grad(&grads_ref).unwrap());
+    let names = [
+        "W_g", "A_g", "B_g", "W_u", "A_u", "B_u", "W_d", "A_d", "B_d",
+    ];
+    for (name, t) in names.into_iter().zip(w.into_array()) {
+        assert_close(
+            &format!("d{name}"),
+            t.grad(&grads).expect("grad"),
+            t.grad(&grads_ref).expect("grad ref"),
+        );
+    }
+}
+
+/// The inner backend (no autodiff) and an autodiff forward with nothing tracked give the same
+/// output as the portable path.
+#[test]
+fn untracked_forwards_match_portable() {
+    let Some(device) = device() else { return };
+    let [gate, up, down] = projections(4, &device);
+    let x = random::<AB, 3>([2, 19, D], &device);
+    let want = lora_mlp(x.clone(), &gate, &up, &down).inner();
+
+    let got = fused_lora_mlp(x.clone(), &gate, &up, &down).unwrap();
+    assert_close("autodiff, untracked", got.inner(), want.clone());
+
+    let [gate, up, down] = [gate.valid(), up.valid(), down.valid()];
+    let got = fused_lora_mlp::<B>(x.inner(), &gate, &up, &down).unwrap();
+    assert_close("inner backend", got, want);
+}
+
+/// The trait is what a model is generic over.
+#[test]
+fn both_backends_implement_the_trait() {
+    fn is_fused<T: FusedMlpBackend>() {}
+    is_fused::<B>();
+    is_fused::<AB>();
+}
