@@ -1,4 +1,5 @@
-//! Developer tasks: `cargo xtask stage` builds the CUDA binary for the GPU machine.
+//! Developer tasks: `cargo xtask stage` builds the CUDA binary for the GPU machine;
+//! `cargo xtask gpu-test` stages the GPU test binaries (see [`GPU_TESTS`]) with run scripts.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,12 +23,179 @@ enum Task {
         #[arg(long, default_value = "stage")]
         out: PathBuf,
     },
+    /// Build the GPU test binaries (release, stripped) into `stage/gpu/` with one run script per
+    /// binary and `run-all.sh`, for a CUDA machine without Rust: carry `stage/gpu` there and run
+    /// `bash stage/gpu/run-all.sh` (or one `run-<name>.sh`): `gemm-check` (the cuBLAS GEMM
+    /// provider: correctness, stream ordering, TFLOP/s), `gpu-matrix` (fused kernels against the
+    /// portable path over dtype × rank × rsLoRA × targets × shapes), `mlp-bench` and its PyTorch
+    /// peer (the fused LoRA MLP's time).
+    GpuTest {
+        /// Output folder (git-ignored).
+        #[arg(long, default_value = "stage/gpu")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Stage { out } => stage(&out),
+        Task::GpuTest { out } => gpu_test(&out),
     }
+}
+
+/// One binary of the GPU test matrix.
+struct GpuTestBinary {
+    package: &'static str,
+    features: &'static str,
+    bin: &'static str,
+    /// Arguments the run script passes before the caller's.
+    args: &'static str,
+}
+
+/// The GPU test matrix: binaries built by `cargo xtask gpu-test`, run in this order by
+/// `run-all.sh`.
+const GPU_TESTS: &[GpuTestBinary] = &[
+    GpuTestBinary {
+        package: "fastlora-cuda-gemm",
+        // Not `burn-autotune`: with one feature set for all binaries it would autotune every
+        // matmul shape of the matrix too (minutes); Burn's default strategy is the baseline.
+        features: "cuda",
+        bin: "gemm-check",
+        args: "",
+    },
+    GpuTestBinary {
+        package: "fastlora",
+        features: "cuda",
+        bin: "gpu-matrix",
+        args: "",
+    },
+    GpuTestBinary {
+        package: "fused-mlp",
+        features: "cuda",
+        bin: "mlp-bench",
+        args: "",
+    },
+];
+
+/// The PyTorch peers staged beside the binaries (`run-all.sh` runs them after the binaries
+/// when `python3` has torch).
+const PEERS: &[&str] = &["xtask/peers/lora_mlp_torch.py"];
+
+/// Puts the CUDA 13 libraries the binaries load at run time (driver, NVRTC for CubeCL's kernels,
+/// cuBLAS, cuBLASLt) on the loader path when pip's `nvidia-*` packages hold them, and unpacks
+/// the xz-compressed binaries (compressed so the staged folder stays far below the GPU
+/// machine's 64 MiB carry limit) into a temporary folder.
+const RUN_PREAMBLE: &str = r#"#!/usr/bin/env bash
+# Staged by `cargo xtask gpu-test`; runs on a CUDA machine without Rust.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+nvidia_libs="$(python3 -c 'import nvidia, os, glob; print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + "/**/lib*.so*", recursive=True)})))' 2>/dev/null || true)"
+[ -n "$nvidia_libs" ] && export LD_LIBRARY_PATH="$nvidia_libs:${LD_LIBRARY_PATH:-}"
+bin_dir="${TMPDIR:-/tmp}/fastlora-gpu"
+mkdir -p "$bin_dir"
+unpack() {
+  if [ ! -x "$bin_dir/$1" ] || [ "$here/$1.xz" -nt "$bin_dir/$1" ]; then
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$here/$1.xz" "$bin_dir/$1"
+    chmod +x "$bin_dir/$1"
+  fi
+  echo "$bin_dir/$1"
+}
+"#;
+
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}
+
+fn gpu_test(out: &Path) -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask sits in the workspace")?;
+    let out = root.join(out);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut all = String::from(RUN_PREAMBLE);
+    all.push_str("status=0\n");
+    // One cargo invocation, so the packages share one feature set (one build of Burn) instead
+    // of rebuilding it per package.
+    let mut build = Command::new(env!("CARGO"));
+    build.current_dir(root).args(["build", "--release"]);
+    let mut features = Vec::new();
+    for test in GPU_TESTS {
+        build.args(["-p", test.package, "--bin", test.bin]);
+        features.extend(
+            test.features
+                .split(',')
+                .map(|f| format!("{}/{f}", test.package)),
+        );
+    }
+    build.args(["--features", &features.join(",")]);
+    let status = build.status().context("running cargo build")?;
+    if !status.success() {
+        bail!(
+            "cargo build of the GPU test binaries failed ({})",
+            features.join(",")
+        );
+    }
+    for test in GPU_TESTS {
+        let binary = out.join(test.bin);
+        let built = target_dir(root).join("release").join(test.bin);
+        // Replace rather than overwrite: a staged copy may be read-only.
+        let _ = std::fs::remove_file(&binary);
+        std::fs::copy(&built, &binary)
+            .with_context(|| format!("copying {} to {}", built.display(), binary.display()))?;
+        strip(&binary)?;
+        let xz = Command::new("xz")
+            .args(["-f", "-6", "-T2"])
+            .arg(&binary)
+            .status()
+            .context("running xz")?;
+        if !xz.success() {
+            bail!("xz {} failed", binary.display());
+        }
+        let binary = out.join(format!("{}.xz", test.bin));
+        let args = if test.args.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", test.args)
+        };
+        let script = out.join(format!("run-{}.sh", test.bin));
+        std::fs::write(
+            &script,
+            format!(
+                "{RUN_PREAMBLE}exec \"$(unpack {})\"{args} \"$@\"\n",
+                test.bin
+            ),
+        )
+        .with_context(|| format!("writing {}", script.display()))?;
+        all.push_str(&format!(
+            "echo \"### {bin}\"; \"$(unpack {bin})\"{args} || status=1\n",
+            bin = test.bin,
+        ));
+        let size = std::fs::metadata(&binary).map(|m| m.len()).unwrap_or(0);
+        println!(
+            "staged {} ({:.1} MiB) and {}",
+            binary.display(),
+            size as f64 / (1 << 20) as f64,
+            script.display()
+        );
+    }
+    for peer in PEERS {
+        let from = root.join(peer);
+        let name = from.file_name().context("a peer script has a file name")?;
+        std::fs::copy(&from, out.join(name))
+            .with_context(|| format!("copying {}", from.display()))?;
+        all.push_str(&format!(
+            "echo \"### {name}\"; python3 \"$here/{name}\" || status=1\n",
+            name = name.to_string_lossy()
+        ));
+    }
+    all.push_str("exit $status\n");
+    let script = out.join("run-all.sh");
+    std::fs::write(&script, all).with_context(|| format!("writing {}", script.display()))?;
+    println!("staged {}", script.display());
+    Ok(())
 }
 
 fn stage(out: &Path) -> Result<()> {
@@ -46,13 +214,7 @@ fn stage(out: &Path) -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let binary = out.join("fastlora");
     std::fs::copy(root.join("target/release/fastlora"), &binary).context("copying the binary")?;
-    let strip = Command::new("strip")
-        .arg(&binary)
-        .status()
-        .context("running strip")?;
-    if !strip.success() {
-        bail!("strip {} failed", binary.display());
-    }
+    strip(&binary)?;
     let script = out.join("run.sh");
     std::fs::write(
         &script,
@@ -60,5 +222,17 @@ fn stage(out: &Path) -> Result<()> {
     )
     .context("writing run.sh")?;
     println!("staged {} and {}", binary.display(), script.display());
+    Ok(())
+}
+
+/// Strips `binary`'s symbols: the GPU machine gets at most 64 MiB a call.
+fn strip(binary: &Path) -> Result<()> {
+    let status = Command::new("strip")
+        .arg(binary)
+        .status()
+        .context("running strip")?;
+    if !status.success() {
+        bail!("strip {} failed", binary.display());
+    }
     Ok(())
 }

@@ -41,7 +41,8 @@ pub struct PatchReport {
     pub fusable_o: usize,
     /// Layers whose MLP qualifies for the fused SwiGLU+LoRA op.
     pub fusable_mlp: usize,
-    /// Whether this backend runs fused kernels (today: none does; the portable path runs).
+    /// Whether this backend runs the fused MLP kernels (CUDA and wgpu `CubeBackend`s, when
+    /// built with their feature; the portable path runs elsewhere).
     pub fused_kernels_active: bool,
     /// The checkpointing mode asked for.
     pub checkpointing: CheckpointMode,
@@ -57,7 +58,11 @@ impl fmt::Display for PatchReport {
             self.layers, self.fusable_qkv, self.fusable_o, self.fusable_mlp
         )?;
         match self.fused_kernels_active {
-            true => writeln!(f, "Fused LoRA kernels: active.")?,
+            true => writeln!(
+                f,
+                "Fused LoRA kernels: active for the SwiGLU MLP; q/k/v and o run the portable path \
+                 (no fused QKV/O op yet)."
+            )?,
             false => writeln!(
                 f,
                 "Fused LoRA kernels: not on this backend; the portable path runs (same math)."
@@ -397,7 +402,7 @@ fn patch_report<B: Backend>(
         fusable_qkv: qkv,
         fusable_o: o,
         fusable_mlp: mlp,
-        fused_kernels_active: false,
+        fused_kernels_active: fused_mlp::fused_backend::<B>() && fused_mlp::fused_enabled(),
         checkpointing,
         notices,
     }

@@ -262,9 +262,10 @@ pub struct Mlp<B: Backend> {
 }
 
 impl<B: Backend> Mlp<B> {
-    /// Applies the block.
+    /// Applies the block: the fused SwiGLU+LoRA op where the backend has it and the
+    /// projections qualify ([`fused_mlp::mlp`]), else the portable path.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        fused_mlp::lora_mlp(x, &self.gate_proj, &self.up_proj, &self.down_proj)
+        fused_mlp::mlp(x, &self.gate_proj, &self.up_proj, &self.down_proj)
     }
 }
 

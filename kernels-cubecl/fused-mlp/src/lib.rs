@@ -22,6 +22,9 @@
 //! are simplest on the plain backend); Burn's `Wgpu`/`Cuda` aliases are Fusion-wrapped when
 //! burn's `fusion` feature is on, so name the backend explicitly (`WgpuBackend`, `CudaBackend`).
 //!
+//! [`mlp`] picks the path for a model generic over any backend: fused on the backends it is
+//! compiled for (features `cuda`, `wgpu`) when [`check_fusable`] allows, else portable.
+//!
 //! [`check_fusable`] is Unsloth's rule for when the fused path may take over; the kernels are in
 //! `kernels` (feature `cubecl`; one per file, the `#[cube]` function next to its launch).
 
@@ -32,12 +35,14 @@ use lora_layers::LoraLinear;
 mod autodiff;
 #[cfg(feature = "cubecl")]
 mod cube;
+mod dispatch;
 #[cfg(feature = "cubecl")]
 mod gemm;
 #[cfg(feature = "cubecl")]
 pub mod kernels;
 mod op;
 
+pub use dispatch::{fused_backend, fused_enabled, mlp, set_fused_enabled};
 pub use op::{
     FusedMlpBackend, FusedMlpKernels, LoraProj, MlpWeights, SwigluLoraBackward, SwigluLoraForward,
     Trans, fused_lora_mlp_2d,

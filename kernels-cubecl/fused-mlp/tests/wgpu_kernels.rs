@@ -341,3 +341,86 @@ fn both_backends_implement_the_trait() {
     is_fused::<B>();
     is_fused::<AB>();
 }
+
+/// The model's entry point picks the fused op on this backend, and it agrees with the portable
+/// path in output and in the gradients a trainer reads.
+#[test]
+fn model_entry_point_dispatches_to_the_fused_op() {
+    assert!(fused_mlp::fused_backend::<AB>() && fused_mlp::fused_backend::<B>());
+    assert!(!fused_mlp::fused_backend::<burn::backend::NdArray<f32>>());
+    let Some(device) = device() else { return };
+    let [gate, up, down] = projections(8, &device);
+    let x = random::<AB, 3>([2, 17, D], &device).require_grad();
+    let cot = random::<AB, 3>([2, 17, D], &device);
+    let y_ref = lora_mlp(x.clone(), &gate, &up, &down);
+    let grads_ref = (y_ref.clone() * cot.clone()).sum().backward();
+    let y = fused_mlp::mlp(x.clone(), &gate, &up, &down);
+    let grads = (y.clone() * cot).sum().backward();
+    assert_close("y", y.inner(), y_ref.inner());
+    let a = gate.adapter.as_ref().unwrap().lora_a.val();
+    assert_close(
+        "dA_gate",
+        a.grad(&grads).expect("grad"),
+        a.grad(&grads_ref).expect("grad ref"),
+    );
+}
+
+/// The fused op on wgpu against the portable path on the CPU (ndarray, plain f32): the same
+/// oracle the GPU matrix uses for f32, so a harness bug shows up here without a GPU.
+#[test]
+fn fused_on_wgpu_matches_portable_on_the_cpu() {
+    type Cpu = Autodiff<burn::backend::NdArray<f32>>;
+    let Some(device) = device() else { return };
+    let cpu = Default::default();
+    let cpu_projections: [LoraLinear<Cpu>; 3] = {
+        let shapes = [(D, I), (D, I), (I, D)];
+        std::array::from_fn(|k| {
+            let (d_in, d_out) = shapes[k];
+            LoraLinearConfig::new(d_in, d_out)
+                .init::<Cpu>(&cpu)
+                .init_adapter(
+                    &LoraAdapterConfig::new(8, [0.5, 2.0, 1.5][k]),
+                    LoraInit::Random,
+                    k as u64 + 11,
+                    "m",
+                )
+                .unwrap()
+        })
+    };
+    let to_gpu = |p: &LoraLinear<Cpu>| {
+        let copy = |t: Tensor<Cpu, 2>| Tensor::<AB, 2>::from_data(t.into_data(), &device);
+        let adapter = p.adapter.as_ref().unwrap();
+        let mut linear = LoraLinear::<AB>::from_weights(copy(p.base_weight()), None);
+        linear.adapter = Some(lora_layers::LoraAdapter {
+            lora_a: burn::module::Param::from_tensor(copy(adapter.lora_a.val())),
+            lora_b: burn::module::Param::from_tensor(copy(adapter.lora_b.val())),
+            scaling: adapter.scaling,
+            dropout: adapter.dropout.clone(),
+            merged: false,
+        });
+        linear
+    };
+    let gpu_projections = cpu_projections.each_ref().map(to_gpu);
+    let x_cpu = random::<Cpu, 3>([1, N, D], &cpu).require_grad();
+    let cot_cpu = random::<Cpu, 3>([1, N, D], &cpu);
+    let x_gpu =
+        Tensor::<AB, 3>::from_data(x_cpu.clone().inner().into_data(), &device).require_grad();
+    let cot_gpu = Tensor::<AB, 3>::from_data(cot_cpu.clone().into_data(), &device);
+
+    let [g, u, d] = &cpu_projections;
+    let y_cpu = lora_mlp(x_cpu.clone(), g, u, d);
+    let grads_cpu = (y_cpu.clone() * cot_cpu).sum().backward();
+    let [g, u, d] = &gpu_projections;
+    let y_gpu = fused_lora_mlp(x_gpu.clone(), g, u, d).expect("fusable");
+    let grads_gpu = (y_gpu.clone() * cot_gpu).sum().backward();
+
+    let back = |t: Tensor<burn::backend::NdArray<f32>, 3>| {
+        Tensor::<B, 3>::from_data(t.into_data(), &device)
+    };
+    assert_close("y", y_gpu.inner(), back(y_cpu.inner()));
+    assert_close(
+        "dx",
+        x_gpu.grad(&grads_gpu).unwrap(),
+        back(x_cpu.grad(&grads_cpu).unwrap()),
+    );
+}

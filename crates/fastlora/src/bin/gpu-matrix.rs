@@ -1,0 +1,383 @@
+//! The GPU test matrix of the fused LoRA kernels (`cargo xtask gpu-test` stages and runs it).
+//!
+//! - **bf16, layer level**: a one-layer Llama-family model of a real model's layer shape on
+//!   Burn's CUDA backend (plain `CubeBackend`, autodiff), LoRA injected, loss forward and backward
+//!   on fresh random weights and a ragged token batch, twice: fused kernels allowed, and the
+//!   portable path forced ([`fused_mlp::set_fused_enabled`]). Logits and the gradient of every
+//!   LoRA A and B agree within 2e-2 (max |fused − portable| / max |portable|).
+//!   dtype bf16 × r {8, 16, 64} × rsLoRA {off, on} × targets {all 7, attention, MLP} × shapes
+//!   {SmolLM2-135M, Llama-3.2-1B}; with attention-only targets no fused op applies and the
+//!   cell checks that the fallback is taken (identical results).
+//! - **f32, op level**: the fused MLP op on CUDA against the portable MLP on the CPU (ndarray),
+//!   same host-made weights and inputs: y, dx and the six LoRA gradients within 1e-4. The CPU is
+//!   the f32 oracle because Burn's CUDA matmul, which the portable path and attention use,
+//!   rounds f32 through TF32 (~1e-3): a whole-layer f32 comparison measures that, not the
+//!   kernels. r {8, 16, 64} × rsLoRA × both shapes.
+//!
+//! Token counts are ragged (not multiples of 8 or 64). Before each run the device memory pool is
+//! poisoned with NaN (a large NaN tensor is allocated and freed, so reused buffers start as NaN):
+//! an output the kernels fail to write shows up. Exit status 1 if any cell fails.
+
+use std::process::ExitCode;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::Param;
+use burn::nn::DropoutConfig;
+use burn::prelude::*;
+use burn::tensor::bf16;
+use fastlora::llama::{LlamaConfig, causal_lm_loss};
+use fastlora::lora_config::InitLoraWeights;
+use fastlora::lora_layers::{LoraAdapter, LoraLinear};
+use fastlora::{AdapterParameter, FastLanguageModel, LoraConfig, RandomWeights};
+use fused_mlp::{CudaBackend, set_fused_enabled};
+
+/// A decoder layer's shape, taken from a real model's config.
+struct LayerShape {
+    name: &'static str,
+    hidden: usize,
+    intermediate: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+const SHAPES: [LayerShape; 2] = [
+    LayerShape {
+        name: "SmolLM2-135M",
+        hidden: 576,
+        intermediate: 1536,
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+    },
+    LayerShape {
+        name: "Llama-3.2-1B",
+        hidden: 2048,
+        intermediate: 8192,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 64,
+    },
+];
+
+const TARGETS: [(&str, &[&str]); 3] = [
+    (
+        "all-7",
+        &[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    ),
+    ("attention", &["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ("mlp", &["gate_proj", "up_proj", "down_proj"]),
+];
+
+/// Ragged (batch, seq): token counts that are not multiples of 8 or 64.
+const TOKENS: [(usize, usize); 3] = [(2, 37), (1, 203), (3, 61)];
+
+const VOCAB: usize = 512;
+
+fn config_json(shape: &LayerShape) -> String {
+    format!(
+        r#"{{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": {},
+            "intermediate_size": {}, "num_attention_heads": {}, "num_key_value_heads": {},
+            "head_dim": {}, "num_hidden_layers": 1, "vocab_size": {VOCAB},
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": false, "hidden_act": "silu"}}"#,
+        shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim
+    )
+}
+
+/// One cell's result: the worst relative difference over logits and LoRA gradients.
+struct CellResult {
+    worst: f32,
+    worst_what: String,
+    nan: bool,
+}
+
+/// Logits and every LoRA factor's gradient, as f32 vectors in a fixed order.
+fn run_once<B: burn::tensor::backend::AutodiffBackend>(
+    shape: &LayerShape,
+    lora: &LoraConfig,
+    ids: &[i64],
+    tokens: (usize, usize),
+    fused: bool,
+    device: &B::Device,
+) -> Vec<(String, Vec<f32>)> {
+    set_fused_enabled(fused);
+    // Poison: a NaN tensor as large as the largest activation, freed into the pool.
+    let poison = Tensor::<B, 2>::full(
+        [tokens.0 * tokens.1, shape.intermediate * 4],
+        f32::NAN,
+        device,
+    );
+    drop(poison);
+    let config = LlamaConfig::from_json_str(&config_json(shape), "gpu-matrix.json".as_ref())
+        .expect("a valid config");
+    let base =
+        FastLanguageModel::<B>::from_source(config, &mut RandomWeights::new(7, 0.02), None, device)
+            .expect("random weights");
+    let peft = base
+        .get_peft_model(lora.clone())
+        .expect("valid LoRA config");
+    let model = peft.model();
+    let ids =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [tokens.0, tokens.1]), device);
+    let logits = model.forward(ids.clone(), None);
+    let loss = causal_lm_loss(logits.clone(), ids);
+    let grads = loss.backward();
+    let mut out = vec![("logits".to_string(), to_f32(logits.inner()))];
+    for (name, param) in peft.adapter_parameters() {
+        if let AdapterParameter::Matrix(t) = param {
+            let grad = t.grad(&grads).expect("every LoRA factor gets a gradient");
+            out.push((name, to_f32(grad)));
+        }
+    }
+    set_fused_enabled(true);
+    out
+}
+
+fn to_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 data")
+}
+
+fn compare(fused: &[(String, Vec<f32>)], portable: &[(String, Vec<f32>)]) -> CellResult {
+    let mut result = CellResult {
+        worst: 0.0,
+        worst_what: String::new(),
+        nan: false,
+    };
+    for ((name, a), (_, b)) in fused.iter().zip(portable) {
+        let scale = b
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            .max(f32::MIN_POSITIVE);
+        let mut diff = 0f32;
+        for (x, y) in a.iter().zip(b) {
+            if !x.is_finite() {
+                result.nan = true;
+            }
+            diff = diff.max((x - y).abs());
+        }
+        let rel = diff / scale;
+        if rel > result.worst || rel.is_nan() {
+            result.worst = rel;
+            result.worst_what = name.clone();
+        }
+    }
+    result
+}
+
+/// Host-side pseudo-random values in `[-scale, scale)`, the same on every backend.
+fn host_random(len: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// A LoRA projection with host-made weights (identical on every backend).
+fn host_projection<B: Backend>(
+    d_in: usize,
+    d_out: usize,
+    rank: usize,
+    scaling: f64,
+    seed: u64,
+    device: &B::Device,
+) -> LoraLinear<B> {
+    let tensor = |shape: [usize; 2], seed: u64, scale: f32| {
+        Tensor::<B, 2>::from_data(
+            TensorData::new(host_random(shape[0] * shape[1], seed, scale), shape),
+            device,
+        )
+    };
+    let bound = 1.0 / (d_in as f32).sqrt();
+    let mut linear = LoraLinear::from_weights(tensor([d_out, d_in], seed, bound), None);
+    linear.adapter = Some(LoraAdapter {
+        lora_a: Param::from_tensor(tensor([rank, d_in], seed + 1, bound)),
+        lora_b: Param::from_tensor(tensor([d_out, rank], seed + 2, 0.1)),
+        scaling,
+        dropout: DropoutConfig::new(0.0).init(),
+        merged: false,
+    });
+    linear
+}
+
+/// The MLP op alone on backend `B`: output, dx and the six LoRA gradients.
+fn mlp_op_once<B: burn::tensor::backend::AutodiffBackend>(
+    shape: &LayerShape,
+    rank: usize,
+    scaling: f64,
+    tokens: usize,
+    fused: bool,
+    device: &B::Device,
+) -> Vec<(String, Vec<f32>)> {
+    set_fused_enabled(fused);
+    let poison = Tensor::<B, 2>::full([tokens, shape.intermediate * 4], f32::NAN, device);
+    drop(poison);
+    let (d, i) = (shape.hidden, shape.intermediate);
+    let gate = host_projection::<B>(d, i, rank, scaling, 10, device);
+    let up = host_projection::<B>(d, i, rank, scaling, 20, device);
+    let down = host_projection::<B>(i, d, rank, scaling, 30, device);
+    let host = |seed| {
+        Tensor::<B, 3>::from_data(
+            TensorData::new(host_random(tokens * d, seed, 1.0), [1, tokens, d]),
+            device,
+        )
+    };
+    let x = host(40).require_grad();
+    let y = fused_mlp::mlp(x.clone(), &gate, &up, &down);
+    let grads = (y.clone() * host(50)).sum().backward();
+    let mut out = vec![
+        ("y".to_string(), to_f32(y.inner())),
+        ("dx".to_string(), to_f32(x.grad(&grads).expect("dx"))),
+    ];
+    for (name, proj) in [("gate", &gate), ("up", &up), ("down", &down)] {
+        let adapter = proj.adapter.as_ref().expect("adapter");
+        for (factor, param) in [("A", &adapter.lora_a), ("B", &adapter.lora_b)] {
+            let grad = param.val().grad(&grads).expect("LoRA gradient");
+            out.push((format!("d{factor}_{name}"), to_f32(grad)));
+        }
+    }
+    set_fused_enabled(true);
+    out
+}
+
+/// Runs one cell: the fused path on backend `F`, the oracle on backend `O` (the portable path).
+fn cell<F, O>(
+    shape: &LayerShape,
+    lora: &LoraConfig,
+    tokens: (usize, usize),
+    seed: u64,
+    device: &F::Device,
+    oracle_device: &O::Device,
+) -> CellResult
+where
+    F: burn::tensor::backend::AutodiffBackend,
+    O: burn::tensor::backend::AutodiffBackend,
+{
+    // Token ids from a host RNG, so both backends see the same batch.
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let ids: Vec<i64> = (0..tokens.0 * tokens.1)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % VOCAB as u64) as i64
+        })
+        .collect();
+    let fused = run_once::<F>(shape, lora, &ids, tokens, true, device);
+    let oracle = run_once::<O>(shape, lora, &ids, tokens, false, oracle_device);
+    compare(&fused, &oracle)
+}
+
+fn main() -> ExitCode {
+    let device = burn::backend::cuda::CudaDevice::default();
+    let cpu = burn::backend::ndarray::NdArrayDevice::Cpu;
+    let (mut passed, mut failed) = (0, 0);
+    let mut seed = 0u64;
+    println!(
+        "{:<6} {:<13} {:>3} {:<6} {:<10} {:>9} {:>10}  worst at",
+        "dtype", "shape", "r", "rslora", "targets", "tokens", "max rel"
+    );
+    let mut report = |line: String, ok: bool| {
+        if ok {
+            passed += 1;
+        } else {
+            failed += 1;
+        }
+        println!("{line}{}", if ok { "" } else { "  FAIL" });
+    };
+    // bf16, whole decoder layer + loss: fused against the portable path on the same backend.
+    for shape in &SHAPES {
+        for r in [8, 16, 64] {
+            for rslora in [false, true] {
+                for (targets_name, targets) in TARGETS {
+                    let tokens = TOKENS[seed as usize % TOKENS.len()];
+                    seed += 1;
+                    let lora = LoraConfig::builder()
+                        .r(r)
+                        .lora_alpha(16.0)
+                        .use_rslora(rslora)
+                        .target_modules(targets.iter().copied())
+                        .init_lora_weights(InitLoraWeights::Random)
+                        .random_state(seed)
+                        .build()
+                        .expect("valid LoRA config");
+                    let result = cell::<Autodiff<CudaBackend<bf16>>, Autodiff<CudaBackend<bf16>>>(
+                        shape, &lora, tokens, seed, &device, &device,
+                    );
+                    report(
+                        format!(
+                            "{:<6} {:<13} {r:>3} {:<6} {targets_name:<10} {:>9} {:>10.3e}  {}",
+                            "bf16",
+                            shape.name,
+                            rslora,
+                            format!("{}x{}", tokens.0, tokens.1),
+                            result.worst,
+                            result.worst_what,
+                        ),
+                        !result.nan && result.worst <= 2e-2,
+                    );
+                }
+            }
+        }
+    }
+    // f32, the MLP op: fused on CUDA against the portable op on the CPU. The CPU is the f32
+    // oracle because Burn's CUDA matmul (used by the portable path and by attention) rounds
+    // f32 through TF32 (~1e-3); the fused op's GEMMs are cuBLAS with TF32 off.
+    for shape in &SHAPES {
+        for r in [8, 16, 64] {
+            for rslora in [false, true] {
+                let (batch, seq) = TOKENS[seed as usize % TOKENS.len()];
+                seed += 1;
+                let scaling = if rslora {
+                    16.0 / (r as f64).sqrt()
+                } else {
+                    16.0 / r as f64
+                };
+                let tokens = batch * seq;
+                let fused = mlp_op_once::<Autodiff<CudaBackend<f32>>>(
+                    shape, r, scaling, tokens, true, &device,
+                );
+                let oracle =
+                    mlp_op_once::<Autodiff<NdArray<f32>>>(shape, r, scaling, tokens, false, &cpu);
+                let result = compare(&fused, &oracle);
+                report(
+                    format!(
+                        "{:<6} {:<13} {r:>3} {:<6} {:<10} {:>9} {:>10.3e}  {}",
+                        "f32",
+                        shape.name,
+                        rslora,
+                        "mlp-op",
+                        tokens,
+                        result.worst,
+                        result.worst_what,
+                    ),
+                    !result.nan && result.worst <= 1e-4,
+                );
+            }
+        }
+    }
+    println!("gpu-matrix: {passed} passed, {failed} failed");
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,86 @@
+//! Microbenchmark of the LoRA SwiGLU MLP, forward + backward, on Burn's CUDA backend (plain
+//! `CubeBackend`, autodiff): the fused op against the portable path on the same backend.
+//! `cargo xtask gpu-test` stages it; `xtask/peers/lora_mlp_torch.py` times PyTorch eager on the
+//! same shapes in the same run.
+//!
+//! Usage: `mlp-bench [tokens hidden intermediate rank]` (default 8192 2048 8192 16), bf16.
+//! Prints the median of 10 timed iterations after 3 warm-up ones, each iteration
+//! `y = mlp(x)`, `(y·c).sum().backward()` with a fixed random cotangent `c`, then a device sync.
+
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::{Distribution, bf16};
+use fused_mlp::{CudaBackend, mlp, set_fused_enabled};
+use lora_layers::{LoraAdapterConfig, LoraInit, LoraLinear, LoraLinearConfig};
+
+type B = Autodiff<CudaBackend<bf16>>;
+
+fn projection(
+    d_in: usize,
+    d_out: usize,
+    rank: usize,
+    seed: u64,
+    device: &burn::backend::cuda::CudaDevice,
+) -> LoraLinear<B> {
+    LoraLinearConfig::new(d_in, d_out)
+        .init::<B>(device)
+        .init_adapter(
+            &LoraAdapterConfig::new(rank, 1.0),
+            LoraInit::Random,
+            seed,
+            "bench",
+        )
+        .expect("random init")
+}
+
+fn median_ms(mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    let mut times: Vec<f64> = (0..10)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("numbers: tokens hidden intermediate rank"))
+        .collect();
+    let [n, d, i, r] = match args[..] {
+        [] => [8192, 2048, 8192, 16],
+        [n, d, i, r] => [n, d, i, r],
+        _ => panic!("usage: mlp-bench [tokens hidden intermediate rank]"),
+    };
+    let device = burn::backend::cuda::CudaDevice::default();
+    let gate = projection(d, i, r, 1, &device);
+    let up = projection(d, i, r, 2, &device);
+    let down = projection(i, d, r, 3, &device);
+    let x =
+        Tensor::<B, 3>::random([1, n, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let cot = Tensor::<B, 3>::random([1, n, d], Distribution::Normal(0.0, 1.0), &device);
+    // Base GEMMs: 3 forward (gate, up, down) + 3 for dX/dH in backward, 2·N·D·I FLOPs each.
+    let base_flops = 6.0 * 2.0 * (n * d * i) as f64;
+    println!("LoRA MLP fwd+bwd, bf16, tokens {n}, {d}→{i}, r={r}");
+    for (label, fused) in [("fused", true), ("portable", false)] {
+        set_fused_enabled(fused);
+        let ms = median_ms(|| {
+            let y = mlp(x.clone(), &gate, &up, &down);
+            let grads = (y * cot.clone()).sum().backward();
+            drop(grads);
+            B::sync(&device).expect("device sync");
+        });
+        println!(
+            "{label:<9} {ms:8.3} ms   {:6.1} TFLOP/s (base GEMM FLOPs only)",
+            base_flops / (ms * 1e-3) / 1e12
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! Choosing the fused or the portable MLP for a model generic over `B: Backend`.
+//!
+//! The model crates are generic over any Burn backend and must stay so (the CPU default has no
+//! CubeCL). Burn 0.21 has no backend-extension dispatch and Rust has no specialization, so a
+//! `B: FusedMlpBackend` bound would have to spread through every generic function of the
+//! facade. Instead [`mlp`] compares `B` at run time (`TypeId`) with the concrete backends the
+//! fused op is compiled for (the features `cuda` and `wgpu` add them), moves the tensors and
+//! projections into that type through `Any` (a no-op move, never a copy or a conversion), runs
+//! the fused op, and moves the result back. Every other backend, and every MLP that
+//! [`check_fusable`] rejects, runs [`lora_mlp`].
+
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::prelude::*;
+use lora_layers::LoraLinear;
+
+use crate::{check_fusable, lora_mlp};
+
+/// Runs `$body` with `$FB` bound to the fused backend type equal to `$B`, if any; else `None`.
+macro_rules! for_fused_backends {
+    ($B:ty, |$FB:ident| $body:expr) => {{
+        #[allow(unused_mut)]
+        let mut result = None;
+        let id = std::any::TypeId::of::<$B>();
+        #[cfg(feature = "cuda")]
+        {
+            type Cuda32 = crate::CudaBackend<f32>;
+            type Cuda16 = crate::CudaBackend<burn::tensor::bf16>;
+            type CudaAd32 = burn::backend::Autodiff<Cuda32>;
+            type CudaAd16 = burn::backend::Autodiff<Cuda16>;
+            if result.is_none() && id == std::any::TypeId::of::<CudaAd32>() {
+                type $FB = CudaAd32;
+                result = $body;
+            }
+            if result.is_none() && id == std::any::TypeId::of::<CudaAd16>() {
+                type $FB = CudaAd16;
+                result = $body;
+            }
+            if result.is_none() && id == std::any::TypeId::of::<Cuda32>() {
+                type $FB = Cuda32;
+                result = $body;
+            }
+            if result.is_none() && id == std::any::TypeId::of::<Cuda16>() {
+                type $FB = Cuda16;
+                result = $body;
+            }
+        }
+        #[cfg(feature = "wgpu")]
+        {
+            type Wgpu32 = crate::WgpuBackend<f32>;
+            type WgpuAd32 = burn::backend::Autodiff<Wgpu32>;
+            if result.is_none() && id == std::any::TypeId::of::<WgpuAd32>() {
+                type $FB = WgpuAd32;
+                result = $body;
+            }
+            if result.is_none() && id == std::any::TypeId::of::<Wgpu32>() {
+                type $FB = Wgpu32;
+                result = $body;
+            }
+        }
+        let _ = id;
+        result
+    }};
+}
+
+/// Whether [`mlp`] may take the fused path (on by default). Tests and benchmarks switch it off
+/// to run the portable path on the same backend, as the oracle or the baseline.
+static FUSED_ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Allows or forbids the fused path process-wide (it is allowed by default).
+pub fn set_fused_enabled(enabled: bool) {
+    FUSED_ENABLED.store(enabled, Ordering::SeqCst);
+}
+
+/// Whether the fused path is allowed (see [`set_fused_enabled`]).
+pub fn fused_enabled() -> bool {
+    FUSED_ENABLED.load(Ordering::SeqCst)
+}
+
+/// Whether backend `B` is one the fused op is compiled for in this build.
+pub fn fused_backend<B: Backend>() -> bool {
+    let probe: Option<()> = for_fused_backends!(B, |_FB| Some(()));
+    probe.is_some()
+}
+
+/// The LoRA SwiGLU MLP, fused when the backend and the projections allow it, else portable;
+/// the same result either way (within the backend's float rounding).
+///
+/// # Shapes
+/// - x: `[batch, seq, hidden]`
+/// - output: `[batch, seq, hidden]`
+pub fn mlp<B: Backend>(
+    x: Tensor<B, 3>,
+    gate: &LoraLinear<B>,
+    up: &LoraLinear<B>,
+    down: &LoraLinear<B>,
+) -> Tensor<B, 3> {
+    if !fused_enabled() || check_fusable(gate, up, down).is_err() {
+        return lora_mlp(x, gate, up, down);
+    }
+    let mut x = Some(x);
+    let fused: Option<Tensor<B, 3>> = for_fused_backends!(B, |FB| {
+        let x: Tensor<FB, 3> = cast(x.take().expect("taken once"));
+        let gate: &LoraLinear<FB> = cast_ref(gate);
+        let up: &LoraLinear<FB> = cast_ref(up);
+        let down: &LoraLinear<FB> = cast_ref(down);
+        let y = crate::fused_lora_mlp::<FB>(x, gate, up, down).expect("checked by check_fusable");
+        Some(cast::<Tensor<FB, 3>, Tensor<B, 3>>(y))
+    });
+    match fused {
+        Some(y) => y,
+        None => lora_mlp(x.expect("not taken"), gate, up, down),
+    }
+}
+
+/// Moves `value` into the type `U`, which the caller has checked is `T` itself.
+fn cast<T: 'static, U: 'static>(value: T) -> U {
+    *(Box::new(value) as Box<dyn Any>)
+        .downcast::<U>()
+        .unwrap_or_else(|_| unreachable!("TypeId checked before the cast"))
+}
+
+/// Views `value` as `&U`, which the caller has checked is `T` itself.
+fn cast_ref<T: 'static, U: 'static>(value: &T) -> &U {
+    (value as &dyn Any)
+        .downcast_ref::<U>()
+        .unwrap_or_else(|| unreachable!("TypeId checked before the cast"))
+}
