@@ -57,7 +57,7 @@ fn smollm2_learns_a_made_up_fact_and_keeps_a_real_one() {
     assert!(!before.contains("Quintara"), "{before:?}");
 
     let data = Dataset::from_jsonl(
-        &root.join("tests/fixtures/smollm2-lora/made_up_fact.jsonl"),
+        root.join("tests/fixtures/smollm2-lora/made_up_fact.jsonl"),
         &tokenizer,
         &DataConfig::new(128),
     )

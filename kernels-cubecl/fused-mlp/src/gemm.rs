@@ -64,7 +64,7 @@ mod cublas {
         alpha: f64,
         acc: Option<FloatTensor<B>>,
     ) -> Result<FloatTensor<B>, Operands<B>> {
-        if TypeId::of::<FloatTensor<B>>() != TypeId::of::<CudaTensor>() {
+        if TypeId::of::<FloatTensor<B>>() != TypeId::of::<CudaTensor>() || !cublas_enabled() {
             return Err((a, b, acc));
         }
         let (ca, cb): (&CudaTensor, &CudaTensor) = (as_cuda(&a), as_cuda(&b));
@@ -87,6 +87,13 @@ mod cublas {
                 Err((a, b, acc))
             }
         }
+    }
+
+    /// `FASTLORA_CUBLAS=0` turns the cuBLAS GEMMs off (Burn's matmul instead): an escape hatch
+    /// and a way to tell a cuBLAS problem from a kernel problem on a GPU.
+    fn cublas_enabled() -> bool {
+        static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ENABLED.get_or_init(|| std::env::var("FASTLORA_CUBLAS").map_or(true, |v| v != "0"))
     }
 
     fn as_cuda<T: 'static>(t: &T) -> &CudaTensor {
