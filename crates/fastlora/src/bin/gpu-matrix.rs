@@ -16,7 +16,8 @@
 //!
 //! Token counts are ragged (not multiples of 8 or 64). Before each run the device memory pool is
 //! poisoned with NaN (a large NaN tensor is allocated and freed, so reused buffers start as NaN):
-//! an output the kernels fail to write shows up. Exit status 1 if any cell fails.
+//! an output the kernels fail to write shows up. Each dtype runs in its own process (Burn fixes
+//! a device's float dtype at first use). Exit status 1 if any cell fails.
 
 use std::process::ExitCode;
 
@@ -287,6 +288,26 @@ where
 }
 
 fn main() -> ExitCode {
+    // Burn keeps one set of defaults (the float dtype among them) per device, fixed by the first
+    // backend that touches it: a CubeBackend<Cuda, f32> and a CubeBackend<Cuda, bf16> must not
+    // share a device in one process. So each dtype runs in a child process of its own.
+    let dtype = std::env::args().nth(1);
+    let Some(dtype) = dtype else {
+        let exe = std::env::current_exe().expect("the running binary's path");
+        let mut ok = true;
+        for dtype in ["bf16", "f32"] {
+            let status = std::process::Command::new(&exe)
+                .arg(dtype)
+                .status()
+                .expect("spawning gpu-matrix for one dtype");
+            ok &= status.success();
+        }
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    };
     let device = burn::backend::cuda::CudaDevice::default();
     let cpu = burn::backend::ndarray::NdArrayDevice::Cpu;
     let (mut passed, mut failed) = (0, 0);
@@ -303,78 +324,87 @@ fn main() -> ExitCode {
         }
         println!("{line}{}", if ok { "" } else { "  FAIL" });
     };
-    // bf16, whole decoder layer + loss: fused against the portable path on the same backend.
-    for shape in &SHAPES {
-        for r in [8, 16, 64] {
-            for rslora in [false, true] {
-                for (targets_name, targets) in TARGETS {
-                    let tokens = TOKENS[seed as usize % TOKENS.len()];
-                    seed += 1;
-                    let lora = LoraConfig::builder()
-                        .r(r)
-                        .lora_alpha(16.0)
-                        .use_rslora(rslora)
-                        .target_modules(targets.iter().copied())
-                        .init_lora_weights(InitLoraWeights::Random)
-                        .random_state(seed)
-                        .build()
-                        .expect("valid LoRA config");
-                    let result = cell::<Autodiff<CudaBackend<bf16>>, Autodiff<CudaBackend<bf16>>>(
-                        shape, &lora, tokens, seed, &device, &device,
-                    );
-                    report(
-                        format!(
-                            "{:<6} {:<13} {r:>3} {:<6} {targets_name:<10} {:>9} {:>10.3e}  {}",
-                            "bf16",
-                            shape.name,
-                            rslora,
-                            format!("{}x{}", tokens.0, tokens.1),
-                            result.worst,
-                            result.worst_what,
-                        ),
-                        !result.nan && result.worst <= 2e-2,
-                    );
+    match dtype.as_str() {
+        "bf16" => {
+            // bf16, whole decoder layer + loss: fused against the portable path on the same backend.
+            for shape in &SHAPES {
+                for r in [8, 16, 64] {
+                    for rslora in [false, true] {
+                        for (targets_name, targets) in TARGETS {
+                            let tokens = TOKENS[seed as usize % TOKENS.len()];
+                            seed += 1;
+                            let lora = LoraConfig::builder()
+                                .r(r)
+                                .lora_alpha(16.0)
+                                .use_rslora(rslora)
+                                .target_modules(targets.iter().copied())
+                                .init_lora_weights(InitLoraWeights::Random)
+                                .random_state(seed)
+                                .build()
+                                .expect("valid LoRA config");
+                            let result =
+                                cell::<Autodiff<CudaBackend<bf16>>, Autodiff<CudaBackend<bf16>>>(
+                                    shape, &lora, tokens, seed, &device, &device,
+                                );
+                            report(
+                                format!(
+                                    "{:<6} {:<13} {r:>3} {:<6} {targets_name:<10} {:>9} {:>10.3e}  {}",
+                                    "bf16",
+                                    shape.name,
+                                    rslora,
+                                    format!("{}x{}", tokens.0, tokens.1),
+                                    result.worst,
+                                    result.worst_what,
+                                ),
+                                !result.nan && result.worst <= 2e-2,
+                            );
+                        }
+                    }
                 }
             }
         }
-    }
-    // f32, the MLP op: fused on CUDA against the portable op on the CPU. The CPU is the f32
-    // oracle because Burn's CUDA matmul (used by the portable path and by attention) rounds
-    // f32 through TF32 (~1e-3); the fused op's GEMMs are cuBLAS with TF32 off.
-    for shape in &SHAPES {
-        for r in [8, 16, 64] {
-            for rslora in [false, true] {
-                let (batch, seq) = TOKENS[seed as usize % TOKENS.len()];
-                seed += 1;
-                let scaling = if rslora {
-                    16.0 / (r as f64).sqrt()
-                } else {
-                    16.0 / r as f64
-                };
-                let tokens = batch * seq;
-                let fused = mlp_op_once::<Autodiff<CudaBackend<f32>>>(
-                    shape, r, scaling, tokens, true, &device,
-                );
-                let oracle =
-                    mlp_op_once::<Autodiff<NdArray<f32>>>(shape, r, scaling, tokens, false, &cpu);
-                let result = compare(&fused, &oracle);
-                report(
-                    format!(
-                        "{:<6} {:<13} {r:>3} {:<6} {:<10} {:>9} {:>10.3e}  {}",
-                        "f32",
-                        shape.name,
-                        rslora,
-                        "mlp-op",
-                        tokens,
-                        result.worst,
-                        result.worst_what,
-                    ),
-                    !result.nan && result.worst <= 1e-4,
-                );
+        "f32" => {
+            // f32, the MLP op: fused on CUDA against the portable op on the CPU. The CPU is the f32
+            // oracle because Burn's CUDA matmul (used by the portable path and by attention) rounds
+            // f32 through TF32 (~1e-3); the fused op's GEMMs are cuBLAS with TF32 off.
+            for shape in &SHAPES {
+                for r in [8, 16, 64] {
+                    for rslora in [false, true] {
+                        let (batch, seq) = TOKENS[seed as usize % TOKENS.len()];
+                        seed += 1;
+                        let scaling = if rslora {
+                            16.0 / (r as f64).sqrt()
+                        } else {
+                            16.0 / r as f64
+                        };
+                        let tokens = batch * seq;
+                        let fused = mlp_op_once::<Autodiff<CudaBackend<f32>>>(
+                            shape, r, scaling, tokens, true, &device,
+                        );
+                        let oracle = mlp_op_once::<Autodiff<NdArray<f32>>>(
+                            shape, r, scaling, tokens, false, &cpu,
+                        );
+                        let result = compare(&fused, &oracle);
+                        report(
+                            format!(
+                                "{:<6} {:<13} {r:>3} {:<6} {:<10} {:>9} {:>10.3e}  {}",
+                                "f32",
+                                shape.name,
+                                rslora,
+                                "mlp-op",
+                                tokens,
+                                result.worst,
+                                result.worst_what,
+                            ),
+                            !result.nan && result.worst <= 1e-4,
+                        );
+                    }
+                }
             }
         }
+        other => panic!("unknown dtype `{other}`: bf16 or f32"),
     }
-    println!("gpu-matrix: {passed} passed, {failed} failed");
+    println!("gpu-matrix {dtype}: {passed} passed, {failed} failed");
     if failed == 0 {
         ExitCode::SUCCESS
     } else {
