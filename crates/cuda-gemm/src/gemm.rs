@@ -154,35 +154,26 @@ fn operand(
     t: &CudaTensor,
     trans: bool,
 ) -> Result<(CudaTensor, Operand), GemmError> {
-    let (batch, rows, cols, batch_stride, rs, cs) = dims(name, t)?;
-    if let Some(storage) = layout::classify(rows, cols, rs, cs) {
-        return Ok((
-            t.clone(),
-            Operand {
+    // The operand as cuBLAS sees it, or `None` when its strides are no BLAS layout.
+    let read = |t: CudaTensor| -> Result<Option<(CudaTensor, Operand)>, GemmError> {
+        let (batch, rows, cols, batch_stride, rs, cs) = dims(name, &t)?;
+        Ok(layout::classify(rows, cols, rs, cs).map(|storage| {
+            let operand = Operand {
                 batch,
                 rows,
                 cols,
                 batch_stride,
                 storage,
                 trans,
-            },
-        ));
+            };
+            (t, operand)
+        }))
+    };
+    if let Some(found) = read(t.clone())? {
+        return Ok(found);
     }
-    let copy = into_contiguous(t.clone());
-    let (batch, rows, cols, batch_stride, rs, cs) = dims(name, &copy)?;
-    let storage = layout::classify(rows, cols, rs, cs)
-        .expect("a contiguous non-empty matrix is row-major with ld = cols");
-    Ok((
-        copy,
-        Operand {
-            batch,
-            rows,
-            cols,
-            batch_stride,
-            storage,
-            trans,
-        },
-    ))
+    Ok(read(into_contiguous(t.clone()))?
+        .expect("a contiguous non-empty matrix is row-major with ld = cols"))
 }
 
 /// Reads C as a row-major accumulator, copying it when its rows are not unit-stride.
