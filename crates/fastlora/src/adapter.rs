@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::TensorData;
+use burn::tensor::{DType, TensorData};
 use fastlora_llama::{Checkpoint, FloatDtype, write_safetensors};
 use lora_config::{InitLoraWeights, LoraConfig};
 use lora_layers::BaseWeight;
@@ -147,17 +147,21 @@ impl<B: Backend> PeftModel<B> {
         };
         let matrix =
             |data: TensorData| Param::from_tensor(Tensor::<B, 2>::from_data(data, &device));
+        // LoRA factors stay f32 under a half-precision base (see `LoraAdapter::new`).
+        let factor = |data: TensorData| {
+            Param::from_tensor(Tensor::<B, 2>::from_data(data, (&device, DType::F32)))
+        };
         let bias_mode = peft.lora_config.bias;
         for (name, proj) in peft.base.model.projections_mut() {
             let adapted = proj.adapter.is_some();
             if let Some(adapter) = proj.adapter.as_mut() {
                 let (rank, d_in, d_out) =
                     (adapter.rank(), proj.weight.dims()[1], proj.weight.dims()[0]);
-                adapter.lora_a = matrix(read(
+                adapter.lora_a = factor(read(
                     &format!("{PREFIX}{name}.lora_A.weight"),
                     &[rank, d_in],
                 )?);
-                adapter.lora_b = matrix(read(
+                adapter.lora_b = factor(read(
                     &format!("{PREFIX}{name}.lora_B.weight"),
                     &[d_out, rank],
                 )?);

@@ -61,7 +61,13 @@ pub fn token_cross_entropy<B: Backend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
 ) -> Tensor<B, 1> {
-    let kept = targets.clone().not_equal_elem(IGNORE_INDEX).float();
+    // The count in f32, not the device's default float dtype: bf16 counts exactly only to 256,
+    // and Burn's CubeCL binary ops read both operands at the left one's dtype.
+    let kept = targets
+        .clone()
+        .not_equal_elem(IGNORE_INDEX)
+        .float()
+        .cast(DType::F32);
     token_nll_sum(logits, targets) / kept.sum()
 }
 
@@ -75,7 +81,7 @@ fn token_nll_sum<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -
     let picked = log_probs
         .gather(1, safe_targets.reshape([tokens, 1]))
         .reshape([tokens]);
-    (picked * kept.float()).sum().neg()
+    (picked * kept.float().cast(DType::F32)).sum().neg()
 }
 
 #[cfg(test)]

@@ -24,6 +24,15 @@ use crate::error::ModelError;
 /// gives a uniform softmax instead of NaN, as transformers' `finfo.min` does.
 const MASKED_SCORE: f32 = -1.0e9;
 
+/// [`MASKED_SCORE`] where the scores' dtype holds it; f16's most negative finite value (its
+/// `finfo.min`) in f16, where -1e9 would be -inf.
+fn masked_score(dtype: burn::tensor::DType) -> f32 {
+    match dtype {
+        burn::tensor::DType::F16 => burn::tensor::f16::MIN.to_f32(),
+        _ => MASKED_SCORE,
+    }
+}
+
 /// Root-mean-square layer norm, `y = w · x / √(mean(x²) + ε)`, computed in f32.
 ///
 /// # Shapes
@@ -200,9 +209,12 @@ impl<B: Backend> Attention<B> {
         let [batch, seq, _] = x.dims();
         let heads =
             |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q = heads(self.q_proj.forward(x.clone()), self.num_heads);
-        let k = heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let q = heads(fused_mlp::linear(x.clone(), &self.q_proj), self.num_heads);
+        let k = heads(
+            fused_mlp::linear(x.clone(), &self.k_proj),
+            self.num_kv_heads,
+        );
+        let v = heads(fused_mlp::linear(x, &self.v_proj), self.num_kv_heads);
         (rope.apply(q, start), rope.apply(k, start), v)
     }
 
@@ -230,7 +242,7 @@ impl<B: Backend> Attention<B> {
                 .matmul(v)
                 .swap_dims(1, 2)
                 .reshape([batch, seq, self.num_heads * self.head_dim]);
-        self.o_proj.forward(out)
+        fused_mlp::linear(out, &self.o_proj)
     }
 
     /// Shares each K/V head across its group of query heads.
@@ -401,7 +413,7 @@ impl<B: Backend> LlamaForCausalLm<B> {
     /// - output: `[batch, seq, vocab]`
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => fused_mlp::linear(hidden, head),
             None => burn::tensor::module::linear(
                 hidden,
                 self.embed_tokens.weight.val().transpose(),
@@ -500,8 +512,8 @@ impl<B: Backend> LlamaForCausalLm<B> {
                 .expand([batch, 1, seq, keys]);
             blocked = blocked.bool_or(padding);
         }
-        let mask =
-            Tensor::<B, 4>::zeros([batch, 1, seq, keys], &device).mask_fill(blocked, MASKED_SCORE);
+        let mask = Tensor::<B, 4>::zeros([batch, 1, seq, keys], (&device, x.dtype()))
+            .mask_fill(blocked, masked_score(x.dtype()));
         LayerContext { start_pos, mask }
     }
 

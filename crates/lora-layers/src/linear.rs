@@ -6,7 +6,7 @@ use std::sync::Arc;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
-use burn::tensor::TensorData;
+use burn::tensor::{DType, TensorData};
 
 use crate::init::{FactorShape, InitError, LoraInit, init_factors};
 use crate::packed::{BaseWeight, PackedBase, PackedWeight};
@@ -194,8 +194,16 @@ impl<B: Backend> LoraLinear<B> {
             }
             self.weight = self.weight.replaced_by(residual);
         }
-        let a = Tensor::from_data(TensorData::new(factors.a, [config.rank, d_input]), &device);
-        let b = Tensor::from_data(TensorData::new(factors.b, [d_output, config.rank]), &device);
+        // Made in f32 directly: through the default dtype a bf16 model would round them first.
+        let f32_on_device = (&device, DType::F32);
+        let a = Tensor::from_data(
+            TensorData::new(factors.a, [config.rank, d_input]),
+            f32_on_device,
+        );
+        let b = Tensor::from_data(
+            TensorData::new(factors.b, [d_output, config.rank]),
+            f32_on_device,
+        );
         self.adapter = Some(LoraAdapter::new(a, b, config.scaling, config.dropout));
         Ok(self)
     }
@@ -255,7 +263,9 @@ impl<B: Backend> LoraLinear<B> {
 
 impl<B: Backend> LoraAdapter<B> {
     /// An adapter from its factors, `A: [rank, d_input]` and `B: [d_output, rank]`, both
-    /// trainable.
+    /// trainable and kept in f32 whatever their given dtype (Unsloth's rule for a bf16/f16
+    /// base: the factors, their gradients and the optimizer state stay f32; [`Self::forward`]
+    /// casts them to the activations' dtype).
     ///
     /// # Panics
     /// If the two factors disagree on the rank.
@@ -266,8 +276,8 @@ impl<B: Backend> LoraAdapter<B> {
             "lora_A and lora_B ranks differ"
         );
         Self {
-            lora_a: Param::from_tensor(lora_a),
-            lora_b: Param::from_tensor(lora_b),
+            lora_a: Param::from_tensor(to_f32(lora_a)),
+            lora_b: Param::from_tensor(to_f32(lora_b)),
             scaling,
             dropout: DropoutConfig::new(dropout).init(),
             merged: false,
@@ -286,10 +296,12 @@ impl<B: Backend> LoraAdapter<B> {
     /// - input: `[..., d_input]`
     /// - output: `[..., d_output]`
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = input.dtype();
         let x = self.dropout.forward(input);
-        let low = burn::tensor::module::linear(x, self.lora_a.val().transpose(), None);
-        burn::tensor::module::linear(low, self.lora_b.val().transpose(), None)
-            .mul_scalar(self.scaling)
+        let a = cast_to(self.lora_a.val(), dtype);
+        let b = cast_to(self.lora_b.val(), dtype);
+        let low = burn::tensor::module::linear(x, a.transpose(), None);
+        burn::tensor::module::linear(low, b.transpose(), None).mul_scalar(self.scaling)
     }
 
     /// The dense update `s·B·A`, `[d_output, d_input]`, in f32 (PEFT upcasts for the merge too).
@@ -298,6 +310,15 @@ impl<B: Backend> LoraAdapter<B> {
         let b = self.lora_b.val().detach().cast(burn::tensor::DType::F32);
         b.matmul(a).mul_scalar(self.scaling)
     }
+}
+
+fn to_f32<B: Backend>(t: Tensor<B, 2>) -> Tensor<B, 2> {
+    cast_to(t, DType::F32)
+}
+
+/// `t` in `dtype`; the tensor itself when it already is (autodiff then records no cast).
+fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
 #[cfg(test)]

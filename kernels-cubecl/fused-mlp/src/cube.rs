@@ -8,11 +8,8 @@
 use burn::tensor::ops::FloatTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use crate::kernels::{swiglu_lora_backward, swiglu_lora_forward};
-use crate::op::{
-    FusedMlpBackend, FusedMlpKernels, MlpWeights, SwigluLoraBackward, SwigluLoraForward, Trans,
-    forward,
-};
+use crate::kernels::{swiglu_forward, swiglu_lora_backward};
+use crate::op::{FusedMlpBackend, FusedMlpKernels, MlpWeights, SwigluLoraBackward, Trans, forward};
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpKernels
     for CubeBackend<R, F, I, BT>
@@ -28,23 +25,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpKe
         crate::gemm::gemm::<Self>(a, trans_a, b, trans_b, alpha, acc)
     }
 
-    fn swiglu_lora_forward(
-        e0: FloatTensor<Self>,
-        g0: FloatTensor<Self>,
-        xa_g: FloatTensor<Self>,
-        b_g: FloatTensor<Self>,
-        s_g: f64,
-        xa_u: FloatTensor<Self>,
-        b_u: FloatTensor<Self>,
-        s_u: f64,
-    ) -> SwigluLoraForward<FloatTensor<Self>> {
+    fn swiglu_forward(e: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self> {
         let h = burn_cubecl::ops::numeric::empty_device_dtype(
-            e0.client.clone(),
-            e0.device.clone(),
-            e0.meta.shape().clone(),
-            e0.dtype,
+            e.client.clone(),
+            e.device.clone(),
+            e.meta.shape().clone(),
+            e.dtype,
         );
-        swiglu_lora_forward::launch(e0, g0, xa_g, b_g, s_g as f32, xa_u, b_u, s_u as f32, h)
+        swiglu_forward::launch(&e, &g, h)
     }
 
     fn swiglu_lora_backward(

@@ -90,6 +90,8 @@ pub fn fused_backend<B: Backend>() -> bool {
 /// # Shapes
 /// - x: `[batch, seq, hidden]`
 /// - output: `[batch, seq, hidden]`
+// Without a fused backend compiled in (no `cuda`/`wgpu` feature) the dispatch has no arm.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_mut))]
 pub fn mlp<B: Backend>(
     x: Tensor<B, 3>,
     gate: &LoraLinear<B>,
@@ -114,7 +116,52 @@ pub fn mlp<B: Backend>(
     }
 }
 
+/// A [`LoraLinear`] projection through [`crate::FusedLinearBackend`] (cuBLAS GEMMs on CUDA, a
+/// hand-written backward) on the backends it is compiled for, else [`LoraLinear::forward`]; the
+/// same result either way (within the backend's float rounding).
+///
+/// The portable path is taken when fusing is switched off ([`set_fused_enabled`]) or the
+/// adapter applies dropout (the op has no dropout). A merged adapter is inside the base weight,
+/// and a base bias is added after the op.
+///
+/// # Shapes
+/// - x: `[..., d_input]`
+/// - output: `[..., d_output]`
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_mut))]
+pub fn linear<B: Backend, const D: usize>(x: Tensor<B, D>, proj: &LoraLinear<B>) -> Tensor<B, D> {
+    let live_adapter = proj.adapter.as_ref().filter(|a| !a.merged);
+    if !fused_enabled() || live_adapter.is_some_and(|a| a.dropout.prob != 0.0) {
+        return proj.forward(x);
+    }
+    let mut x = Some(x);
+    let fused: Option<Tensor<B, D>> = for_fused_backends!(B, |FB| {
+        let x: Tensor<FB, D> = cast(x.take().expect("taken once"));
+        let proj: &LoraLinear<FB> = cast_ref(proj);
+        let lora = proj
+            .adapter
+            .as_ref()
+            .filter(|a| !a.merged)
+            .map(|a| (a.lora_a.val(), a.lora_b.val(), a.scaling));
+        let mut y = crate::fused_linear_nd::<FB, D>(x, proj.base_weight(), lora);
+        if let Some(bias) = &proj.bias {
+            let bias = bias.val();
+            let bias = if bias.dtype() == y.dtype() {
+                bias
+            } else {
+                bias.cast(y.dtype())
+            };
+            y = y + bias.unsqueeze();
+        }
+        Some(cast::<Tensor<FB, D>, Tensor<B, D>>(y))
+    });
+    match fused {
+        Some(y) => y,
+        None => proj.forward(x.expect("not taken")),
+    }
+}
+
 /// Moves `value` into the type `U`, which the caller has checked is `T` itself.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 fn cast<T: 'static, U: 'static>(value: T) -> U {
     *(Box::new(value) as Box<dyn Any>)
         .downcast::<U>()
@@ -122,6 +169,7 @@ fn cast<T: 'static, U: 'static>(value: T) -> U {
 }
 
 /// Views `value` as `&U`, which the caller has checked is `T` itself.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 fn cast_ref<T: 'static, U: 'static>(value: &T) -> &U {
     (value as &dyn Any)
         .downcast_ref::<U>()

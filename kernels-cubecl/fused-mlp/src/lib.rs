@@ -9,9 +9,10 @@
 //!
 //! - **portable** ([`lora_mlp`]): plain Burn ops, every backend, autodiff by Burn. It is the
 //!   oracle for the fused path.
-//! - **fused** ([`fused_lora_mlp`], [`fused_lora_mlp_2d`], on a [`FusedMlpBackend`]): the base and
-//!   LoRA-A GEMMs, then one CubeCL kernel that adds the LoRA-B products (length-r dots, no extra
-//!   `N×I` GEMM) and applies SwiGLU, then the down projection. Its backward is hand-written as
+//! - **fused** ([`fused_lora_mlp`], [`fused_lora_mlp_2d`], on a [`FusedMlpBackend`]): the rank-r
+//!   LoRA products `s·(x·Aᵀ)·Bᵀ` written first and the base GEMMs β-accumulated onto them (the
+//!   LoRA term costs one pass over `[N, I]`, `ΔW` is never formed), then one CubeCL kernel for
+//!   SwiGLU, then the down projection the same way. Its backward is hand-written as
 //!   Unsloth's: only `x`, `e`, `g` are saved; a second kernel recomputes `h` and forms `δe`, `δg`
 //!   in place; the LoRA gradients are GEMMs in activation space (`ΔW` is never formed).
 //!   Every GEMM goes through [`FusedMlpKernels::gemm`], the hook for a vendor GEMM.
@@ -40,13 +41,20 @@ mod dispatch;
 mod gemm;
 #[cfg(feature = "cubecl")]
 pub mod kernels;
+mod linear;
 mod op;
+pub mod phases;
+#[cfg(feature = "wgpu")]
+mod vulkan;
 
-pub use dispatch::{fused_backend, fused_enabled, mlp, set_fused_enabled};
+pub use dispatch::{fused_backend, fused_enabled, linear, mlp, set_fused_enabled};
+pub use linear::{FusedLinearBackend, fused_linear_nd};
 pub use op::{
-    FusedMlpBackend, FusedMlpKernels, LoraProj, MlpWeights, SwigluLoraBackward, SwigluLoraForward,
-    Trans, fused_lora_mlp_2d,
+    FusedMlpBackend, FusedMlpKernels, LoraProj, MlpWeights, SwigluLoraBackward, Trans,
+    fused_lora_mlp_2d,
 };
+#[cfg(feature = "wgpu")]
+pub use vulkan::vulkan_test_device;
 
 /// The wgpu backend the fused op is implemented for: plain `CubeBackend`, no Fusion (f32).
 #[cfg(feature = "wgpu")]

@@ -88,17 +88,6 @@ impl<T> MlpWeights<T> {
     }
 }
 
-/// Kernel 1's outputs.
-#[derive(Debug, Clone)]
-pub struct SwigluLoraForward<T> {
-    /// `e = x·W_gᵀ + s_g·(x·A_gᵀ)·B_gᵀ`, `[N, I]`.
-    pub e: T,
-    /// `g = x·W_uᵀ + s_u·(x·A_uᵀ)·B_uᵀ`, `[N, I]`.
-    pub g: T,
-    /// `h = silu(e)·g`, `[N, I]`.
-    pub h: T,
-}
-
 /// Kernel 2's outputs.
 #[derive(Debug, Clone)]
 pub struct SwigluLoraBackward<T> {
@@ -125,20 +114,8 @@ pub trait FusedMlpKernels: Backend {
         acc: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self>;
 
-    /// Kernel 1: `e = e0 + s_g·xa_g·B_gᵀ`, `g = g0 + s_u·xa_u·B_uᵀ` (into the `e0`/`g0` buffers
-    /// when not shared) and `h = silu(e)·g`. Shapes: `e0`, `g0` `[N, I]`; `xa_*` `[N, r]`;
-    /// `b_*` `[I, r]`.
-    #[allow(clippy::too_many_arguments)]
-    fn swiglu_lora_forward(
-        e0: FloatTensor<Self>,
-        g0: FloatTensor<Self>,
-        xa_g: FloatTensor<Self>,
-        b_g: FloatTensor<Self>,
-        s_g: f64,
-        xa_u: FloatTensor<Self>,
-        b_u: FloatTensor<Self>,
-        s_u: f64,
-    ) -> SwigluLoraForward<FloatTensor<Self>>;
+    /// Kernel 1: `h = silu(e)·g`, `e` and `g` `[N, I]` (read only), `h` a new `[N, I]`.
+    fn swiglu_forward(e: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self>;
 
     /// Kernel 2: from `δh`, `e`, `g` (all `[N, I]`), `h` (into `δh`'s buffer), `δe` (into
     /// `e`'s), `δg` (into `g`'s), buffers reused when not shared.
@@ -183,24 +160,65 @@ pub(crate) fn forward<B: FusedMlpKernels>(
     w: MlpWeights<FloatTensor<B>>,
 ) -> (FloatTensor<B>, Saved<FloatTensor<B>>) {
     use Trans::{N, T};
-    let e0 = B::gemm(x.clone(), N, w.gate.weight.clone(), T, 1.0, None);
-    let g0 = B::gemm(x.clone(), N, w.up.weight.clone(), T, 1.0, None);
-    let xa_g = B::gemm(x.clone(), N, w.gate.lora_a.clone(), T, 1.0, None);
-    let xa_u = B::gemm(x.clone(), N, w.up.lora_a.clone(), T, 1.0, None);
-    let SwigluLoraForward { e, g, h } = B::swiglu_lora_forward(
-        e0,
-        g0,
-        xa_g,
-        w.gate.lora_b.clone(),
-        w.gate.scaling,
-        xa_u,
-        w.up.lora_b.clone(),
-        w.up.scaling,
-    );
+    let device = B::float_device(&x);
+    let phase = |name, f: &mut dyn FnMut()| crate::phases::phase::<B, _>(name, &device, f);
+    let (mut xa_g, mut xa_u) = (None, None);
+    phase("fwd 1 gate/up x·Aᵀ", &mut || {
+        xa_g = Some(B::gemm(x.clone(), N, w.gate.lora_a.clone(), T, 1.0, None));
+        xa_u = Some(B::gemm(x.clone(), N, w.up.lora_a.clone(), T, 1.0, None));
+    });
+    // e = x·W_gᵀ + s_g·xa_g·B_gᵀ: the rank-r product first, then the base GEMM accumulates onto
+    // it (β = 1), so the LoRA term costs one pass over [N, I] and no extra buffer.
+    let (mut e, mut g) = (None, None);
+    phase("fwd 2 gate/up GEMMs (LoRA-B, then base)", &mut || {
+        let (gate, up) = (&w.gate, &w.up);
+        let lora_e = B::gemm(
+            xa_g.take().expect("set above"),
+            N,
+            gate.lora_b.clone(),
+            T,
+            gate.scaling,
+            None,
+        );
+        e = Some(B::gemm(
+            x.clone(),
+            N,
+            gate.weight.clone(),
+            T,
+            1.0,
+            Some(lora_e),
+        ));
+        let lora_g = B::gemm(
+            xa_u.take().expect("set above"),
+            N,
+            up.lora_b.clone(),
+            T,
+            up.scaling,
+            None,
+        );
+        g = Some(B::gemm(
+            x.clone(),
+            N,
+            up.weight.clone(),
+            T,
+            1.0,
+            Some(lora_g),
+        ));
+    });
+    let (e, g) = (e.expect("set above"), g.expect("set above"));
+    let mut h = None;
+    phase("fwd 3 kernel 1 (SwiGLU)", &mut || {
+        h = Some(B::swiglu_forward(e.clone(), g.clone()));
+    });
+    let h = h.expect("set above");
     let d = &w.down;
-    let ha = B::gemm(h.clone(), N, d.lora_a.clone(), T, 1.0, None);
-    let y = B::gemm(h, N, d.weight.clone(), T, 1.0, None);
-    let y = B::gemm(ha, N, d.lora_b.clone(), T, d.scaling, Some(y));
+    let mut y = None;
+    phase("fwd 4 down GEMMs", &mut || {
+        let ha = B::gemm(h.clone(), N, d.lora_a.clone(), T, 1.0, None);
+        let base = B::gemm(h.clone(), N, d.weight.clone(), T, 1.0, None);
+        y = Some(B::gemm(ha, N, d.lora_b.clone(), T, d.scaling, Some(base)));
+    });
+    let y = y.expect("set above");
     (
         y,
         Saved {
@@ -236,52 +254,83 @@ pub(crate) fn backward<B: FusedMlpKernels>(
     let MlpWeights { gate, up, down } = weights;
     let mut out: [Option<FloatTensor<B>>; 10] = Default::default();
 
-    // δh = G·W_d + s_d·(G·B_d)·A_d
-    let gb_d = B::gemm(dy.clone(), N, down.lora_b.clone(), N, 1.0, None);
-    let dh = B::gemm(dy.clone(), N, down.weight, N, 1.0, None);
-    let dh = B::gemm(
-        gb_d.clone(),
-        N,
-        down.lora_a.clone(),
-        N,
-        down.scaling,
-        Some(dh),
-    );
-    let SwigluLoraBackward { h, de, dg } = B::swiglu_lora_backward(dh, e, g);
+    let device = B::float_device(&dy);
+    let phase = |name, f: &mut dyn FnMut()| crate::phases::phase::<B, _>(name, &device, f);
 
-    // down_proj
-    if nd1 {
-        out[8] = Some(B::gemm(gb_d, T, h.clone(), N, down.scaling, None));
-    }
-    if nd2 {
-        let ha = B::gemm(h.clone(), N, down.lora_a, T, 1.0, None);
-        out[9] = Some(B::gemm(dy.clone(), T, ha, N, down.scaling, None));
-    }
-    if nd0 {
-        out[7] = Some(B::gemm(dy, T, h, N, 1.0, None));
-    }
+    // δh = G·W_d + s_d·(G·B_d)·A_d
+    let (mut gb_d, mut dh) = (None, None);
+    phase("bwd 1 δh GEMMs", &mut || {
+        let gb = B::gemm(dy.clone(), N, down.lora_b.clone(), N, 1.0, None);
+        let base = B::gemm(dy.clone(), N, down.weight.clone(), N, 1.0, None);
+        dh = Some(B::gemm(
+            gb.clone(),
+            N,
+            down.lora_a.clone(),
+            N,
+            down.scaling,
+            Some(base),
+        ));
+        gb_d = Some(gb);
+    });
+    let gb_d = gb_d.expect("set above");
+    let mut bwd = None;
+    let (mut e, mut g) = (Some(e), Some(g));
+    phase("bwd 2 kernel 2 (h, δe, δg)", &mut || {
+        bwd = Some(B::swiglu_lora_backward(
+            dh.take().expect("set above"),
+            e.take().expect("moved once"),
+            g.take().expect("moved once"),
+        ))
+    });
+    let SwigluLoraBackward { h, de, dg } = bwd.expect("set above");
+
+    phase("bwd 3 down_proj gradients", &mut || {
+        if nd1 {
+            out[8] = Some(B::gemm(gb_d.clone(), T, h.clone(), N, down.scaling, None));
+        }
+        if nd2 {
+            let ha = B::gemm(h.clone(), N, down.lora_a.clone(), T, 1.0, None);
+            out[9] = Some(B::gemm(dy.clone(), T, ha, N, down.scaling, None));
+        }
+        if nd0 {
+            out[7] = Some(B::gemm(dy.clone(), T, h.clone(), N, 1.0, None));
+        }
+    });
 
     // gate_proj with δe, up_proj with δg; dx accumulates over both.
     let mut dx = None;
     for (proj, delta, [need_w, need_a, need_b], first) in
         [(gate, de, [ng0, ng1, ng2], 1), (up, dg, [nu0, nu1, nu2], 4)]
     {
-        let db = (need_a || need_x).then(|| B::gemm(delta.clone(), N, proj.lora_b, N, 1.0, None));
-        if need_a {
-            let db = db.clone().expect("computed when needed");
-            out[first + 1] = Some(B::gemm(db, T, x.clone(), N, proj.scaling, None));
-        }
-        if need_b {
-            let xa = B::gemm(x.clone(), N, proj.lora_a.clone(), T, 1.0, None);
-            out[first + 2] = Some(B::gemm(delta.clone(), T, xa, N, proj.scaling, None));
-        }
-        if need_w {
-            out[first] = Some(B::gemm(delta.clone(), T, x.clone(), N, 1.0, None));
-        }
+        let mut db = None;
+        phase("bwd 4 gate/up LoRA gradients", &mut || {
+            db = (need_a || need_x)
+                .then(|| B::gemm(delta.clone(), N, proj.lora_b.clone(), N, 1.0, None));
+            if need_a {
+                let db = db.clone().expect("computed when needed");
+                out[first + 1] = Some(B::gemm(db, T, x.clone(), N, proj.scaling, None));
+            }
+            if need_b {
+                let xa = B::gemm(x.clone(), N, proj.lora_a.clone(), T, 1.0, None);
+                out[first + 2] = Some(B::gemm(delta.clone(), T, xa, N, proj.scaling, None));
+            }
+            if need_w {
+                out[first] = Some(B::gemm(delta.clone(), T, x.clone(), N, 1.0, None));
+            }
+        });
         if need_x {
-            let acc = B::gemm(delta, N, proj.weight, N, 1.0, dx.take());
-            let db = db.expect("computed when needed");
-            dx = Some(B::gemm(db, N, proj.lora_a, N, proj.scaling, Some(acc)));
+            phase("bwd 5 dx GEMMs", &mut || {
+                let acc = B::gemm(delta.clone(), N, proj.weight.clone(), N, 1.0, dx.take());
+                let db = db.clone().expect("computed when needed");
+                dx = Some(B::gemm(
+                    db,
+                    N,
+                    proj.lora_a.clone(),
+                    N,
+                    proj.scaling,
+                    Some(acc),
+                ));
+            });
         }
     }
     out[0] = dx;

@@ -11,10 +11,10 @@ use burn::backend::wgpu::WgpuDevice;
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::{Distribution, TensorPrimitive};
-use fused_mlp::kernels::{swiglu_lora_backward, swiglu_lora_forward};
+use fused_mlp::kernels::{swiglu_forward, swiglu_lora_backward};
 use fused_mlp::{
-    FusedMlpBackend, LoraProj, MlpWeights, SwigluLoraBackward, SwigluLoraForward, WgpuBackend,
-    fused_lora_mlp, fused_lora_mlp_2d, lora_mlp,
+    FusedMlpBackend, LoraProj, MlpWeights, SwigluLoraBackward, WgpuBackend, fused_lora_mlp,
+    fused_lora_mlp_2d, lora_mlp, vulkan_test_device,
 };
 use lora_layers::{LoraAdapterConfig, LoraInit, LoraLinear, LoraLinearConfig};
 
@@ -27,33 +27,6 @@ const D: usize = 24;
 const I: usize = 40;
 /// Relative tolerance: `max|got − want| / max|want|`.
 const TOL: f32 = 1e-4;
-
-/// The wgpu device, after checking that a Vulkan adapter exists; `None` (tests skipped) when
-/// there is none and `FASTLORA_REQUIRE_WGPU=1` is not set.
-fn device() -> Option<WgpuDevice> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-        backends: wgpu::Backends::VULKAN,
-        ..wgpu::InstanceDescriptor::new_without_display_handle()
-    });
-    let adapters = cubecl::future::block_on(instance.enumerate_adapters(wgpu::Backends::VULKAN));
-    if adapters.is_empty() {
-        let message = "no Vulkan adapter found: the fused-mlp kernel tests run on Burn's wgpu \
-                       backend. On a machine without a GPU install Mesa's software Vulkan \
-                       (lavapipe): `apt-get install -y mesa-vulkan-drivers` (Debian/Ubuntu).";
-        assert!(
-            !std::env::var("FASTLORA_REQUIRE_WGPU").is_ok_and(|v| v == "1"),
-            "{message} (FASTLORA_REQUIRE_WGPU=1 is set)"
-        );
-        eprintln!("skipping: {message}");
-        return None;
-    }
-    for adapter in &adapters {
-        let info = adapter.get_info();
-        eprintln!("Vulkan adapter: {} ({:?})", info.name, info.device_type);
-    }
-    // DefaultDevice takes the best adapter, a CPU one (lavapipe) when there is nothing else.
-    Some(WgpuDevice::DefaultDevice)
-}
 
 fn random<BK: Backend, const R: usize>(shape: [usize; R], device: &BK::Device) -> Tensor<BK, R> {
     Tensor::random(shape, Distribution::Uniform(-1.0, 1.0), device)
@@ -106,82 +79,34 @@ fn silu<BK: Backend, const R: usize>(t: Tensor<BK, R>) -> Tensor<BK, R> {
     burn::tensor::activation::silu(t)
 }
 
-fn kernel1_matches_plain_burn(rank: usize) {
-    let Some(device) = device() else { return };
-    let (s_g, s_u) = (0.5f32, 2.0f32);
-    let e0 = random::<B, 2>([N, I], &device);
-    let g0 = random::<B, 2>([N, I], &device);
-    let xa_g = random::<B, 2>([N, rank], &device);
-    let xa_u = random::<B, 2>([N, rank], &device);
-    let b_g = random::<B, 2>([I, rank], &device);
-    // B_u arrives transposed (strided): the kernel indexes through strides.
-    let b_u_t = random::<B, 2>([rank, I], &device);
-
-    let e = e0.clone() + xa_g.clone().matmul(b_g.clone().transpose()).mul_scalar(s_g);
-    let g = g0.clone() + xa_u.clone().matmul(b_u_t.clone()).mul_scalar(s_u);
-    let h = silu(e.clone()) * g.clone();
-
-    // Poisoned output buffer; e0 and g0 are handed over alone, so they are written in place.
+/// Kernel 1 (`h = silu(e)·g`) against plain Burn, with `g` arriving transposed (strided: the
+/// kernel indexes through strides) and a NaN-poisoned output buffer.
+#[test]
+fn kernel1_matches_plain_burn() {
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
+    let e = random::<B, 2>([N, I], &device);
+    let g_t = random::<B, 2>([I, N], &device);
+    let h = silu(e.clone()) * g_t.clone().transpose();
+    let (e_before, g_before) = (values(e.clone()), values(g_t.clone()));
     let poison = Tensor::<B, 2>::full([N, I], f32::NAN, &device);
-    let out = swiglu_lora_forward::launch(
-        prim(fresh(&e0)),
-        prim(fresh(&g0)),
-        prim(xa_g),
-        prim(b_g),
-        s_g,
-        prim(xa_u),
-        prim(b_u_t.transpose()),
-        s_u,
+    let got = swiglu_forward::launch(
+        &prim(e.clone()),
+        &prim(g_t.clone().transpose()),
         prim(poison),
     );
-    let SwigluLoraForward {
-        e: got_e,
-        g: got_g,
-        h: got_h,
-    } = out;
-    assert_close("kernel 1 e", tensor2(got_e), e);
-    assert_close("kernel 1 g", tensor2(got_g), g);
-    assert_close("kernel 1 h", tensor2(got_h), h);
-}
-
-#[test]
-fn kernel1_matches_plain_burn_rank4() {
-    kernel1_matches_plain_burn(4);
-}
-
-#[test]
-fn kernel1_matches_plain_burn_rank8() {
-    kernel1_matches_plain_burn(8);
-}
-
-#[test]
-fn kernel1_leaves_shared_inputs_alone() {
-    let Some(device) = device() else { return };
-    let e0 = random::<B, 2>([N, I], &device);
-    let g0 = random::<B, 2>([N, I], &device);
-    let (e0_before, g0_before) = (values(e0.clone()), values(g0.clone()));
-    let xa = random::<B, 2>([N, 4], &device);
-    let b = random::<B, 2>([I, 4], &device);
-    let h = Tensor::<B, 2>::full([N, I], f32::NAN, &device);
-    // Clones kept: the kernel must write copies, not the buffers `e0`, `g0` still see.
-    let _ = swiglu_lora_forward::launch(
-        prim(e0.clone()),
-        prim(g0.clone()),
-        prim(xa.clone()),
-        prim(b.clone()),
-        1.0,
-        prim(xa),
-        prim(b),
-        1.0,
-        prim(h),
-    );
-    assert_eq!(values(e0), e0_before);
-    assert_eq!(values(g0), g0_before);
+    assert_close("kernel 1 h", tensor2(got), h);
+    // e and g are read, never written.
+    assert_eq!(values(e), e_before);
+    assert_eq!(values(g_t), g_before);
 }
 
 #[test]
 fn kernel2_matches_plain_burn() {
-    let Some(device) = device() else { return };
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
     // Larger pre-activations than U(-1, 1) to exercise the sigmoid's tails.
     let e = random::<B, 2>([N, I], &device).mul_scalar(6.0);
     let g = random::<B, 2>([N, I], &device);
@@ -227,7 +152,9 @@ fn projections(rank: usize, device: &WgpuDevice) -> [LoraLinear<AB>; 3] {
 }
 
 fn fused_op_matches_portable_autodiff(rank: usize) {
-    let Some(device) = device() else { return };
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
     let [gate, up, down] = projections(rank, &device);
     let x = random::<AB, 3>([1, N, D], &device).require_grad();
     // A fixed random cotangent, so dL/dy is not uniform.
@@ -275,7 +202,9 @@ fn fused_op_matches_portable_autodiff_rank8() {
 /// `fused_lora_mlp_2d`, against autodiff of the same math written with plain Burn ops.
 #[test]
 fn all_ten_gradients_match_when_everything_is_tracked() {
-    let Some(device) = device() else { return };
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
     let rank = 8;
     let proj = |d_in: usize, d_out: usize, scaling: f64| LoraProj {
         weight: random::<AB, 2>([d_out, d_in], &device).require_grad(),
@@ -321,7 +250,9 @@ fn all_ten_gradients_match_when_everything_is_tracked() {
 /// output as the portable path.
 #[test]
 fn untracked_forwards_match_portable() {
-    let Some(device) = device() else { return };
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
     let [gate, up, down] = projections(4, &device);
     let x = random::<AB, 3>([2, 19, D], &device);
     let want = lora_mlp(x.clone(), &gate, &up, &down).inner();
@@ -348,7 +279,9 @@ fn both_backends_implement_the_trait() {
 fn model_entry_point_dispatches_to_the_fused_op() {
     assert!(fused_mlp::fused_backend::<AB>() && fused_mlp::fused_backend::<B>());
     assert!(!fused_mlp::fused_backend::<burn::backend::NdArray<f32>>());
-    let Some(device) = device() else { return };
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
     let [gate, up, down] = projections(8, &device);
     let x = random::<AB, 3>([2, 17, D], &device).require_grad();
     let cot = random::<AB, 3>([2, 17, D], &device);
@@ -370,7 +303,9 @@ fn model_entry_point_dispatches_to_the_fused_op() {
 #[test]
 fn fused_on_wgpu_matches_portable_on_the_cpu() {
     type Cpu = Autodiff<burn::backend::NdArray<f32>>;
-    let Some(device) = device() else { return };
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
     let cpu = Default::default();
     let cpu_projections: [LoraLinear<Cpu>; 3] = {
         let shapes = [(D, I), (D, I), (I, D)];
@@ -422,5 +357,100 @@ fn fused_on_wgpu_matches_portable_on_the_cpu() {
         "dx",
         x_gpu.grad(&grads_gpu).unwrap(),
         back(x_cpu.grad(&grads_cpu).unwrap()),
+    );
+}
+
+/// The LoRA projection op (`fused_mlp::linear`: GEMMs and a hand-written backward) against
+/// Burn's autodiff of `LoraLinear::forward` on the same backend: output, dx, dA, dB, with a
+/// base bias, on 3-D input; and, with every weight tracked, dW too.
+fn check_linear_op(bias: bool, train_base: bool) {
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
+    let mut proj = LoraLinearConfig::new(D, I)
+        .with_bias(bias)
+        .init::<AB>(&device)
+        .init_adapter(
+            &LoraAdapterConfig::new(8, 1.5),
+            LoraInit::Random,
+            5,
+            "q_proj",
+        )
+        .unwrap();
+    if train_base {
+        // `Param::from_tensor` makes a trainable parameter (the base is normally frozen).
+        let w = burn::module::Param::from_tensor(proj.base_weight());
+        proj.weight = lora_layers::BaseWeight::Dense(w);
+    }
+    let x = random::<AB, 3>([2, N, D], &device).require_grad();
+    let cot = random::<AB, 3>([2, N, I], &device);
+    fused_mlp::set_fused_enabled(false);
+    let y_ref = fused_mlp::linear(x.clone(), &proj);
+    fused_mlp::set_fused_enabled(true);
+    let grads_ref = (y_ref.clone() * cot.clone()).sum().backward();
+    let y = fused_mlp::linear(x.clone(), &proj);
+    let grads = (y.clone() * cot).sum().backward();
+
+    assert_close("y", y.inner(), y_ref.inner());
+    assert_close(
+        "dx",
+        x.grad(&grads).expect("dx"),
+        x.grad(&grads_ref).expect("dx ref"),
+    );
+    let adapter = proj.adapter.as_ref().unwrap();
+    for (factor, param) in [("A", &adapter.lora_a), ("B", &adapter.lora_b)] {
+        let t = param.val();
+        assert_close(
+            &format!("d{factor}"),
+            t.grad(&grads).expect("LoRA grad"),
+            t.grad(&grads_ref).expect("LoRA grad ref"),
+        );
+    }
+    let w = proj.base_weight();
+    match (w.grad(&grads), w.grad(&grads_ref)) {
+        (Some(got), Some(want)) => assert_close("dW", got, want),
+        (None, None) => assert!(!train_base, "a trained base weight got no gradient"),
+        (got, want) => panic!(
+            "dW present: fused {}, portable {}",
+            got.is_some(),
+            want.is_some()
+        ),
+    }
+}
+
+#[test]
+fn linear_op_matches_portable() {
+    check_linear_op(false, false);
+}
+
+#[test]
+fn linear_op_with_bias_matches_portable() {
+    check_linear_op(true, false);
+}
+
+#[test]
+fn linear_op_with_trained_base_matches_portable() {
+    check_linear_op(false, true);
+}
+
+/// A projection without an adapter (a frozen LM head) through the plain op, against
+/// `LoraLinear::forward`: output and dx.
+#[test]
+fn plain_linear_op_matches_portable() {
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
+    let proj = LoraLinearConfig::new(D, I).init::<AB>(&device);
+    let x = random::<AB, 3>([1, N, D], &device).require_grad();
+    let cot = random::<AB, 3>([1, N, I], &device);
+    let y_ref = proj.forward(x.clone());
+    let grads_ref = (y_ref.clone() * cot.clone()).sum().backward();
+    let y = fused_mlp::linear(x.clone(), &proj);
+    let grads = (y.clone() * cot).sum().backward();
+    assert_close("y", y.inner(), y_ref.inner());
+    assert_close(
+        "dx",
+        x.grad(&grads).expect("dx"),
+        x.grad(&grads_ref).expect("dx ref"),
     );
 }

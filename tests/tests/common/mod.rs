@@ -55,6 +55,11 @@ impl Reference {
 
 /// The fixture's `input_ids`, `[2, 12]`.
 pub fn input_ids(device: &burn::backend::ndarray::NdArrayDevice) -> Tensor<B, 2, Int> {
+    input_ids_on::<B>(device)
+}
+
+/// The fixture's `input_ids`, `[2, 12]`, on any backend.
+pub fn input_ids_on<BK: Backend>(device: &BK::Device) -> Tensor<BK, 2, Int> {
     let bytes = std::fs::read(fixture("inputs.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let view = st.tensor("input_ids").unwrap();

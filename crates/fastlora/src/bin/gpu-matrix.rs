@@ -6,13 +6,16 @@
 //!   portable path forced ([`fused_mlp::set_fused_enabled`]). Logits and the gradient of every
 //!   LoRA A and B agree within 2e-2 (max |fused − portable| / max |portable|).
 //!   dtype bf16 × r {8, 16, 64} × rsLoRA {off, on} × targets {all 7, attention, MLP} × shapes
-//!   {SmolLM2-135M, Llama-3.2-1B}; with attention-only targets no fused op applies and the
-//!   cell checks that the fallback is taken (identical results).
+//!   {SmolLM2-135M, Llama-3.2-1B}. Every projection goes through the LoRA linear op and the
+//!   MLP through the fused MLP op when fused; all through plain Burn ops when portable.
 //! - **f32, op level**: the fused MLP op on CUDA against the portable MLP on the CPU (ndarray),
 //!   same host-made weights and inputs: y, dx and the six LoRA gradients within 1e-4. The CPU is
 //!   the f32 oracle because Burn's CUDA matmul, which the portable path and attention use,
 //!   rounds f32 through TF32 (~1e-3): a whole-layer f32 comparison measures that, not the
 //!   kernels. r {8, 16, 64} × rsLoRA × both shapes.
+//! - **f32, projection op** (`f32-linear`): the LoRA linear op on CUDA against
+//!   `LoraLinear::forward` on the CPU, q_proj/k_proj shapes with r {8, 16, 64} and an LM-head
+//!   shape without adapter: y, dx, dA, dB within 1e-4.
 //!
 //! Token counts are ragged (not multiples of 8 or 64). Before each run the device memory pool is
 //! poisoned with NaN (a large NaN tensor is allocated and freed, so reused buffers start as NaN):
@@ -257,6 +260,46 @@ fn mlp_op_once<B: burn::tensor::backend::AutodiffBackend>(
     out
 }
 
+/// One projection through `fused_mlp::linear` on backend `B` (the op when `fused`, else
+/// `LoraLinear::forward`): output, dx, and dA, dB when it carries an adapter.
+fn linear_op_once<B: burn::tensor::backend::AutodiffBackend>(
+    (d_in, d_out): (usize, usize),
+    lora: Option<(usize, f64)>,
+    tokens: usize,
+    fused: bool,
+    device: &B::Device,
+) -> Vec<(String, Vec<f32>)> {
+    set_fused_enabled(fused);
+    let poison = Tensor::<B, 2>::full([tokens, d_out.max(d_in) * 4], f32::NAN, device);
+    drop(poison);
+    let (rank, scaling) = lora.unwrap_or((1, 1.0));
+    let mut proj = host_projection::<B>(d_in, d_out, rank, scaling, 60, device);
+    if lora.is_none() {
+        proj.adapter = None;
+    }
+    let host = |len: usize, seed| {
+        Tensor::<B, 3>::from_data(
+            TensorData::new(host_random(tokens * len, seed, 1.0), [1, tokens, len]),
+            device,
+        )
+    };
+    let x = host(d_in, 70).require_grad();
+    let y = fused_mlp::linear(x.clone(), &proj);
+    let grads = (y.clone() * host(d_out, 80)).sum().backward();
+    let mut out = vec![
+        ("y".to_string(), to_f32(y.inner())),
+        ("dx".to_string(), to_f32(x.grad(&grads).expect("dx"))),
+    ];
+    if let Some(adapter) = proj.adapter.as_ref() {
+        for (factor, param) in [("A", &adapter.lora_a), ("B", &adapter.lora_b)] {
+            let grad = param.val().grad(&grads).expect("LoRA gradient");
+            out.push((format!("d{factor}"), to_f32(grad)));
+        }
+    }
+    set_fused_enabled(true);
+    out
+}
+
 /// Runs one cell: the fused path on backend `F`, the oracle on backend `O` (the portable path).
 fn cell<F, O>(
     shape: &LayerShape,
@@ -295,7 +338,7 @@ fn main() -> ExitCode {
     let Some(dtype) = dtype else {
         let exe = std::env::current_exe().expect("the running binary's path");
         let mut ok = true;
-        for dtype in ["bf16", "f32"] {
+        for dtype in ["bf16", "f32", "f32-linear"] {
             let status = std::process::Command::new(&exe)
                 .arg(dtype)
                 .status()
@@ -402,7 +445,41 @@ fn main() -> ExitCode {
                 }
             }
         }
-        other => panic!("unknown dtype `{other}`: bf16 or f32"),
+        "f32-linear" => {
+            // f32, the projection op (q_proj-, k_proj- and LM-head-like shapes): cuBLAS on CUDA
+            // against `LoraLinear::forward` on the CPU.
+            for shape in &SHAPES {
+                let q = (shape.hidden, shape.heads * shape.head_dim);
+                let k = (shape.hidden, shape.kv_heads * shape.head_dim);
+                let head = (shape.hidden, VOCAB);
+                let cells = [
+                    ("q_proj", q, Some((8, 2.0))),
+                    ("k_proj", k, Some((16, 16.0 / 4.0))),
+                    ("q_proj", q, Some((64, 0.25))),
+                    ("lm_head", head, None),
+                ];
+                for (name, dims, lora) in cells {
+                    let (batch, seq) = TOKENS[seed as usize % TOKENS.len()];
+                    seed += 1;
+                    let tokens = batch * seq;
+                    let fused = linear_op_once::<Autodiff<CudaBackend<f32>>>(
+                        dims, lora, tokens, true, &device,
+                    );
+                    let oracle =
+                        linear_op_once::<Autodiff<NdArray<f32>>>(dims, lora, tokens, false, &cpu);
+                    let result = compare(&fused, &oracle);
+                    let r = lora.map_or(0, |(r, _)| r);
+                    report(
+                        format!(
+                            "{:<6} {:<13} {r:>3} {:<6} {:<10} {:>9} {:>10.3e}  {}",
+                            "f32", shape.name, false, name, tokens, result.worst, result.worst_what,
+                        ),
+                        !result.nan && result.worst <= 1e-4,
+                    );
+                }
+            }
+        }
+        other => panic!("unknown dtype `{other}`: bf16, f32 or f32-linear"),
     }
     println!("gpu-matrix {dtype}: {passed} passed, {failed} failed");
     if failed == 0 {

@@ -6,13 +6,15 @@
 //! Usage: `mlp-bench [tokens hidden intermediate rank]` (default 8192 2048 8192 16), bf16.
 //! Prints the median of 10 timed iterations after 3 warm-up ones, each iteration
 //! `y = mlp(x)`, `(y·c).sum().backward()` with a fixed random cotangent `c`, then a device sync.
+//! Then a per-phase breakdown of the fused op (`fused_mlp::phases`: each phase between device
+//! syncs, mean of 5 iterations), with the TFLOP/s of the phases made of base-size GEMMs.
 
 use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::{Distribution, bf16};
-use fused_mlp::{CudaBackend, mlp, set_fused_enabled};
+use fused_mlp::{CudaBackend, mlp, phases, set_fused_enabled};
 use lora_layers::{LoraAdapterConfig, LoraInit, LoraLinear, LoraLinearConfig};
 
 type B = Autodiff<CudaBackend<bf16>>;
@@ -70,17 +72,50 @@ fn main() {
     // Base GEMMs: 3 forward (gate, up, down) + 3 for dX/dH in backward, 2·N·D·I FLOPs each.
     let base_flops = 6.0 * 2.0 * (n * d * i) as f64;
     println!("LoRA MLP fwd+bwd, bf16, tokens {n}, {d}→{i}, r={r}");
+    let step = || {
+        let y = mlp(x.clone(), &gate, &up, &down);
+        let grads = (y * cot.clone()).sum().backward();
+        drop(grads);
+        B::sync(&device).expect("device sync");
+    };
     for (label, fused) in [("fused", true), ("portable", false)] {
         set_fused_enabled(fused);
-        let ms = median_ms(|| {
-            let y = mlp(x.clone(), &gate, &up, &down);
-            let grads = (y * cot.clone()).sum().backward();
-            drop(grads);
-            B::sync(&device).expect("device sync");
-        });
+        let ms = median_ms(&step);
         println!(
             "{label:<9} {ms:8.3} ms   {:6.1} TFLOP/s (base GEMM FLOPs only)",
             base_flops / (ms * 1e-3) / 1e12
         );
     }
+
+    set_fused_enabled(true);
+    phases::set_profiling(true);
+    let _ = phases::take_totals();
+    const PROFILED: u32 = 5;
+    for _ in 0..PROFILED {
+        step();
+    }
+    phases::set_profiling(false);
+    // How many base-size (N·D·I) GEMMs each phase holds.
+    let base_gemms = |name: &str| match name.get(..5) {
+        Some("fwd 1") | Some("bwd 5") => 2.0,
+        Some("fwd 4") | Some("bwd 1") => 1.0,
+        _ => 0.0,
+    };
+    println!("fused op by phase (synced; mean of {PROFILED} iterations):");
+    let mut sum = 0.0;
+    for (name, total) in phases::take_totals() {
+        let ms = total.time.as_secs_f64() * 1e3 / f64::from(PROFILED);
+        sum += ms;
+        let gemms = base_gemms(name);
+        let rate = if gemms > 0.0 {
+            format!(
+                "{:6.1} TFLOP/s",
+                gemms * 2.0 * (n * d * i) as f64 / (ms * 1e-3) / 1e12
+            )
+        } else {
+            String::new()
+        };
+        println!("  {name:<36} {ms:8.3} ms  {rate}");
+    }
+    println!("  {:<36} {sum:8.3} ms", "sum of phases");
 }

@@ -2,8 +2,8 @@
 //! to its host-side launch. They run on any CubeCL runtime (CUDA, wgpu, ...) through
 //! `CubeTensor<R>`.
 
+pub mod swiglu_forward;
 pub mod swiglu_lora_backward;
-pub mod swiglu_lora_forward;
 
 use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;

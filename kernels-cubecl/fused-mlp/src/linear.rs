@@ -1,0 +1,242 @@
+//! One LoRA projection as one operation with a hand-written backward (Unsloth's `LoRA_W` /
+//! `matmul_lora`): every product goes through [`FusedMlpKernels::gemm`], so on CUDA the
+//! attention projections and the LM head run on cuBLAS instead of Burn's matmul.
+//!
+//! ```text
+//! forward:  xa = x·Aᵀ             y = x·Wᵀ + s·xa·Bᵀ             (β-accumulated, one output)
+//! backward: δxa = δy·B            dA = s·δxaᵀ·x      dB = s·δyᵀ·xa      dW = δyᵀ·x
+//!           dx = δy·W + s·δxa·A
+//! ```
+//!
+//! Saved for backward: `x` and `xa` (`[N, r]`), plus the weights. Without an adapter it is the
+//! plain `y = x·Wᵀ` with `dx = δy·W` (and `dW` when the weight trains).
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::prelude::*;
+use burn::tensor::TensorPrimitive;
+use burn::tensor::ops::FloatTensor;
+
+use crate::op::{FusedMlpKernels, Trans};
+
+/// A backend that runs a (LoRA) projection as one operation.
+///
+/// Implemented for `CubeBackend<R, F, I, BT>` (feature `cubecl`; forward only) and for
+/// `Autodiff` over any [`FusedMlpKernels`] backend (with the backward above).
+pub trait FusedLinearBackend: Backend {
+    /// `y = x·Wᵀ`, `x` `[N, d_in]`, `W` `[d_out, d_in]`, all in `x`'s dtype.
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, `A` `[r, d_in]`, `B` `[d_out, r]`, all in `x`'s dtype.
+    fn fused_lora_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        scaling: f64,
+    ) -> FloatTensor<Self>;
+}
+
+fn lora_forward<B: FusedMlpKernels>(
+    x: FloatTensor<B>,
+    w: FloatTensor<B>,
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+    s: f64,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    use Trans::{N, T};
+    let xa = B::gemm(x.clone(), N, a, T, 1.0, None);
+    let y = B::gemm(x, N, w, T, 1.0, None);
+    (B::gemm(xa.clone(), N, b, T, s, Some(y)), xa)
+}
+
+#[cfg(feature = "cubecl")]
+impl<R, F, I, BT> FusedLinearBackend for burn_cubecl::CubeBackend<R, F, I, BT>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::gemm(x, Trans::N, weight, Trans::T, 1.0, None)
+    }
+
+    fn fused_lora_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        scaling: f64,
+    ) -> FloatTensor<Self> {
+        lora_forward::<Self>(x, weight, lora_a, lora_b, scaling).0
+    }
+}
+
+/// Backward of the plain projection. Parents: `x`, `W`. State: `x` (for `dW`) and `W`.
+#[derive(Debug)]
+struct LinearBackward;
+
+impl<B: FusedMlpKernels> Backward<B, 2> for LinearBackward {
+    type State = (Option<FloatTensor<B>>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        use Trans::{N, T};
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, w) = ops.state;
+        let [x_node, w_node] = ops.parents;
+        if let (Some(node), Some(x)) = (w_node, x) {
+            grads.register::<B>(node.id, B::gemm(dy.clone(), T, x, N, 1.0, None));
+        }
+        if let Some(node) = x_node {
+            grads.register::<B>(node.id, B::gemm(dy, N, w, N, 1.0, None));
+        }
+    }
+}
+
+/// What the LoRA projection's backward needs.
+#[derive(Debug, Clone)]
+struct LoraSaved<T> {
+    x: T,
+    xa: T,
+    w: T,
+    a: T,
+    b: T,
+    s: f64,
+}
+
+/// Backward of the LoRA projection. Parents: `x`, `W`, `A`, `B`.
+#[derive(Debug)]
+struct LoraLinearBackward;
+
+impl<B: FusedMlpKernels> Backward<B, 4> for LoraLinearBackward {
+    type State = LoraSaved<FloatTensor<B>>;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        use Trans::{N, T};
+        let dy = grads.consume::<B>(&ops.node);
+        let LoraSaved { x, xa, w, a, b, s } = ops.state;
+        let [x_node, w_node, a_node, b_node] = ops.parents;
+        let dxa =
+            (x_node.is_some() || a_node.is_some()).then(|| B::gemm(dy.clone(), N, b, N, 1.0, None));
+        if let Some(node) = b_node {
+            grads.register::<B>(node.id, B::gemm(dy.clone(), T, xa, N, s, None));
+        }
+        if let Some(node) = a_node {
+            let dxa = dxa.clone().expect("computed for A");
+            grads.register::<B>(node.id, B::gemm(dxa, T, x.clone(), N, s, None));
+        }
+        if let Some(node) = w_node {
+            grads.register::<B>(node.id, B::gemm(dy.clone(), T, x, N, 1.0, None));
+        }
+        if let Some(node) = x_node {
+            let base = B::gemm(dy, N, w, N, 1.0, None);
+            let dxa = dxa.expect("computed for x");
+            grads.register::<B>(node.id, B::gemm(dxa, N, a, N, s, Some(base)));
+        }
+    }
+}
+
+impl<B: FusedMlpKernels, C: CheckpointStrategy> FusedLinearBackend for Autodiff<B, C> {
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        let nodes = [x.node.clone(), weight.node.clone()];
+        // x is kept only for a trainable weight's gradient.
+        let keep_x = !weight.node.requirement.is_none();
+        match LinearBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::gemm(
+                    x.primitive.clone(),
+                    Trans::N,
+                    weight.primitive.clone(),
+                    Trans::T,
+                    1.0,
+                    None,
+                );
+                let x = keep_x.then_some(x.primitive);
+                prep.finish((x, weight.primitive), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gemm(
+                x.primitive,
+                Trans::N,
+                weight.primitive,
+                Trans::T,
+                1.0,
+                None,
+            )),
+        }
+    }
+
+    fn fused_lora_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        scaling: f64,
+    ) -> FloatTensor<Self> {
+        let nodes = [&x, &weight, &lora_a, &lora_b].map(|t| t.node.clone());
+        let (x, w, a, b) = (
+            x.primitive,
+            weight.primitive,
+            lora_a.primitive,
+            lora_b.primitive,
+        );
+        match LoraLinearBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, xa) =
+                    lora_forward::<B>(x.clone(), w.clone(), a.clone(), b.clone(), scaling);
+                let saved = LoraSaved {
+                    x,
+                    xa,
+                    w,
+                    a,
+                    b,
+                    s: scaling,
+                };
+                prep.finish(saved, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(lora_forward::<B>(x, w, a, b, scaling).0),
+        }
+    }
+}
+
+/// `x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)` on `[..., d_in]` activations through [`FusedLinearBackend`], the
+/// weights cast to `x`'s dtype (autodiff casts their gradients back).
+///
+/// # Shapes
+/// - x: `[..., d_in]`; weight: `[d_out, d_in]`; lora: `A` `[r, d_in]`, `B` `[d_out, r]`
+/// - output: `[..., d_out]`
+pub fn fused_linear_nd<B: FusedLinearBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    lora: Option<(Tensor<B, 2>, Tensor<B, 2>, f64)>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let d_in = dims[D - 1];
+    let d_out = weight.dims()[0];
+    let rows = dims[..D - 1].iter().product();
+    let dtype = x.dtype();
+    let prim = |t: Tensor<B, 2>| {
+        if t.dtype() == dtype { t } else { t.cast(dtype) }
+            .into_primitive()
+            .tensor()
+    };
+    let x = x.reshape([rows, d_in]).into_primitive().tensor();
+    let y = match lora {
+        Some((a, b, s)) => B::fused_lora_linear(x, prim(weight), prim(a), prim(b), s),
+        None => B::fused_linear(x, prim(weight)),
+    };
+    let mut out_dims = dims;
+    out_dims[D - 1] = d_out;
+    Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape(out_dims)
+}
