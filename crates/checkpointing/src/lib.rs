@@ -1,12 +1,55 @@
 //! Layer-level gradient checkpointing: a decoder layer keeps only its input for backward and is
 //! recomputed there (Unsloth's `use_gradient_checkpointing`).
 //!
-//! **Status:** this crate holds the API the model calls around every decoder layer. Only
-//! [`CheckpointMode::Off`] is implemented; asking for another mode is reported by
-//! [`CheckpointMode::is_implemented`], and the layer then runs without checkpointing (identical
-//! gradients, more activation memory). The recomputing autodiff op and the host offload come
-//! with the checkpointing issue.
+//! [`checkpoint`] runs one layer under a [`CheckpointMode`]. Under [`CheckpointMode::Recompute`]
+//! and [`CheckpointMode::HostOffload`] the layer's forward records no autodiff graph (none of its
+//! activations outlives the call); one graph node stands for the layer and keeps its input. In
+//! backward that node recomputes the layer with a graph and back-propagates the incoming
+//! gradient through it, giving the gradient of the input and of every parameter of the layer
+//! that requires grad (the LoRA factors; frozen weights get none, as without checkpointing).
+//! The recompute runs the same operations on the same values, so on the CPU the gradients are
+//! bitwise those of [`CheckpointMode::Off`].
+//!
+//! # Dropout
+//!
+//! Burn's backends keep their RNG state private (Burn 0.21 can set a seed but not read one), so
+//! the state before a layer cannot be saved and restored. Instead every [`checkpoint`] call on an
+//! autodiff backend, in every mode including `Off`, reseeds the backend with the next value of a
+//! per-thread stream of layer seeds before running the layer, and the recompute sets the same
+//! seed again: dropout masks are identical in the forward, in the recompute, and across the three
+//! modes. [`seed_layers`] restarts the stream (the same seed gives the same masks). A side effect
+//! is that the backend RNG, after a training forward, is a function of that stream rather than of
+//! an earlier `Backend::seed`.
+//!
+//! # Backends
+//!
+//! The op needs the concrete `Autodiff<I, C>` type; the generic model reaches it by comparing
+//! `TypeId`s with the autodiff backends this build knows ([`is_supported`]): the CPU default
+//! `Autodiff<NdArray<f32>>` always, CUDA (f32, bf16, f16) with the feature `cuda`, wgpu (f32)
+//! with `wgpu`. On any other autodiff backend the layer runs without checkpointing (identical
+//! gradients, all activations kept) and a warning is logged once. On a backend without autodiff
+//! there is nothing to keep and the layer simply runs.
+//!
+//! # Status
+//!
+//! Recompute and host offload work and are tested on the CPU (gradients and losses bitwise equal
+//! to `Off`, with and without dropout). The host offload is synchronous: the input is read back
+//! to host memory (pinned where the runtime stages it, `Backend::staging`) when the layer runs,
+//! blocking until it is computed, and uploaded again when the recompute starts; on the CPU it
+//! keeps the tensor where it is (host memory already). Not done yet, for the GPU step:
+//! overlapping the copies with compute (double-buffered prefetch of the next layer's input),
+//! skipping the offload for the last layer and for tiny inputs, and running the CUDA and wgpu
+//! paths on a GPU at all (they compile; the recompute runs on a helper thread, whose CubeCL
+//! stream differs from the training thread's). Parameters shared between layers get correct
+//! but not bitwise-identical gradients (their contributions are summed in another order).
 
+mod dispatch;
+mod op;
+
+use std::cell::Cell;
+use std::sync::Once;
+
+use burn::module::Module;
 use burn::prelude::*;
 
 /// What a decoder layer keeps for backward.
@@ -17,29 +60,86 @@ pub enum CheckpointMode {
     Off,
     /// Keep the layer input on the device and recompute the layer in backward (`True`).
     Recompute,
-    /// Keep the layer input in pinned host memory, copied asynchronously, and recompute
-    /// (`"unsloth"`).
+    /// Keep the layer input in host memory and recompute the layer in backward (`"unsloth"`).
+    /// The copies are synchronous for now (see the crate docs).
     HostOffload,
 }
 
-impl CheckpointMode {
-    /// Whether this build carries out the mode (otherwise layers run as with [`Self::Off`]).
-    pub fn is_implemented(self) -> bool {
-        matches!(self, Self::Off)
-    }
+/// Whether [`checkpoint`] carries out [`CheckpointMode::Recompute`] and
+/// [`CheckpointMode::HostOffload`] on backend `B` in this build (see the crate docs); elsewhere
+/// layers run as with [`CheckpointMode::Off`].
+pub fn is_supported<B: Backend>() -> bool {
+    dispatch::supported::<B>()
 }
 
-/// Runs one layer, `layer(input)`, under `mode`.
+thread_local! {
+    /// The state of this thread's stream of layer seeds.
+    static LAYER_SEEDS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Restarts this thread's stream of layer seeds: the [`checkpoint`] calls that follow reseed the
+/// backend with the same values, so dropout draws the same masks (see the crate docs).
+pub fn seed_layers(seed: u64) {
+    LAYER_SEEDS.set(seed);
+}
+
+/// The next layer seed: SplitMix64 over a Weyl sequence.
+fn next_layer_seed() -> u64 {
+    let state = LAYER_SEEDS.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+    LAYER_SEEDS.set(state);
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Runs one layer, `forward(layer, input)`, under `mode`.
+///
+/// `forward` must be a pure function of the layer's parameters and `input`, apart from backend
+/// RNG draws (which are replayed): it is called again in backward. Tensors it captures get no
+/// gradient and must not require grad; trainable tensors belong in `layer`, whose float
+/// parameters are all visited.
 ///
 /// # Shapes
-/// - input: `[batch, seq, hidden]`
-/// - output: `[batch, seq, hidden]`
-pub fn checkpoint<B: Backend>(
+/// - input: `[batch, seq, hidden]` for a decoder layer (any rank `D`)
+/// - output: the shape `forward` gives
+///
+/// # Panics
+/// Under `Recompute` or `HostOffload` on a supported autodiff backend: if `forward` captures a
+/// tensor that requires grad; in backward, if the recompute panics (its message is printed by the
+/// thread `checkpoint-recompute`).
+pub fn checkpoint<B, M, F, const D: usize>(
     mode: CheckpointMode,
-    input: Tensor<B, 3>,
-    layer: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>,
-) -> Tensor<B, 3> {
-    // Every mode runs the layer directly until the recomputing op exists (see the crate docs).
-    let _ = mode;
-    layer(input)
+    input: Tensor<B, D>,
+    layer: &M,
+    forward: F,
+) -> Tensor<B, D>
+where
+    B: Backend,
+    M: Module<B> + 'static,
+    F: Fn(&M, Tensor<B, D>) -> Tensor<B, D> + Send + 'static,
+{
+    let device = input.device();
+    if !B::ad_enabled(&device) {
+        return forward(layer, input);
+    }
+    let seed = next_layer_seed();
+    B::seed(&device, seed);
+    if mode == CheckpointMode::Off {
+        return forward(layer, input);
+    }
+    match dispatch::checkpointed(mode, input, layer, forward, seed) {
+        Ok(output) => output,
+        Err((input, forward)) => {
+            static WARNED: Once = Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "gradient checkpointing ({mode:?}) is not available on backend {}; layers \
+                     keep their activations",
+                    B::name(&device)
+                );
+            });
+            forward(layer, input)
+        }
+    }
 }

@@ -68,12 +68,15 @@ impl fmt::Display for PatchReport {
                 "Fused LoRA kernels: not on this backend; the portable path runs (same math)."
             )?,
         }
-        match (self.checkpointing, self.checkpointing.is_implemented()) {
-            (CheckpointMode::Off, _) => writeln!(f, "Gradient checkpointing: off.")?,
-            (mode, true) => writeln!(f, "Gradient checkpointing: {mode:?}.")?,
-            (mode, false) => writeln!(
+        match self.checkpointing {
+            CheckpointMode::Off => writeln!(f, "Gradient checkpointing: off.")?,
+            CheckpointMode::Recompute => writeln!(
                 f,
-                "Gradient checkpointing: {mode:?} requested but not implemented yet; layers keep their activations (same gradients, more memory)."
+                "Gradient checkpointing: true; each decoder layer keeps only its input, on the device, and is recomputed in backward."
+            )?,
+            CheckpointMode::HostOffload => writeln!(
+                f,
+                "Gradient checkpointing: unsloth; each decoder layer keeps only its input, in host memory, and is recomputed in backward (copies not yet overlapped with compute)."
             )?,
         }
         for notice in &self.notices {
@@ -395,6 +398,17 @@ fn patch_report<B: Backend>(
         mlp += usize::from(
             gate_open && fused_mlp::check_fusable(&m.gate_proj, &m.up_proj, &m.down_proj).is_ok(),
         );
+    }
+    let mut notices = notices;
+    let device = model.embed_tokens.weight.device();
+    if checkpointing != CheckpointMode::Off
+        && B::ad_enabled(&device)
+        && !checkpointing::is_supported::<B>()
+    {
+        notices.push(format!(
+            "gradient checkpointing is not available on backend {}; decoder layers keep their activations (same gradients, more memory)",
+            B::name(&device)
+        ));
     }
     PatchReport {
         layers: model.layers.len(),

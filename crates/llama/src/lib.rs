@@ -7,6 +7,7 @@ mod error;
 mod gguf;
 mod hub;
 mod json;
+mod linear_cross_entropy;
 mod loss;
 mod model;
 mod tokenizer;
@@ -23,6 +24,10 @@ pub use gguf::{
     GgufWeights, gguf_config, gguf_config_json, is_gguf_path, open_gguf, unpermute_rope_rows,
 };
 pub use hub::{HubSettings, ModelRef, resolve_model, resolve_model_with};
+pub use linear_cross_entropy::{
+    CHUNK_LOGITS_BYTES, causal_lm_fused_loss_sum, default_chunk_tokens, linear_cross_entropy,
+    linear_cross_entropy_sum,
+};
 pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum, token_cross_entropy};
 pub use model::{
     Attention, DecoderLayer, Embedding, LAYER_PROJECTIONS, LayerContext, LlamaForCausalLm, Mlp,

@@ -8,7 +8,8 @@ use burn::tensor::{DType, Int};
 pub const IGNORE_INDEX: i64 = -100;
 
 /// Mean next-token cross-entropy: position `t` predicts `labels[t + 1]`; positions whose label
-/// is [`IGNORE_INDEX`] are skipped. Computed in f32 whatever the logits' dtype.
+/// is [`IGNORE_INDEX`] are skipped. Computed in f32 whatever the logits' dtype (f64 for f64
+/// logits).
 ///
 /// Returns a one-element tensor; `NaN` when every label is ignored (0/0, as PyTorch).
 ///
@@ -61,27 +62,39 @@ pub fn token_cross_entropy<B: Backend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
 ) -> Tensor<B, 1> {
-    // The count in f32, not the device's default float dtype: bf16 counts exactly only to 256,
-    // and Burn's CubeCL binary ops read both operands at the left one's dtype.
+    // The count in the loss's dtype, not the device's default float dtype: bf16 counts exactly
+    // only to 256, and Burn's CubeCL binary ops read both operands at the left one's dtype.
     let kept = targets
         .clone()
         .not_equal_elem(IGNORE_INDEX)
         .float()
-        .cast(DType::F32);
+        .cast(accumulation_dtype(logits.dtype()));
     token_nll_sum(logits, targets) / kept.sum()
 }
 
+/// The dtype losses accumulate in for inputs of `dtype`: f64 stays f64, the rest is f32.
+pub(crate) fn accumulation_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
 /// Summed negative log-likelihood of `targets` under `logits` rows, skipping [`IGNORE_INDEX`].
-fn token_nll_sum<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+pub(crate) fn token_nll_sum<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
     let [tokens, _] = logits.dims();
     let kept = targets.clone().not_equal_elem(IGNORE_INDEX);
     // Ignored targets gather row 0 and are then zeroed; gather needs an in-range index.
     let safe_targets = targets.mask_fill(kept.clone().bool_not(), 0);
-    let log_probs = log_softmax(logits.cast(DType::F32), 1);
+    let acc = accumulation_dtype(logits.dtype());
+    let log_probs = log_softmax(logits.cast(acc), 1);
     let picked = log_probs
         .gather(1, safe_targets.reshape([tokens, 1]))
         .reshape([tokens]);
-    (picked * kept.float().cast(DType::F32)).sum().neg()
+    (picked * kept.float().cast(acc)).sum().neg()
 }
 
 #[cfg(test)]

@@ -399,8 +399,10 @@ impl<B: Backend> LlamaForCausalLm<B> {
         let mut x = self.embed_tokens.forward(input_ids);
         let ctx = self.context(&x, attention_mask, 0);
         for layer in &self.layers {
-            x = checkpoint(self.checkpointing, x, |x| {
-                layer.forward(x, &self.rope, &ctx)
+            // The recompute runs in backward, after this call: the closure owns what it reads.
+            let (rope, ctx) = (self.rope.clone(), ctx.clone());
+            x = checkpoint(self.checkpointing, x, layer, move |layer, x| {
+                layer.forward(x, &rope, &ctx)
             });
         }
         self.norm.forward(x)

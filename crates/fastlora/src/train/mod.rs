@@ -19,7 +19,7 @@ use burn::optim::{
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, TensorData};
-use fastlora_llama::{LlamaForCausalLm, causal_lm_loss_sum};
+use fastlora_llama::{LlamaForCausalLm, causal_lm_fused_loss_sum, default_chunk_tokens};
 use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{TrainerState, latest_checkpoint};
@@ -228,13 +228,16 @@ pub struct StepGradients {
 
 /// Gradients of the mean next-token loss over every trained token of `micro_batches`, summed
 /// micro-batch by micro-batch: each micro-batch's summed loss is divided by the step's total
-/// token count, so the result equals one batch holding them all.
+/// token count, so the result equals one batch holding them all. The LM head and the loss run
+/// through [`causal_lm_fused_loss_sum`], a chunk of tokens at a time, with the chunk size of
+/// [`default_chunk_tokens`].
 pub fn step_gradients<B: AutodiffBackend>(
     model: &LlamaForCausalLm<B>,
     micro_batches: &[Batch],
 ) -> StepGradients {
     let device = model.embed_tokens.weight.device();
     let trained: usize = micro_batches.iter().map(Batch::num_trained_tokens).sum();
+    let chunk_tokens = default_chunk_tokens(model.embed_tokens.weight.dims()[0]);
     let mut accumulator = GradientsAccumulator::<LlamaForCausalLm<B>>::new();
     let mut loss_sum = 0.0;
     let mut tokens = 0;
@@ -242,8 +245,9 @@ pub fn step_gradients<B: AutodiffBackend>(
         let ids = int_tensor::<B>(&batch.input_ids, [batch.batch, batch.seq], &device);
         let labels = int_tensor::<B>(&batch.labels, [batch.batch, batch.seq], &device);
         let mask = int_tensor::<B>(&batch.attention_mask, [batch.batch, batch.seq], &device);
-        let logits = model.forward(ids, Some(mask));
-        let (sum, _) = causal_lm_loss_sum(logits, labels);
+        // The head and loss run chunk by chunk: [tokens, vocab] f32 logits never exist whole.
+        let hidden = model.hidden_states(ids, Some(mask));
+        let (sum, _) = causal_lm_fused_loss_sum(model, hidden, labels, chunk_tokens);
         let grads = (sum.clone() / trained.max(1) as f64).backward();
         loss_sum += f64::from(sum.into_scalar().elem::<f32>());
         tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
