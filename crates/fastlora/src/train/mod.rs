@@ -126,6 +126,9 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn new(peft: PeftModel<B>, config: TrainConfig) -> Self {
         let optimizer = adamw(&config);
         let state = TrainerState::new(config.seed);
+        // LoRA dropout masks come from the layer-seed stream (see `checkpointing`): start it
+        // from the run's seed so a run is reproducible.
+        checkpointing::seed_layers(config.seed);
         Self {
             peft: peft.for_training(),
             config,

@@ -97,7 +97,7 @@ fn main() {
     phases::set_profiling(false);
     // How many base-size (N·D·I) GEMMs each phase holds.
     let base_gemms = |name: &str| match name.get(..5) {
-        Some("fwd 1") | Some("bwd 5") => 2.0,
+        Some("fwd 2") | Some("bwd 5") => 2.0,
         Some("fwd 4") | Some("bwd 1") => 1.0,
         _ => 0.0,
     };
