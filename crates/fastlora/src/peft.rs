@@ -60,8 +60,9 @@ impl fmt::Display for PatchReport {
         match self.fused_kernels_active {
             true => writeln!(
                 f,
-                "Fused LoRA kernels: active for the SwiGLU MLP; q/k/v and o run the portable path \
-                 (no fused QKV/O op yet)."
+                "Fused LoRA kernels: active for the SwiGLU MLP; each projection without LoRA \
+                 dropout (q/k/v, o, LM head) runs as one LoRA linear op (no single fused QKV op \
+                 yet)."
             )?,
             false => writeln!(
                 f,
