@@ -86,7 +86,7 @@ const PEERS: &[&str] = &["xtask/peers/lora_mlp_torch.py"];
 /// the xz-compressed binaries (compressed so the staged folder stays far below the GPU
 /// machine's 64 MiB carry limit) into a temporary folder.
 const RUN_PREAMBLE: &str = r#"#!/usr/bin/env bash
-# Staged by `cargo xtask gpu-test`; runs on a CUDA machine without Rust.
+# Staged by `cargo xtask stage` or `cargo xtask gpu-test`; runs on a CUDA machine without Rust.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 nvidia_libs="$(python3 -c 'import nvidia, os, glob; print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + "/**/lib*.so*", recursive=True)})))' 2>/dev/null || true)"
@@ -139,47 +139,17 @@ fn gpu_test(out: &Path) -> Result<()> {
         );
     }
     for test in GPU_TESTS {
-        let binary = out.join(test.bin);
-        let built = target_dir(root).join("release").join(test.bin);
-        // Replace rather than overwrite: a staged copy may be read-only.
-        let _ = std::fs::remove_file(&binary);
-        std::fs::copy(&built, &binary)
-            .with_context(|| format!("copying {} to {}", built.display(), binary.display()))?;
-        strip(&binary)?;
-        let xz = Command::new("xz")
-            .args(["-f", "-6", "-T2"])
-            .arg(&binary)
-            .status()
-            .context("running xz")?;
-        if !xz.success() {
-            bail!("xz {} failed", binary.display());
-        }
-        let binary = out.join(format!("{}.xz", test.bin));
         let args = if test.args.is_empty() {
             String::new()
         } else {
             format!(" {}", test.args)
         };
         let script = out.join(format!("run-{}.sh", test.bin));
-        std::fs::write(
-            &script,
-            format!(
-                "{RUN_PREAMBLE}exec \"$(unpack {})\"{args} \"$@\"\n",
-                test.bin
-            ),
-        )
-        .with_context(|| format!("writing {}", script.display()))?;
+        stage_binary(root, &out, test.bin, &script, &args)?;
         all.push_str(&format!(
             "echo \"### {bin}\"; \"$(unpack {bin})\"{args} || status=1\n",
             bin = test.bin,
         ));
-        let size = std::fs::metadata(&binary).map(|m| m.len()).unwrap_or(0);
-        println!(
-            "staged {} ({:.1} MiB) and {}",
-            binary.display(),
-            size as f64 / (1 << 20) as f64,
-            script.display()
-        );
     }
     for peer in PEERS {
         let from = root.join(peer);
@@ -198,6 +168,41 @@ fn gpu_test(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Copies the built `bin` into `out`, strips and xz-compresses it, and writes `script`, which
+/// unpacks and runs it with `args` (see [`RUN_PREAMBLE`]).
+fn stage_binary(root: &Path, out: &Path, bin: &str, script: &Path, args: &str) -> Result<()> {
+    let binary = out.join(bin);
+    let built = target_dir(root).join("release").join(bin);
+    // Replace rather than overwrite: a staged copy may be read-only.
+    let _ = std::fs::remove_file(&binary);
+    std::fs::copy(&built, &binary)
+        .with_context(|| format!("copying {} to {}", built.display(), binary.display()))?;
+    strip(&binary)?;
+    let xz = Command::new("xz")
+        .args(["-f", "-6", "-T2"])
+        .arg(&binary)
+        .status()
+        .context("running xz")?;
+    if !xz.success() {
+        bail!("xz {} failed", binary.display());
+    }
+    std::fs::write(
+        script,
+        format!("{RUN_PREAMBLE}exec \"$(unpack {bin})\"{args} \"$@\"\n"),
+    )
+    .with_context(|| format!("writing {}", script.display()))?;
+    let size = std::fs::metadata(out.join(format!("{bin}.xz")))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!(
+        "staged {}.xz ({:.1} MiB) and {}",
+        binary.display(),
+        size as f64 / (1 << 20) as f64,
+        script.display()
+    );
+    Ok(())
+}
+
 fn stage(out: &Path) -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -212,17 +217,7 @@ fn stage(out: &Path) -> Result<()> {
     }
     let out = root.join(out);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let binary = out.join("fastlora");
-    std::fs::copy(root.join("target/release/fastlora"), &binary).context("copying the binary")?;
-    strip(&binary)?;
-    let script = out.join("run.sh");
-    std::fs::write(
-        &script,
-        "#!/usr/bin/env bash\n# Runs the staged fastlora binary from the repo root on the GPU machine.\nset -euo pipefail\nexec \"$(dirname \"$0\")/fastlora\" \"$@\"\n",
-    )
-    .context("writing run.sh")?;
-    println!("staged {} and {}", binary.display(), script.display());
-    Ok(())
+    stage_binary(root, &out, "fastlora", &out.join("run.sh"), "")
 }
 
 /// Strips `binary`'s symbols: the GPU machine gets at most 64 MiB a call.

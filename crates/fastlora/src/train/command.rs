@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use burn::tensor::backend::AutodiffBackend;
 use fastlora_llama::ModelError;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_config::{GradientCheckpointing, InitLoraWeights, LoraConfig, TargetModules};
@@ -145,6 +146,27 @@ pub struct TrainArgs {
     /// Train on whole examples instead of responses only.
     #[arg(long)]
     pub train_on_prompts: Option<bool>,
+    /// `cpu` (default) or `cuda`/`cuda:N` (a build with `--features cuda`).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Float type of the base model and activations on CUDA: `bf16` (default) or `f32`; LoRA
+    /// factors, their gradients and the optimizer state stay f32. The CPU runs f32.
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+/// Where `fastlora train` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainDevice {
+    /// Burn's ndarray backend, f32.
+    Cpu,
+    /// Burn's CUDA `CubeBackend` on GPU `index`, in bf16 or f32.
+    Cuda {
+        /// The CUDA device ordinal.
+        index: usize,
+        /// bf16 (else f32) base weights and activations.
+        bf16: bool,
+    },
 }
 
 impl TrainArgs {
@@ -206,8 +228,35 @@ impl TrainArgs {
             seed,
             save_steps,
             packing,
-            train_on_prompts
+            train_on_prompts,
+            device,
+            dtype
         )
+    }
+
+    /// The device `--device`/`--dtype` name.
+    ///
+    /// # Errors
+    /// An unknown device or dtype, naming the flag.
+    pub fn train_device(&self) -> Result<TrainDevice> {
+        let dtype = self.dtype.as_deref();
+        let bf16 = match dtype {
+            None | Some("bf16") => true,
+            Some("f32") => false,
+            Some(other) => return Err(flag_error("dtype", other, "bf16 or f32")),
+        };
+        match self.device.as_deref() {
+            None | Some("cpu") => match dtype {
+                None | Some("f32") => Ok(TrainDevice::Cpu),
+                Some(other) => Err(flag_error("dtype", other, "the CPU trains in f32")),
+            },
+            Some("cuda") => Ok(TrainDevice::Cuda { index: 0, bf16 }),
+            Some(other) => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|index| TrainDevice::Cuda { index, bf16 })
+                .ok_or_else(|| flag_error("device", other, "cpu, cuda or cuda:N")),
+        }
     }
 
     /// The LoRA configuration these flags describe (Unsloth's defaults for unset ones).
@@ -342,15 +391,40 @@ fn flag_error(flag: &str, value: &str, allowed: &str) -> FastLoraError {
     }
 }
 
-/// Runs `fastlora train` on the CPU backend.
+/// Runs `fastlora train` on the device `--device` names (the CPU by default).
 ///
 /// # Errors
-/// Bad flags, model, data or adapter (each naming the file or field), a NaN loss, I/O.
+/// Bad flags, model, data or adapter (each naming the file or field), a NaN loss, I/O; CUDA in
+/// a build without the `cuda` feature.
 pub fn train_command(args: TrainArgs) -> Result<()> {
     let args = args.with_config_file()?;
+    match args.train_device()? {
+        TrainDevice::Cpu => train_on::<CpuBackend>(args, Default::default()),
+        #[cfg(feature = "cuda")]
+        TrainDevice::Cuda { index, bf16 } => {
+            use burn::backend::Autodiff;
+            use burn::backend::cuda::CudaDevice;
+            use fused_mlp::CudaBackend;
+            let device = CudaDevice::new(index);
+            if bf16 {
+                train_on::<Autodiff<CudaBackend<burn::tensor::bf16>>>(args, device)
+            } else {
+                train_on::<Autodiff<CudaBackend<f32>>>(args, device)
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        TrainDevice::Cuda { .. } => Err(FastLoraError::Input {
+            path: PathBuf::from("--device"),
+            message: "this fastlora was built without CUDA; build it with \
+                      `cargo build --release -p fastlora --features cuda` (or `cargo xtask stage`)"
+                .to_string(),
+        }),
+    }
+}
+
+fn train_on<B: AutodiffBackend>(args: TrainArgs, device: B::Device) -> Result<()> {
     let lora = args.lora_config()?;
     let config = args.train_config();
-    let device = Default::default();
     let model_dir = match &args.model {
         Some(model) => model.clone(),
         None => materialize_builtin_model(&config.output_dir.join("builtin-tiny-llama"))?
@@ -360,7 +434,7 @@ pub fn train_command(args: TrainArgs) -> Result<()> {
     let options = LoadOptions {
         quantized_base: args.quantized_base.unwrap_or(false),
     };
-    let base = FastLanguageModel::<CpuBackend>::from_pretrained_with(&model_dir, options, &device)?;
+    let base = FastLanguageModel::<B>::from_pretrained_with(&model_dir, options, &device)?;
     if options.quantized_base {
         println!("{}", base.base_memory_report());
     }
@@ -495,6 +569,45 @@ mod tests {
 
     fn parse(flags: &[&str]) -> TrainArgs {
         Cli::parse_from(std::iter::once("train").chain(flags.iter().copied())).args
+    }
+
+    #[test]
+    fn device_flags_parse_and_bad_ones_name_the_flag() {
+        assert_eq!(parse(&[]).train_device().unwrap(), TrainDevice::Cpu);
+        assert_eq!(
+            parse(&["--device", "cuda"]).train_device().unwrap(),
+            TrainDevice::Cuda {
+                index: 0,
+                bf16: true
+            }
+        );
+        assert_eq!(
+            parse(&["--device", "cuda:3", "--dtype", "f32"])
+                .train_device()
+                .unwrap(),
+            TrainDevice::Cuda {
+                index: 3,
+                bf16: false
+            }
+        );
+        for (flags, flag) in [
+            (&["--device", "gpu"][..], "--device"),
+            (&["--device", "cuda:x"][..], "--device"),
+            (&["--device", "cuda", "--dtype", "f16"][..], "--dtype"),
+            (&["--dtype", "bf16"][..], "--dtype"),
+        ] {
+            let err = parse(flags).train_device().unwrap_err().to_string();
+            assert!(err.starts_with(flag), "{flags:?}: {err}");
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_is_a_clear_error() {
+        let err = train_command(parse(&["--device", "cuda"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--features cuda"), "{err}");
     }
 
     #[test]
