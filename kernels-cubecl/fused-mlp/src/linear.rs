@@ -40,6 +40,10 @@ pub trait FusedLinearBackend: Backend {
     ) -> FloatTensor<Self>;
 }
 
+fn plain_forward<B: FusedMlpKernels>(x: &FloatTensor<B>, w: &FloatTensor<B>) -> FloatTensor<B> {
+    B::gemm(x.clone(), Trans::N, w.clone(), Trans::T, 1.0, None)
+}
+
 fn lora_forward<B: FusedMlpKernels>(
     x: FloatTensor<B>,
     w: FloatTensor<B>,
@@ -62,7 +66,7 @@ where
     BT: burn_cubecl::BoolElement,
 {
     fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::gemm(x, Trans::N, weight, Trans::T, 1.0, None)
+        plain_forward::<Self>(&x, &weight)
     }
 
     fn fused_lora_linear(
@@ -151,25 +155,13 @@ impl<B: FusedMlpKernels, C: CheckpointStrategy> FusedLinearBackend for Autodiff<
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let y = B::gemm(
-                    x.primitive.clone(),
-                    Trans::N,
-                    weight.primitive.clone(),
-                    Trans::T,
-                    1.0,
-                    None,
-                );
+                let y = plain_forward::<B>(&x.primitive, &weight.primitive);
                 let x = keep_x.then_some(x.primitive);
                 prep.finish((x, weight.primitive), y)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::gemm(
-                x.primitive,
-                Trans::N,
-                weight.primitive,
-                Trans::T,
-                1.0,
-                None,
-            )),
+            OpsKind::UnTracked(prep) => {
+                prep.finish(plain_forward::<B>(&x.primitive, &weight.primitive))
+            }
         }
     }
 
