@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask stage` builds the CUDA binary for the GPU machine;
-//! `cargo xtask gpu-test` stages the GPU test binaries (see [`GPU_TESTS`]) with run scripts.
+//! `cargo xtask gpu-test` stages the GPU test binaries (see [`GPU_TESTS`]) with run scripts;
+//! `cargo xtask bench` stages the end-to-end benchmark against the HF+PEFT and Unsloth peers.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,12 +35,37 @@ enum Task {
         #[arg(long, default_value = "stage/gpu")]
         out: PathBuf,
     },
+    /// Stage the end-to-end benchmark into `stage/bench/`: the CUDA `fastlora` (as `stage`
+    /// does), `run-bench.sh` (each workload row: `fastlora bench`, then the peers on the same GPU
+    /// in the same run) and the peer scripts from `--peers`. Carry `stage/bench` to the GPU
+    /// machine and run `bash stage/bench/run-bench.sh`.
+    Bench {
+        /// Output folder (git-ignored).
+        #[arg(long, default_value = "stage/bench")]
+        out: PathBuf,
+        /// Folder with the peer scripts (`peft_bench.py`, `unsloth_bench.py`).
+        #[arg(long, default_value = "../shared/peers")]
+        peers: PathBuf,
+        /// Folder with Unsloth's wheels and `bnb.tgz` (from the peers' `fetch_wheels.sh`), staged
+        /// as `wheels/` so the run installs them; without it the Unsloth peer is skipped.
+        #[arg(long)]
+        unsloth_wheels: Option<PathBuf>,
+        /// Reuse the binary a previous `stage` built instead of building again.
+        #[arg(long)]
+        no_build: bool,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Stage { out } => stage(&out),
         Task::GpuTest { out } => gpu_test(&out),
+        Task::Bench {
+            out,
+            peers,
+            unsloth_wheels,
+            no_build,
+        } => bench(&out, &peers, unsloth_wheels.as_deref(), no_build),
     }
 }
 
@@ -110,9 +136,7 @@ fn target_dir(root: &Path) -> PathBuf {
 }
 
 fn gpu_test(out: &Path) -> Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask sits in the workspace")?;
+    let root = workspace_root()?;
     let out = root.join(out);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut all = String::from(RUN_PREAMBLE);
@@ -203,10 +227,13 @@ fn stage_binary(root: &Path, out: &Path, bin: &str, script: &Path, args: &str) -
     Ok(())
 }
 
-fn stage(out: &Path) -> Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+fn workspace_root() -> Result<&'static Path> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .context("xtask sits in the workspace")?;
+        .context("xtask sits in the workspace")
+}
+
+fn build_cuda_cli(root: &Path) -> Result<()> {
     let status = Command::new(env!("CARGO"))
         .current_dir(root)
         .args(["build", "--release", "-p", "fastlora", "--features", "cuda"])
@@ -215,9 +242,54 @@ fn stage(out: &Path) -> Result<()> {
     if !status.success() {
         bail!("cargo build --features cuda failed");
     }
+    Ok(())
+}
+
+fn stage(out: &Path) -> Result<()> {
+    let root = workspace_root()?;
+    build_cuda_cli(root)?;
     let out = root.join(out);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     stage_binary(root, &out, "fastlora", &out.join("run.sh"), "")
+}
+
+fn bench(out: &Path, peers: &Path, unsloth_wheels: Option<&Path>, no_build: bool) -> Result<()> {
+    let root = workspace_root()?;
+    if !no_build {
+        build_cuda_cli(root)?;
+    }
+    let out = root.join(out);
+    std::fs::create_dir_all(out.join("peers"))
+        .with_context(|| format!("creating {}", out.display()))?;
+    stage_binary(root, &out, "fastlora", &out.join("run.sh"), "")?;
+    let script = root.join("xtask/bench/run-bench.sh");
+    std::fs::copy(&script, out.join("run-bench.sh"))
+        .with_context(|| format!("copying {}", script.display()))?;
+    let peers = root.join(peers);
+    for name in ["peft_bench.py", "unsloth_bench.py"] {
+        let from = peers.join(name);
+        std::fs::copy(&from, out.join("peers").join(name)).with_context(|| {
+            format!(
+                "copying the peer script {} (pass --peers DIR)",
+                from.display()
+            )
+        })?;
+    }
+    if let Some(wheels) = unsloth_wheels {
+        let dest = out.join("wheels");
+        std::fs::create_dir_all(&dest).with_context(|| format!("creating {}", dest.display()))?;
+        for entry in std::fs::read_dir(wheels)
+            .with_context(|| format!("reading {}", wheels.display()))?
+        {
+            let path = entry?.path();
+            if let Some(name) = path.file_name() {
+                std::fs::copy(&path, dest.join(name))
+                    .with_context(|| format!("copying {}", path.display()))?;
+            }
+        }
+    }
+    println!("staged {}", out.join("run-bench.sh").display());
+    Ok(())
 }
 
 /// Strips `binary`'s symbols: the GPU machine gets at most 64 MiB a call.

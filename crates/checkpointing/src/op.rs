@@ -13,6 +13,13 @@
 //! come back through the channel of a [`Tap`] op placed on each leaf, which sends the gradient it
 //! receives as soon as its own step runs. The outer step registers them and returns; the helper
 //! then waits, holding no lock, until the outer backward releases its graph, and ends.
+//!
+//! The helper thread issues its device work on the outer thread's CubeCL stream. CubeCL gives
+//! every new thread a stream of its own, with its own memory pools: a fresh thread per layer
+//! per step would create a CUDA stream and pools each time, and memory the main stream had
+//! reserved in forward would be unavailable to it (on a nearly full GPU, creating the stream
+//! fails with out-of-memory). The outer thread only waits while the helper runs, so the two
+//! never interleave work on the shared stream out of order.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -245,9 +252,10 @@ where
         let [input, _anchor] = ops.parents;
         let params: Vec<NodeId> = self.params.iter().flatten().copied().collect();
         let (tx, rx) = mpsc::channel();
+        let stream = CallerStream::current();
         let helper = thread::Builder::new()
             .name("checkpoint-recompute".into())
-            .spawn(move || self.recompute(grad_y, tx))
+            .spawn(move || stream.run(|| self.recompute(grad_y, tx)))
             .expect("checkpoint: cannot start the recompute thread");
         let mut grad_input = None;
         let mut grad_params: Vec<_> = params.iter().map(|_| None).collect();
@@ -301,6 +309,30 @@ where
         }
         drop((x, y, taps, tx));
         Ad::<I, C>::backward(root);
+    }
+}
+
+/// The CubeCL stream of the thread that creates it, to run work from another thread on.
+#[derive(Clone, Copy)]
+struct CallerStream {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    id: cubecl::stream_id::StreamId,
+}
+
+impl CallerStream {
+    fn current() -> Self {
+        Self {
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
+            id: cubecl::stream_id::StreamId::current(),
+        }
+    }
+
+    /// Runs `f` with this stream as the calling thread's CubeCL stream.
+    fn run<T>(self, f: impl FnOnce() -> T) -> T {
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
+        return self.id.executes(f);
+        #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+        f()
     }
 }
 

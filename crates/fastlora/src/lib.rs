@@ -20,6 +20,7 @@
 //! ```
 
 mod adapter;
+pub mod bench;
 mod builtin;
 mod chat;
 mod data;

@@ -30,6 +30,12 @@ enum Command {
     ///   fastlora train --config run.toml
     ///   fastlora train --resume outputs/checkpoint-40
     Train(Box<TrainArgs>),
+    /// End-to-end LoRA training steps on a random-weight model of a public shape, timed like
+    /// the HF+PEFT and Unsloth peer scripts (r = alpha = 16 on all seven projections, AdamW,
+    /// median step after warm-up); prints one JSON line and the per-phase times.
+    ///
+    /// Example: fastlora bench --device cuda --shape smollm2-135m --batch 8 --seq 2048
+    Bench(Box<fastlora::bench::BenchArgs>),
     /// Architecture, parameter counts, and what LoRA would patch.
     ///
     /// Example: fastlora info --model tests/fixtures/llama-tiny --r 8
@@ -184,6 +190,9 @@ fn run(cli: Cli) -> fastlora::Result<()> {
     let device = Default::default();
     match cli.command {
         Command::Train(args) => train_command(*args)?,
+        Command::Bench(args) => {
+            fastlora::bench::bench_command(*args)?;
+        }
         Command::Info {
             model,
             quantized_base,

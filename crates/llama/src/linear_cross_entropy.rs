@@ -19,11 +19,13 @@
 //!
 //! Softmax, log-sum-exp, the loss and every gradient accumulate in f32 (f64 for f64 inputs);
 //! the two GEMMs per chunk (three when the head trains) run in the hidden states' dtype, as
-//! the model's own matmuls do.
+//! the model's own matmuls do, through [`fused_mlp::matmul`] (cuBLAS on CUDA).
 
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{IndexingUpdateOp, Int};
+use fused_mlp::Trans::{N, T};
+use fused_mlp::matmul;
 
 use crate::loss::{IGNORE_INDEX, accumulation_dtype, causal_lm_loss_sum};
 use crate::model::LlamaForCausalLm;
@@ -243,7 +245,7 @@ fn chunked_cross_entropy<I: Backend>(
         // and gradient are zeroed by `kept_f`.
         let index = t.mask_fill(kept.bool_not(), 0).reshape([len, 1]);
 
-        let mut logits = h.clone().matmul(weight.clone().transpose()).cast(acc);
+        let mut logits = matmul(h.clone(), N, weight.clone(), T).cast(acc);
         if let Some(bias) = &bias {
             logits = logits + bias.clone().unsqueeze_dim(0);
         }
@@ -267,10 +269,10 @@ fn chunked_cross_entropy<I: Backend>(
         }
         let d_logits = d_logits.cast(compute);
         if wanted.weight {
-            let d_weight = d_logits.clone().transpose().matmul(h).cast(acc);
+            let d_weight = matmul(d_logits.clone(), T, h, N).cast(acc);
             sums.weight = Some(accumulate(sums.weight.take(), d_weight));
         }
-        sums.hidden.push(d_logits.matmul(weight.clone()).cast(acc));
+        sums.hidden.push(matmul(d_logits, N, weight.clone(), N).cast(acc));
     }
     sums
 }

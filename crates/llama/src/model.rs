@@ -327,8 +327,25 @@ impl<B: Backend> DecoderLayer<B> {
         x: Tensor<B, 3>,
         attention: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 3>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + attention(self.input_layernorm.forward(x));
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let device = x.device();
+        let phase = |name, f: &mut dyn FnMut() -> Tensor<B, 3>| {
+            fused_mlp::phases::phase::<B, _>(name, &device, f)
+        };
+        let normed = phase("model.norm (attention)", &mut || {
+            self.input_layernorm.forward(x.clone())
+        });
+        let mut attention = Some(attention);
+        let mut normed = Some(normed);
+        let attended = phase("model.attention", &mut || {
+            let attention = attention.take().expect("phase runs once");
+            attention(normed.take().expect("phase runs once"))
+        });
+        let h = x + attended;
+        let normed = phase("model.norm (mlp)", &mut || {
+            self.post_attention_layernorm.forward(h.clone())
+        });
+        let out = phase("model.mlp", &mut || self.mlp.forward(normed.clone()));
+        h + out
     }
 }
 

@@ -162,7 +162,7 @@ pub fn linear<B: Backend, const D: usize>(x: Tensor<B, D>, proj: &LoraLinear<B>)
 
 /// Moves `value` into the type `U`, which the caller has checked is `T` itself.
 #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
-fn cast<T: 'static, U: 'static>(value: T) -> U {
+pub(crate) fn cast<T: 'static, U: 'static>(value: T) -> U {
     *(Box::new(value) as Box<dyn Any>)
         .downcast::<U>()
         .unwrap_or_else(|_| unreachable!("TypeId checked before the cast"))

@@ -42,6 +42,7 @@ mod gemm;
 #[cfg(feature = "cubecl")]
 pub mod kernels;
 mod linear;
+mod matmul;
 mod op;
 pub mod phases;
 #[cfg(feature = "wgpu")]
@@ -49,6 +50,7 @@ mod vulkan;
 
 pub use dispatch::{fused_backend, fused_enabled, linear, mlp, set_fused_enabled};
 pub use linear::{FusedLinearBackend, fused_linear_nd};
+pub use matmul::matmul;
 pub use op::{
     FusedMlpBackend, FusedMlpKernels, LoraProj, MlpWeights, SwigluLoraBackward, Trans,
     fused_lora_mlp_2d,

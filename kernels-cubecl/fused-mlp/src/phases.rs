@@ -1,5 +1,5 @@
 //! Per-phase timing of the fused MLP's forward and backward passes, for the microbenchmark's
-//! breakdown (`mlp-bench` prints it).
+//! breakdown (`mlp-bench` prints it), and of the model's blocks (`fastlora bench --profile`).
 //!
 //! Off by default, when a phase costs one atomic load. When on, every phase is bracketed by
 //! device syncs, so the timings are exact per phase but their sum is slower than an unprofiled
@@ -40,7 +40,7 @@ pub fn take_totals() -> BTreeMap<&'static str, PhaseTotal> {
 ///
 /// # Panics
 /// If profiling is on and the device fails to sync.
-pub(crate) fn phase<B: Backend, T>(
+pub fn phase<B: Backend, T>(
     name: &'static str,
     device: &B::Device,
     f: impl FnOnce() -> T,

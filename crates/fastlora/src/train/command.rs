@@ -169,6 +169,33 @@ pub enum TrainDevice {
     },
 }
 
+impl TrainDevice {
+    /// The device a `--device` (`cpu`, `cuda`, `cuda:N`; default cpu) and `--dtype` (`bf16`,
+    /// `f32`; default bf16 on CUDA, f32 on the CPU) pair names.
+    ///
+    /// # Errors
+    /// An unknown device or dtype, or bf16 on the CPU, naming the flag.
+    pub fn parse(device: Option<&str>, dtype: Option<&str>) -> Result<Self> {
+        let bf16 = match dtype {
+            None | Some("bf16") => true,
+            Some("f32") => false,
+            Some(other) => return Err(flag_error("dtype", other, "bf16 or f32")),
+        };
+        match device {
+            None | Some("cpu") => match dtype {
+                None | Some("f32") => Ok(Self::Cpu),
+                Some(other) => Err(flag_error("dtype", other, "the CPU trains in f32")),
+            },
+            Some("cuda") => Ok(Self::Cuda { index: 0, bf16 }),
+            Some(other) => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|index| Self::Cuda { index, bf16 })
+                .ok_or_else(|| flag_error("device", other, "cpu, cuda or cuda:N")),
+        }
+    }
+}
+
 impl TrainArgs {
     /// Fills unset flags from the `--config` TOML file.
     ///
@@ -239,24 +266,7 @@ impl TrainArgs {
     /// # Errors
     /// An unknown device or dtype, naming the flag.
     pub fn train_device(&self) -> Result<TrainDevice> {
-        let dtype = self.dtype.as_deref();
-        let bf16 = match dtype {
-            None | Some("bf16") => true,
-            Some("f32") => false,
-            Some(other) => return Err(flag_error("dtype", other, "bf16 or f32")),
-        };
-        match self.device.as_deref() {
-            None | Some("cpu") => match dtype {
-                None | Some("f32") => Ok(TrainDevice::Cpu),
-                Some(other) => Err(flag_error("dtype", other, "the CPU trains in f32")),
-            },
-            Some("cuda") => Ok(TrainDevice::Cuda { index: 0, bf16 }),
-            Some(other) => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(|index| TrainDevice::Cuda { index, bf16 })
-                .ok_or_else(|| flag_error("device", other, "cpu, cuda or cuda:N")),
-        }
+        TrainDevice::parse(self.device.as_deref(), self.dtype.as_deref())
     }
 
     /// The LoRA configuration these flags describe (Unsloth's defaults for unset ones).

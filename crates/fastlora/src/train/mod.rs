@@ -18,12 +18,12 @@ use burn::optim::{
 };
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Int, TensorData};
+use burn::tensor::{DType, Int, TensorData};
 use fastlora_llama::{LlamaForCausalLm, causal_lm_fused_loss_sum, default_chunk_tokens};
 use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{TrainerState, latest_checkpoint};
-pub use command::{TrainArgs, train_command};
+pub use command::{TrainArgs, TrainDevice, train_command};
 pub use plot::write_loss_curve;
 pub use schedule::{LrScheduler, learning_rate};
 
@@ -119,6 +119,60 @@ pub struct Trainer<B: AutodiffBackend> {
     /// Where the run is.
     pub state: TrainerState,
     optimizer: Adam<B>,
+    /// Per-phase wall times of the last step, when profiling is on.
+    times: Option<StepTimes>,
+}
+
+/// Wall time of the parts of one optimizer step, in seconds, each part ended by a device
+/// synchronisation (so asynchronous GPU work is charged to the part that issued it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepTimes {
+    /// Embedding, decoder layers and the chunked LM head + loss (which also computes the
+    /// loss's own gradient chunk by chunk).
+    pub forward: f64,
+    /// Autodiff backward through the layers (recomputing them under checkpointing).
+    pub backward: f64,
+    /// Gathering the parameter gradients, the global norm and clipping.
+    pub clip: f64,
+    /// The AdamW update.
+    pub optimizer: f64,
+}
+
+impl StepTimes {
+    /// The whole step.
+    pub fn total(&self) -> f64 {
+        self.forward + self.backward + self.clip + self.optimizer
+    }
+}
+
+/// Times consecutive parts of a step on `device`, syncing it at each mark.
+struct PhaseClock<'a, B: Backend> {
+    device: &'a B::Device,
+    last: Instant,
+}
+
+impl<'a, B: Backend> PhaseClock<'a, B> {
+    fn start(device: &'a B::Device) -> Self {
+        sync_device::<B>(device);
+        Self {
+            device,
+            last: Instant::now(),
+        }
+    }
+
+    /// Seconds since the previous mark, after the device has finished.
+    fn mark(&mut self) -> f64 {
+        sync_device::<B>(self.device);
+        let now = Instant::now();
+        let seconds = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        seconds
+    }
+}
+
+/// Waits for the device's queued work; a failed sync surfaces at the next read anyway.
+fn sync_device<B: Backend>(device: &B::Device) {
+    let _ = B::sync(device);
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -134,7 +188,19 @@ impl<B: AutodiffBackend> Trainer<B> {
             config,
             state,
             optimizer,
+            times: None,
         }
+    }
+
+    /// Turns per-phase timing of each step on or off ([`Trainer::last_step_times`]). It
+    /// synchronises the device between phases, which costs a little throughput.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.times = on.then(StepTimes::default);
+    }
+
+    /// The phase times of the last step, when profiling is on.
+    pub fn last_step_times(&self) -> Option<StepTimes> {
+        self.times
     }
 
     /// Continues the run saved in `checkpoint_dir` (see [`Trainer::save_checkpoint`]); `peft`
@@ -151,6 +217,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             config,
             state,
             optimizer,
+            times: None,
         })
     }
 
@@ -161,11 +228,14 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// [`FastLoraError::Training`] when the loss is NaN or infinite; the model is not updated.
     pub fn step(&mut self, micro_batches: &[Batch], total_steps: usize) -> Result<StepRecord> {
         let model = self.peft.model().clone();
+        let device = model.embed_tokens.weight.device();
+        let mut clock = self.times.is_some().then(|| PhaseClock::<B>::start(&device));
+        let mut times = StepTimes::default();
         let StepGradients {
             mut grads,
             loss,
             tokens,
-        } = step_gradients(&model, micro_batches);
+        } = step_gradients_timed(&model, micro_batches, clock.as_mut(), &mut times);
         let step = self.state.step + 1;
         if !loss.is_finite() {
             return Err(FastLoraError::Training(format!(
@@ -173,6 +243,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             )));
         }
         let grad_norm = clip_global_norm(&model, &mut grads, self.config.max_grad_norm);
+        if let Some(clock) = clock.as_mut() {
+            times.clip = clock.mark();
+        }
         let lr = learning_rate(
             self.config.lr_scheduler,
             self.config.learning_rate,
@@ -189,6 +262,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
             None => self.optimizer.step(lr, model, grads),
         };
+        if let Some(clock) = clock.as_mut() {
+            times.optimizer = clock.mark();
+            self.times = Some(times);
+        }
         self.peft.base.model = model;
         let record = StepRecord {
             step,
@@ -238,6 +315,17 @@ pub fn step_gradients<B: AutodiffBackend>(
     model: &LlamaForCausalLm<B>,
     micro_batches: &[Batch],
 ) -> StepGradients {
+    step_gradients_timed(model, micro_batches, None, &mut StepTimes::default())
+}
+
+/// [`step_gradients`], adding the forward and backward time of each micro-batch to `times`
+/// when a clock is given.
+fn step_gradients_timed<B: AutodiffBackend>(
+    model: &LlamaForCausalLm<B>,
+    micro_batches: &[Batch],
+    mut clock: Option<&mut PhaseClock<'_, B>>,
+    times: &mut StepTimes,
+) -> StepGradients {
     let device = model.embed_tokens.weight.device();
     let trained: usize = micro_batches.iter().map(Batch::num_trained_tokens).sum();
     let chunk_tokens = default_chunk_tokens(model.embed_tokens.weight.dims()[0]);
@@ -250,8 +338,16 @@ pub fn step_gradients<B: AutodiffBackend>(
         let mask = int_tensor::<B>(&batch.attention_mask, [batch.batch, batch.seq], &device);
         // The head and loss run chunk by chunk: [tokens, vocab] f32 logits never exist whole.
         let hidden = model.hidden_states(ids, Some(mask));
-        let (sum, _) = causal_lm_fused_loss_sum(model, hidden, labels, chunk_tokens);
+        let (sum, _) = fused_mlp::phases::phase::<B, _>("loss (chunked head + CE)", &device, || {
+            causal_lm_fused_loss_sum(model, hidden, labels, chunk_tokens)
+        });
+        if let Some(clock) = clock.as_deref_mut() {
+            times.forward += clock.mark();
+        }
         let grads = (sum.clone() / trained.max(1) as f64).backward();
+        if let Some(clock) = clock.as_deref_mut() {
+            times.backward += clock.mark();
+        }
         loss_sum += f64::from(sum.into_scalar().elem::<f32>());
         tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
@@ -281,16 +377,21 @@ fn int_tensor<B: Backend>(
     Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
 }
 
-/// Squares of every gradient the model's parameters received, summed.
-struct SquaredNorm<'a> {
+/// Squares of every gradient the model's parameters received, summed in f32 on the device
+/// (one read at the end instead of a device round trip per parameter).
+struct SquaredNorm<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
-    total: f64,
+    total: Option<Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            self.total += f64::from(grad.powi_scalar(2).sum().into_scalar().elem::<f32>());
+            let squares = grad.cast(DType::F32).powi_scalar(2).sum();
+            self.total = Some(match self.total.take() {
+                Some(total) => total + squares,
+                None => squares,
+            });
         }
     }
 }
@@ -316,9 +417,12 @@ fn clip_global_norm<B: AutodiffBackend>(
     grads: &mut GradientsParams,
     max: Option<f64>,
 ) -> f64 {
-    let mut norm = SquaredNorm { grads, total: 0.0 };
+    let mut norm = SquaredNorm::<B> { grads, total: None };
     model.visit(&mut norm);
-    let norm = norm.total.sqrt();
+    let norm = norm
+        .total
+        .map_or(0.0, |t| f64::from(t.into_scalar().elem::<f32>()))
+        .sqrt();
     if let Some(max) = max {
         let factor = max / (norm + 1e-6);
         if factor < 1.0 {
