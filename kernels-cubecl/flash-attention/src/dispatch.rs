@@ -98,7 +98,10 @@ pub fn flash_available<B: Backend>() -> bool {
 /// # Shapes
 /// - q: `[b, h, s, d]`; k, v: `[b, kvh, s, d]`; key_mask: `[b, s]` (1 = token, 0 = padding)
 /// - output: `[b, s, h·d]`
-#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_mut, unused))]
+#[cfg_attr(
+    not(any(feature = "cuda", feature = "wgpu")),
+    allow(unused_mut, unused)
+)]
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,

@@ -175,14 +175,7 @@ pub(crate) fn forward<B: AttentionKernels>(
     let mut lse_blocks = Vec::new();
     for (i0, i1) in geometry.blocks() {
         let q_blk = prim(rows(&qt, i0 * g, i1 * g));
-        let s = B::gemm(
-            q_blk,
-            N,
-            prim(rows(&kt, 0, i1)),
-            T,
-            geometry.scale(),
-            None,
-        );
+        let s = B::gemm(q_blk, N, prim(rows(&kt, 0, i1)), T, geometry.scale(), None);
         let at = BlockAt {
             q0: i0,
             groups: g,

@@ -87,8 +87,14 @@ fn model_attention_paths_agree() {
     let model = build_model::<AB>(&config, &mut rng, &device).unwrap();
     let (b, s, hidden) = (2, 23, config.hidden_size);
     let mut draw = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.next()).collect() };
-    let x = Tensor::<AB, 3>::from_data(TensorData::new(draw(b * s * hidden), [b, s, hidden]), &device);
-    let cot = Tensor::<AB, 3>::from_data(TensorData::new(draw(b * s * hidden), [b, s, hidden]), &device);
+    let x = Tensor::<AB, 3>::from_data(
+        TensorData::new(draw(b * s * hidden), [b, s, hidden]),
+        &device,
+    );
+    let cot = Tensor::<AB, 3>::from_data(
+        TensorData::new(draw(b * s * hidden), [b, s, hidden]),
+        &device,
+    );
     // Row 0: 4 left-padding tokens (those queries see no key); row 1: 3 right-padding tokens.
     let mask: Vec<i64> = (0..b * s)
         .map(|i| {

@@ -49,7 +49,11 @@ fn values<BK: Backend, const R: usize>(t: Tensor<BK, R>) -> Vec<f32> {
 
 /// The relative error `max|got − want| / max|want|`, after checking shapes and finiteness.
 #[track_caller]
-fn rel_error<BK: Backend, const R: usize>(what: &str, got: Tensor<BK, R>, want: Tensor<BK, R>) -> f32 {
+fn rel_error<BK: Backend, const R: usize>(
+    what: &str,
+    got: Tensor<BK, R>,
+    want: Tensor<BK, R>,
+) -> f32 {
     assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
     let (got, want) = (values(got), values(want));
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -93,7 +97,9 @@ impl Case {
         (!self.padding.is_empty()).then(|| {
             self.padding
                 .iter()
-                .flat_map(|p| (0..self.seq).map(move |j| f32::from(j >= p.left && j < self.seq - p.right)))
+                .flat_map(|p| {
+                    (0..self.seq).map(move |j| f32::from(j >= p.left && j < self.seq - p.right))
+                })
                 .collect()
         })
     }
@@ -118,7 +124,13 @@ impl Case {
     }
 
     fn run(&self, device: &WgpuDevice, seed: u64) {
-        let (b, kvh, g, s, d) = (self.batch, self.kv_heads, self.groups, self.seq, self.head_dim);
+        let (b, kvh, g, s, d) = (
+            self.batch,
+            self.kv_heads,
+            self.groups,
+            self.seq,
+            self.head_dim,
+        );
         let h = kvh * g;
         let geometry = Geometry::new(b, kvh, g, s, d, self.block_q);
         let label = format!(
@@ -142,7 +154,11 @@ impl Case {
             .map(|m| Tensor::<AB, 2>::from_data(TensorData::new(m, [b, s]), device));
 
         let grads_of = |fast: bool| {
-            let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
+            let (q, k, v) = (
+                q.clone().require_grad(),
+                k.clone().require_grad(),
+                v.clone().require_grad(),
+            );
             let out = if fast {
                 flash_attention(q.clone(), k.clone(), v.clone(), mask.clone(), self.block_q)
             } else {
@@ -251,11 +267,15 @@ fn gqa8_d128_left_padding() {
     .run(&device, 5);
 }
 
-fn prim<const R: usize>(t: Tensor<B, R>) -> burn_cubecl::tensor::CubeTensor<cubecl::wgpu::WgpuRuntime> {
+fn prim<const R: usize>(
+    t: Tensor<B, R>,
+) -> burn_cubecl::tensor::CubeTensor<cubecl::wgpu::WgpuRuntime> {
     t.into_primitive().tensor()
 }
 
-fn wrap<const R: usize>(p: burn_cubecl::tensor::CubeTensor<cubecl::wgpu::WgpuRuntime>) -> Tensor<B, R> {
+fn wrap<const R: usize>(
+    p: burn_cubecl::tensor::CubeTensor<cubecl::wgpu::WgpuRuntime>,
+) -> Tensor<B, R> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
 
@@ -270,7 +290,11 @@ fn kernels_match_burn_ops() {
     let (kvh, g, q0, q1, seq) = (2, 3, 10, 23, 40);
     let rows = (q1 - q0) * g;
     let n = 2 * kvh;
-    let at = BlockAt { q0, groups: g, kv_heads: kvh };
+    let at = BlockAt {
+        q0,
+        groups: g,
+        kv_heads: kvh,
+    };
     let mut rng = Rng(7);
     let s = rng.tensor::<B, 3>([n, rows, q1], 30.0, &device);
     // Batch row 0: keys 0..12 padding (queries 10, 11 see nothing); row 1: a few holes.
@@ -283,15 +307,23 @@ fn kernels_match_burn_ops() {
     let mask = Tensor::<B, 2>::from_data(TensorData::new(mask_values, [2, seq]), &device);
     for mask in [None, Some(mask)] {
         let what = if mask.is_some() { "masked" } else { "causal" };
-        let (p_ref, lse_ref) = block::softmax_forward::<B>(prim(s.clone()), mask.clone().map(prim), at);
-        let (p, lse) = kernels::softmax_forward::launch(prim(s.clone()), mask.clone().map(prim), at);
+        let (p_ref, lse_ref) =
+            block::softmax_forward::<B>(prim(s.clone()), mask.clone().map(prim), at);
+        let (p, lse) =
+            kernels::softmax_forward::launch(prim(s.clone()), mask.clone().map(prim), at);
         assert_close(&format!("{what} forward P"), wrap::<3>(p), wrap::<3>(p_ref));
         let (lse, lse_ref) = (wrap::<2>(lse), wrap::<2>(lse_ref));
         assert_eq!(lse.dtype(), DType::F32);
         // Rows that see no key carry the 1e30 marker in both; compare the others.
         let empty = lse_ref.clone().greater_elem(1e29);
-        assert_eq!(values(lse.clone().greater_elem(1e29).float()), values(empty.clone().float()));
-        assert_eq!(mask.is_some(), values(empty.clone().float()).iter().any(|&e| e != 0.0));
+        assert_eq!(
+            values(lse.clone().greater_elem(1e29).float()),
+            values(empty.clone().float())
+        );
+        assert_eq!(
+            mask.is_some(),
+            values(empty.clone().float()).iter().any(|&e| e != 0.0)
+        );
         assert_close(
             &format!("{what} forward LSE"),
             lse.clone().mask_fill(empty.clone(), 0.0),
@@ -301,7 +333,9 @@ fn kernels_match_burn_ops() {
         // LSE and D as column views of wider [n, 2·rows] tensors, as the op passes them.
         let wide = Tensor::cat(vec![lse.clone(), lse], 1);
         let lse_view = wide.slice([0..n, rows..2 * rows]);
-        let delta = rng.tensor::<B, 2>([n, 2 * rows], 1.0, &device).slice([0..n, 3..3 + rows]);
+        let delta = rng
+            .tensor::<B, 2>([n, 2 * rows], 1.0, &device)
+            .slice([0..n, 3..3 + rows]);
         let dp = rng.tensor::<B, 3>([n, rows, q1], 1.0, &device);
         let scale = 0.125;
         let (p_ref, ds_ref) = block::softmax_backward::<B>(
@@ -322,8 +356,16 @@ fn kernels_match_burn_ops() {
             at,
             scale,
         );
-        assert_close(&format!("{what} backward P"), wrap::<3>(p), wrap::<3>(p_ref));
-        assert_close(&format!("{what} backward dS"), wrap::<3>(ds), wrap::<3>(ds_ref));
+        assert_close(
+            &format!("{what} backward P"),
+            wrap::<3>(p),
+            wrap::<3>(p_ref),
+        );
+        assert_close(
+            &format!("{what} backward dS"),
+            wrap::<3>(ds),
+            wrap::<3>(ds_ref),
+        );
     }
     // The inputs are untouched when shared (the kernels copy before writing).
     assert!(values(s).iter().all(|v| v.is_finite()));

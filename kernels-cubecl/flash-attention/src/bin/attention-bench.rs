@@ -88,7 +88,14 @@ fn rel_error(got: &[f32], want: &[f32]) -> f64 {
 
 type Inputs<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
 
-fn inputs<B: Backend>(b: usize, h: usize, kvh: usize, s: usize, d: usize, device: &B::Device) -> Inputs<B> {
+fn inputs<B: Backend>(
+    b: usize,
+    h: usize,
+    kvh: usize,
+    s: usize,
+    d: usize,
+    device: &B::Device,
+) -> Inputs<B> {
     let normal = Distribution::Normal(0.0, 1.0);
     (
         Tensor::random([b, h, s, d], normal, device),
@@ -97,7 +104,11 @@ fn inputs<B: Backend>(b: usize, h: usize, kvh: usize, s: usize, d: usize, device
     )
 }
 
-fn check<B: AutodiffBackend + FlashAttentionBackend>(dtype: &str, tol: f64, device: &B::Device) -> bool {
+fn check<B: AutodiffBackend + FlashAttentionBackend>(
+    dtype: &str,
+    tol: f64,
+    device: &B::Device,
+) -> bool {
     let mut all_ok = true;
     let (b, kvh) = (2, 2);
     for g in [1, 3, 4, 8] {
@@ -117,14 +128,26 @@ fn check<B: AutodiffBackend + FlashAttentionBackend>(dtype: &str, tol: f64, devi
                     let live_values: Vec<f32> = (0..b * s)
                         .map(|i| f32::from(!(padded && i / s == 0 && i % s < left)))
                         .collect();
-                    let mask = padded
-                        .then(|| Tensor::<B, 2>::from_data(TensorData::new(mask_values.clone(), [b, s]), device));
-                    let live = Tensor::<B, 3>::from_data(TensorData::new(live_values, [b, s, 1]), device);
+                    let mask = padded.then(|| {
+                        Tensor::<B, 2>::from_data(
+                            TensorData::new(mask_values.clone(), [b, s]),
+                            device,
+                        )
+                    });
+                    let live =
+                        Tensor::<B, 3>::from_data(TensorData::new(live_values, [b, s, 1]), device);
                     let (q, k, v) = inputs::<B>(b, h, kvh, s, d, device);
-                    let cot = Tensor::<B, 3>::random([b, s, h * d], Distribution::Normal(0.0, 1.0), device)
-                        * live.clone();
+                    let cot = Tensor::<B, 3>::random(
+                        [b, s, h * d],
+                        Distribution::Normal(0.0, 1.0),
+                        device,
+                    ) * live.clone();
                     let run = |fast: bool| {
-                        let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
+                        let (q, k, v) = (
+                            q.clone().require_grad(),
+                            k.clone().require_grad(),
+                            v.clone().require_grad(),
+                        );
                         let o = if fast {
                             flash_attention(q.clone(), k.clone(), v.clone(), mask.clone(), None)
                         } else {
@@ -180,7 +203,11 @@ fn fwd_bwd<B: AutodiffBackend + FlashAttentionBackend>(
     cot: &Tensor<B, 3>,
     device: &B::Device,
 ) {
-    let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
+    let (q, k, v) = (
+        q.clone().require_grad(),
+        k.clone().require_grad(),
+        v.clone().require_grad(),
+    );
     let o = if fast {
         flash_attention(q.clone(), k.clone(), v.clone(), None, None)
     } else {
@@ -201,7 +228,11 @@ fn time<B: AutodiffBackend + FlashAttentionBackend>(device: &B::Device) {
             let ms = median_ms(|| fwd_bwd(fast, &x, &cot, device));
             println!(
                 "{{\"bench\":\"attention_fwd_bwd\",\"impl\":\"{}\",\"dtype\":\"bf16\",\"b\":{b},\"heads\":{h},\"kv_heads\":{kvh},\"seq\":{s},\"head_dim\":{d},\"ms\":{ms:.3},\"causal_tflops\":{:.1}}}",
-                if fast { "flash_burn" } else { "materialised_burn" },
+                if fast {
+                    "flash_burn"
+                } else {
+                    "materialised_burn"
+                },
                 flops / ms / 1e9
             );
         }
@@ -213,14 +244,24 @@ fn memory(device: &CudaDevice) {
     let bdev = device.clone();
     let client = CudaRuntime::client(device);
     let (b, h, kvh, d) = (1, 32, 8, 128);
-    for (s, fast) in [(2048, true), (8192, true), (32768, true), (2048, false), (8192, false)] {
+    for (s, fast) in [
+        (2048, true),
+        (8192, true),
+        (32768, true),
+        (2048, false),
+        (8192, false),
+    ] {
         client.memory_cleanup();
         let base = client.memory_usage().expect("memory usage");
         let x = inputs::<B>(b, h, kvh, s, d, &bdev);
         let cot = Tensor::<B, 3>::random([b, s, h * d], Distribution::Normal(0.0, 1.0), &bdev);
         B::sync(&bdev).expect("sync");
         let inputs_usage = client.memory_usage().expect("memory usage");
-        let (q, k, v) = (x.0.clone().require_grad(), x.1.clone().require_grad(), x.2.clone().require_grad());
+        let (q, k, v) = (
+            x.0.clone().require_grad(),
+            x.1.clone().require_grad(),
+            x.2.clone().require_grad(),
+        );
         let o = if fast {
             flash_attention(q.clone(), k.clone(), v.clone(), None, None)
         } else {
@@ -236,7 +277,11 @@ fn memory(device: &CudaDevice) {
         let mib = |x: u64| x as f64 / (1u64 << 20) as f64;
         println!(
             "{{\"bench\":\"attention_memory\",\"impl\":\"{}\",\"dtype\":\"bf16\",\"b\":{b},\"heads\":{h},\"kv_heads\":{kvh},\"seq\":{s},\"head_dim\":{d},\"inputs_in_use_mib\":{:.1},\"after_fwd_in_use_mib\":{:.1},\"after_bwd_in_use_mib\":{:.1},\"reserved_after_bwd_mib\":{:.1},\"reserved_before_mib\":{:.1}}}",
-            if fast { "flash_burn" } else { "materialised_burn" },
+            if fast {
+                "flash_burn"
+            } else {
+                "materialised_burn"
+            },
             mib(inputs_usage.bytes_in_use.saturating_sub(base.bytes_in_use)),
             mib(after_fwd.bytes_in_use.saturating_sub(base.bytes_in_use)),
             mib(after_bwd.bytes_in_use.saturating_sub(base.bytes_in_use)),

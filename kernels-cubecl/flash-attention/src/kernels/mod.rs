@@ -45,11 +45,7 @@ fn check_rows<R: CubeRuntime>(name: &str, t: &CubeTensor<R>, n: usize, rows: usi
         &[n, rows],
         "`{name}` must be [entries, rows] = [{n}, {rows}]"
     );
-    assert_eq!(
-        t.dtype,
-        burn::tensor::DType::F32,
-        "`{name}` must be f32"
-    );
+    assert_eq!(t.dtype, burn::tensor::DType::F32, "`{name}` must be f32");
 }
 
 /// Checks the `[b, s]` f32 key mask against a block at `at` with `n` entries and `keys` keys.

@@ -63,8 +63,8 @@ fn softmax_forward_kernel<F: Float, L: Float>(
     while j < end {
         let mut visible = true;
         if has_mask {
-            visible = f32::cast_from(key_mask[b * key_mask.stride(0) + j * key_mask.stride(1)])
-                != 0.0f32;
+            visible =
+                f32::cast_from(key_mask[b * key_mask.stride(0) + j * key_mask.stride(1)]) != 0.0f32;
         }
         if visible {
             let x = f32::cast_from(s[base + j * ks]);
@@ -110,9 +110,8 @@ fn softmax_forward_kernel<F: Float, L: Float>(
         if j < end {
             let mut visible = true;
             if has_mask {
-                visible =
-                    f32::cast_from(key_mask[b * key_mask.stride(0) + j * key_mask.stride(1)])
-                        != 0.0f32;
+                visible = f32::cast_from(key_mask[b * key_mask.stride(0) + j * key_mask.stride(1)])
+                    != 0.0f32;
             }
             if visible {
                 p = f32::exp(f32::cast_from(s[base + j * ks]) - row_lse);
