@@ -140,6 +140,7 @@ mod tests {
         let ctx = model.context(&x, None, 3);
         let blocked: Vec<bool> = ctx
             .mask
+            .expect("a cached pass builds the materialised mask")
             .into_data()
             .to_vec::<f32>()
             .unwrap()

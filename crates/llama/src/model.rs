@@ -134,15 +134,21 @@ impl<B: Backend> RotaryEmbedding<B> {
     }
 }
 
-/// What every decoder layer of one forward pass shares: the rotary tables, the start position
-/// and the additive attention mask.
+/// What every decoder layer of one forward pass shares: the start position and the attention
+/// mask, in the form the chosen attention path takes.
 #[derive(Debug, Clone)]
 pub struct LayerContext<B: Backend> {
     /// Position of the first token of this pass (non-zero when decoding with a cache).
     pub start_pos: usize,
-    /// Additive mask, `[batch, 1, seq_q, seq_k]` (`seq_k = start_pos + seq_q`): 0 where
-    /// attending, a large negative score (-1e9) elsewhere.
-    pub mask: Tensor<B, 4>,
+    /// Additive mask for the materialised attention, `[batch, 1, seq_q, seq_k]`
+    /// (`seq_k = start_pos + seq_q`): 0 where attending, a large negative score (-1e9)
+    /// elsewhere. `None` when the pass takes the linear-memory attention
+    /// ([`flash_attention::attention`]), which masks causally itself: this mask is quadratic in
+    /// the sequence length, so it is not built then.
+    pub mask: Option<Tensor<B, 4>>,
+    /// The key-padding mask `[batch, seq]` (1 = token, 0 = padding) for the linear-memory
+    /// attention; `None` without padding or on the materialised path.
+    pub key_padding: Option<Tensor<B, 2>>,
 }
 
 /// Multi-head attention with grouped K/V heads (GQA) and RoPE.
@@ -177,7 +183,16 @@ impl<B: Backend> Attention<B> {
         ctx: &LayerContext<B>,
     ) -> Tensor<B, 3> {
         let (q, k, v) = self.rotated_qkv(x, rope, ctx.start_pos);
-        self.attend(q, k, v, &ctx.mask)
+        match &ctx.mask {
+            Some(mask) => self.attend(q, k, v, mask),
+            None => {
+                // `LlamaForCausalLm::context` leaves the mask out only where the fast op runs
+                // (a backend it is compiled for, start_pos 0, fusing allowed).
+                let out = flash_attention::attention(q, k, v, ctx.key_padding.clone())
+                    .expect("the context chose the linear-memory attention for this backend");
+                fused_mlp::linear(out, &self.o_proj)
+            }
+        }
     }
 
     /// Causal self-attention of `x` over the keys and values `past` holds and its own, which it
@@ -191,7 +206,11 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let (q, k, v) = self.rotated_qkv(x, rope, ctx.start_pos);
         let (k, v) = past.append(k, v);
-        self.attend(q, k, v, &ctx.mask)
+        let mask = ctx
+            .mask
+            .as_ref()
+            .expect("the cached pass's context holds the materialised mask");
+        self.attend(q, k, v, mask)
     }
 
     /// Projects `x` to per-head queries, keys and values, with RoPE at positions from `start`
@@ -487,7 +506,7 @@ impl<B: Backend> LlamaForCausalLm<B> {
             self.layers.len()
         );
         let mut x = self.embed_tokens.forward(input_ids);
-        let ctx = self.context(&x, None, cache.len());
+        let ctx = self.layer_context(&x, None, cache.len(), false);
         for (layer, past) in self.layers.iter().zip(cache.layers_mut()) {
             x = layer.forward_cached(x, &self.rope, &ctx, past);
         }
@@ -503,6 +522,10 @@ impl<B: Backend> LlamaForCausalLm<B> {
     /// - attention_mask: `[batch, start_pos + seq]`
     /// - mask of the context: `[batch, 1, seq, start_pos + seq]`
     ///
+    /// With `start_pos` 0 on a backend where the linear-memory attention is compiled and
+    /// allowed ([`flash_attention::flash_available`]), the context holds the `[batch, seq]`
+    /// key-padding mask instead, and [`Attention::forward`] takes that op.
+    ///
     /// # Panics
     /// If `start_pos + seq` exceeds `max_position_embeddings`.
     pub fn context(
@@ -510,6 +533,18 @@ impl<B: Backend> LlamaForCausalLm<B> {
         x: &Tensor<B, 3>,
         attention_mask: Option<Tensor<B, 2, Int>>,
         start_pos: usize,
+    ) -> LayerContext<B> {
+        self.layer_context(x, attention_mask, start_pos, true)
+    }
+
+    /// [`Self::context`], the linear-memory attention allowed or not (the cached pass, whose
+    /// keys outnumber its queries, always takes the materialised one).
+    fn layer_context(
+        &self,
+        x: &Tensor<B, 3>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        start_pos: usize,
+        allow_flash: bool,
     ) -> LayerContext<B> {
         let [batch, seq, _] = x.dims();
         let keys = start_pos + seq;
@@ -519,6 +554,13 @@ impl<B: Backend> LlamaForCausalLm<B> {
             "sequence of {keys} tokens exceeds max_position_embeddings = {}",
             self.rope.max_positions()
         );
+        if allow_flash && start_pos == 0 && flash_attention::flash_available::<B>() {
+            return LayerContext {
+                start_pos,
+                mask: None,
+                key_padding: attention_mask.map(|mask| mask.float()),
+            };
+        }
         // Query i (at position start_pos + i) may see key j iff j ≤ start_pos + i (causal) and
         // key j is not padding. Burn's `tril_mask` with offset `start_pos` is true exactly where
         // j > i + start_pos, i.e. on the future keys.
@@ -533,7 +575,11 @@ impl<B: Backend> LlamaForCausalLm<B> {
         }
         let mask = Tensor::<B, 4>::zeros([batch, 1, seq, keys], (&device, x.dtype()))
             .mask_fill(blocked, masked_score(x.dtype()));
-        LayerContext { start_pos, mask }
+        LayerContext {
+            start_pos,
+            mask: Some(mask),
+            key_padding: None,
+        }
     }
 
     /// Number of decoder layers.

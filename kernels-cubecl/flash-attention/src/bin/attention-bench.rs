@@ -1,0 +1,296 @@
+//! GPU check and benchmark of the linear-memory attention on Burn's CUDA backend (plain
+//! `CubeBackend`, autodiff), against the materialised attention on the same backend.
+//!
+//! Usage: `attention-bench [MODE]`, MODE one of
+//!
+//! - `check-f32`, `check-bf16`: fast vs materialised outputs and `dq`, `dk`, `dv` (relative
+//!   error `max|Δ| / max|ref|`, pass bar 1e-4 f32 / 2e-2 bf16) for GQA 1, 3, 4, 8, d 64 and
+//!   128, s 1000 and 2047, without and with padding (a left- and a right-padded row);
+//! - `time`: forward + backward (median of 10 after 3 warm-up, synced), bf16, at b4×32 heads
+//!   ×2048×d64 and b2×32×2048×d128 (8 KV heads), fast and materialised;
+//! - `memory`: device memory (CubeCL `memory_usage`) of fast forward + backward at b1, 32 heads,
+//!   8 KV heads, d128, s 2k, 8k, 32k (and materialised at 2k, 8k for contrast), bf16;
+//! - `all` (default): each of the above in its own process (Burn fixes a CUDA device's float
+//!   dtype per process).
+//!
+//! Every result is one JSON line on stdout; the exit status is 1 if a check fails.
+
+use std::process::Command;
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::backend::cuda::CudaDevice;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Distribution, bf16};
+use cubecl::Runtime;
+use cubecl::cuda::CudaRuntime;
+use flash_attention::{FlashAttentionBackend, flash_attention, materialised_attention};
+use fused_mlp::CudaBackend;
+
+fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    let device = CudaDevice::default();
+    let ok = match mode.as_str() {
+        "check-f32" => check::<Autodiff<CudaBackend<f32>>>("f32", 1e-4, &device),
+        "check-bf16" => check::<Autodiff<CudaBackend<bf16>>>("bf16", 2e-2, &device),
+        "time" => {
+            time::<Autodiff<CudaBackend<bf16>>>(&device);
+            true
+        }
+        "memory" => {
+            memory(&device);
+            true
+        }
+        "all" => {
+            let exe = std::env::current_exe().expect("own path");
+            ["check-f32", "check-bf16", "time", "memory"]
+                .iter()
+                .map(|m| {
+                    Command::new(&exe)
+                        .arg(m)
+                        .status()
+                        .is_ok_and(|s| s.success())
+                })
+                // Every mode runs, whatever an earlier one returned.
+                .collect::<Vec<bool>>()
+                .into_iter()
+                .all(|ok| ok)
+        }
+        other => {
+            eprintln!("unknown mode {other:?}: check-f32 | check-bf16 | time | memory | all");
+            false
+        }
+    };
+    std::process::exit(if ok { 0 } else { 1 });
+}
+
+fn host(t: Tensor<impl Backend, 3>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().expect("f32 data")
+}
+
+fn host4(t: Tensor<impl Backend, 4>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().expect("f32 data")
+}
+
+fn rel_error(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want.iter().fold(0f64, |m, v| m.max(f64::from(v.abs())));
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| {
+            if g.is_finite() {
+                f64::from((g - w).abs())
+            } else {
+                f64::INFINITY
+            }
+        })
+        .fold(0f64, f64::max);
+    worst / scale.max(f64::MIN_POSITIVE)
+}
+
+type Inputs<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+
+fn inputs<B: Backend>(
+    b: usize,
+    h: usize,
+    kvh: usize,
+    s: usize,
+    d: usize,
+    device: &B::Device,
+) -> Inputs<B> {
+    let normal = Distribution::Normal(0.0, 1.0);
+    (
+        Tensor::random([b, h, s, d], normal, device),
+        Tensor::random([b, kvh, s, d], normal, device),
+        Tensor::random([b, kvh, s, d], normal, device),
+    )
+}
+
+fn check<B: AutodiffBackend + FlashAttentionBackend>(
+    dtype: &str,
+    tol: f64,
+    device: &B::Device,
+) -> bool {
+    let mut all_ok = true;
+    let (b, kvh) = (2, 2);
+    for g in [1, 3, 4, 8] {
+        for d in [64, 128] {
+            for s in [1000, 2047] {
+                for padded in [false, true] {
+                    let h = kvh * g;
+                    // Row 0: 37 left-padding tokens (queries that see nothing); row 1: 50 right.
+                    let (left, right) = (37, 50);
+                    let mask_values: Vec<f32> = (0..b * s)
+                        .map(|i| {
+                            let (row, j) = (i / s, i % s);
+                            let token = !padded || if row == 0 { j >= left } else { j < s - right };
+                            f32::from(token)
+                        })
+                        .collect();
+                    let live_values: Vec<f32> = (0..b * s)
+                        .map(|i| f32::from(!(padded && i / s == 0 && i % s < left)))
+                        .collect();
+                    let mask = padded.then(|| {
+                        Tensor::<B, 2>::from_data(
+                            TensorData::new(mask_values.clone(), [b, s]),
+                            device,
+                        )
+                    });
+                    let live =
+                        Tensor::<B, 3>::from_data(TensorData::new(live_values, [b, s, 1]), device);
+                    let (q, k, v) = inputs::<B>(b, h, kvh, s, d, device);
+                    let cot = Tensor::<B, 3>::random(
+                        [b, s, h * d],
+                        Distribution::Normal(0.0, 1.0),
+                        device,
+                    ) * live.clone();
+                    let run = |fast: bool| {
+                        let (q, k, v) = (
+                            q.clone().require_grad(),
+                            k.clone().require_grad(),
+                            v.clone().require_grad(),
+                        );
+                        let o = if fast {
+                            flash_attention(q.clone(), k.clone(), v.clone(), mask.clone(), None)
+                        } else {
+                            materialised_attention(q.clone(), k.clone(), v.clone(), mask.clone())
+                        };
+                        let grads = (o.clone() * cot.clone()).sum().backward();
+                        (
+                            host((o * live.clone()).inner()),
+                            host4(q.grad(&grads).expect("dq")),
+                            host4(k.grad(&grads).expect("dk")),
+                            host4(v.grad(&grads).expect("dv")),
+                        )
+                    };
+                    let fast = run(true);
+                    let reference = run(false);
+                    let errs = [
+                        rel_error(&fast.0, &reference.0),
+                        rel_error(&fast.1, &reference.1),
+                        rel_error(&fast.2, &reference.2),
+                        rel_error(&fast.3, &reference.3),
+                    ];
+                    let ok = errs.iter().all(|e| *e <= tol);
+                    all_ok &= ok;
+                    println!(
+                        "{{\"check\":\"attention\",\"dtype\":\"{dtype}\",\"b\":{b},\"heads\":{h},\"kv_heads\":{kvh},\"seq\":{s},\"head_dim\":{d},\"padded\":{padded},\"rel_o\":{:.3e},\"rel_dq\":{:.3e},\"rel_dk\":{:.3e},\"rel_dv\":{:.3e},\"tol\":{tol:e},\"ok\":{ok}}}",
+                        errs[0], errs[1], errs[2], errs[3]
+                    );
+                }
+            }
+        }
+    }
+    all_ok
+}
+
+fn median_ms(mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    let mut times: Vec<f64> = (0..10)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn fwd_bwd<B: AutodiffBackend + FlashAttentionBackend>(
+    fast: bool,
+    (q, k, v): &Inputs<B>,
+    cot: &Tensor<B, 3>,
+    device: &B::Device,
+) {
+    let (q, k, v) = (
+        q.clone().require_grad(),
+        k.clone().require_grad(),
+        v.clone().require_grad(),
+    );
+    let o = if fast {
+        flash_attention(q.clone(), k.clone(), v.clone(), None, None)
+    } else {
+        materialised_attention(q.clone(), k.clone(), v.clone(), None)
+    };
+    let grads = (o * cot.clone()).sum().backward();
+    let _ = (q.grad(&grads), k.grad(&grads), v.grad(&grads));
+    B::sync(device).expect("device sync");
+}
+
+fn time<B: AutodiffBackend + FlashAttentionBackend>(device: &B::Device) {
+    for (b, h, kvh, s, d) in [(4, 32, 8, 2048, 64), (2, 32, 8, 2048, 128)] {
+        let x = inputs::<B>(b, h, kvh, s, d, device);
+        let cot = Tensor::<B, 3>::random([b, s, h * d], Distribution::Normal(0.0, 1.0), device);
+        // Causal attention FLOPs: fwd 2 GEMMs, bwd 5 (one a recompute), each b·h·s²·d (halved).
+        let flops = 7.0 * 2.0 * (b * h * s * s * d) as f64 / 2.0;
+        for fast in [true, false] {
+            let ms = median_ms(|| fwd_bwd(fast, &x, &cot, device));
+            println!(
+                "{{\"bench\":\"attention_fwd_bwd\",\"impl\":\"{}\",\"dtype\":\"bf16\",\"b\":{b},\"heads\":{h},\"kv_heads\":{kvh},\"seq\":{s},\"head_dim\":{d},\"ms\":{ms:.3},\"causal_tflops\":{:.1}}}",
+                if fast {
+                    "flash_burn"
+                } else {
+                    "materialised_burn"
+                },
+                flops / ms / 1e9
+            );
+        }
+    }
+}
+
+fn memory(device: &CudaDevice) {
+    type B = Autodiff<CudaBackend<bf16>>;
+    let bdev = device.clone();
+    let client = CudaRuntime::client(device);
+    let (b, h, kvh, d) = (1, 32, 8, 128);
+    for (s, fast) in [
+        (2048, true),
+        (8192, true),
+        (32768, true),
+        (2048, false),
+        (8192, false),
+    ] {
+        client.memory_cleanup();
+        let base = client.memory_usage().expect("memory usage");
+        let x = inputs::<B>(b, h, kvh, s, d, &bdev);
+        let cot = Tensor::<B, 3>::random([b, s, h * d], Distribution::Normal(0.0, 1.0), &bdev);
+        B::sync(&bdev).expect("sync");
+        let inputs_usage = client.memory_usage().expect("memory usage");
+        let (q, k, v) = (
+            x.0.clone().require_grad(),
+            x.1.clone().require_grad(),
+            x.2.clone().require_grad(),
+        );
+        let o = if fast {
+            flash_attention(q.clone(), k.clone(), v.clone(), None, None)
+        } else {
+            materialised_attention(q.clone(), k.clone(), v.clone(), None)
+        };
+        B::sync(&bdev).expect("sync");
+        // The graph now holds what the backward will read.
+        let after_fwd = client.memory_usage().expect("memory usage");
+        let grads = (o * cot.clone()).sum().backward();
+        let _ = (q.grad(&grads), k.grad(&grads), v.grad(&grads));
+        B::sync(&bdev).expect("sync");
+        let after_bwd = client.memory_usage().expect("memory usage");
+        let mib = |x: u64| x as f64 / (1u64 << 20) as f64;
+        println!(
+            "{{\"bench\":\"attention_memory\",\"impl\":\"{}\",\"dtype\":\"bf16\",\"b\":{b},\"heads\":{h},\"kv_heads\":{kvh},\"seq\":{s},\"head_dim\":{d},\"inputs_in_use_mib\":{:.1},\"after_fwd_in_use_mib\":{:.1},\"after_bwd_in_use_mib\":{:.1},\"reserved_after_bwd_mib\":{:.1},\"reserved_before_mib\":{:.1}}}",
+            if fast {
+                "flash_burn"
+            } else {
+                "materialised_burn"
+            },
+            mib(inputs_usage.bytes_in_use.saturating_sub(base.bytes_in_use)),
+            mib(after_fwd.bytes_in_use.saturating_sub(base.bytes_in_use)),
+            mib(after_bwd.bytes_in_use.saturating_sub(base.bytes_in_use)),
+            mib(after_bwd.bytes_reserved),
+            mib(base.bytes_reserved),
+        );
+        drop(grads);
+    }
+}

@@ -1,0 +1,54 @@
+//! The op on `CubeBackend<R, F, I, BT>`, any CubeCL runtime `R` (CUDA, wgpu); plain
+//! `CubeBackend`, no Fusion wrapper (as fused-mlp).
+
+use burn::tensor::ops::FloatTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+
+use crate::op::{AttentionKernels, BlockAt, FlashAttentionBackend, Geometry, forward};
+use crate::{block, kernels, kernels_enabled};
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionKernels
+    for CubeBackend<R, F, I, BT>
+{
+    fn softmax_forward(
+        s: FloatTensor<Self>,
+        key_mask: Option<FloatTensor<Self>>,
+        at: BlockAt,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if kernels_enabled() {
+            kernels::softmax_forward::launch(s, key_mask, at)
+        } else {
+            block::softmax_forward::<Self>(s, key_mask, at)
+        }
+    }
+
+    fn softmax_backward(
+        s: FloatTensor<Self>,
+        dp: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        delta: FloatTensor<Self>,
+        key_mask: Option<FloatTensor<Self>>,
+        at: BlockAt,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if kernels_enabled() {
+            kernels::softmax_backward::launch(s, dp, lse, delta, key_mask, at, scale)
+        } else {
+            block::softmax_backward::<Self>(s, dp, lse, delta, key_mask, at, scale)
+        }
+    }
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FlashAttentionBackend
+    for CubeBackend<R, F, I, BT>
+{
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_mask: Option<FloatTensor<Self>>,
+        geometry: Geometry,
+    ) -> FloatTensor<Self> {
+        forward::<Self>(q, k, v, key_mask, geometry).0
+    }
+}

@@ -1,0 +1,136 @@
+//! Causal grouped-query attention whose memory is linear in the sequence length, forward and
+//! backward, as one custom autodiff op ("flash-style" at block granularity, the products on the
+//! GEMM provider: cuBLASLt on CUDA).
+//!
+//! # Layout
+//!
+//! Queries arrive as `[b, h, s, d]` after RoPE, keys and values as `[b, kvh, s, d]` with
+//! `h = kvh·g`. The op works on `Q` laid out as `[b·kvh, s·g, d]` (that is `[b, kvh, s, g, d]`,
+//! one copy of `q`): the query block of positions `[i0, i1)` is the contiguous row range
+//! `[i0·g, i1·g)` of every batch entry, and one batched GEMM over `b·kvh` covers the `g` query
+//! heads of a KV head without repeating K/V. Row `r` of a block is query position `i0 + r/g`.
+//! `O`, `dO` and `dQ` share the layout; `K`, `V` are `[b·kvh, s, d]` (views of the input).
+//!
+//! # Algorithm
+//!
+//! ```text
+//! forward, per query block [i0, i1) (causal: keys [0, i1) only):
+//!   S   = scale·Q_blk·K[:i1]ᵀ                                   GEMM
+//!   LSE = log Σ_j exp(S_j)  over the unmasked keys (f32)         kernel `softmax_forward`
+//!   P   = exp(S − LSE), 0 where masked                           (same kernel, over S)
+//!   O_blk = P·V[:i1]                                            GEMM
+//! saved: q, k, v, o, LSE (f32, [b·kvh, s·g]): nothing quadratic.
+//! backward: D = rowsum(dO∘O) (f32); per block, last first:
+//!   S = scale·Q_blk·K[:i1]ᵀ,  dP = dO_blk·V[:i1]ᵀ                GEMMs
+//!   P = exp(S − LSE) masked,  dS = scale·P∘(dP − D)              kernel `softmax_backward`
+//!   dV[:i1] += Pᵀ·dO_blk,  dK[:i1] += dSᵀ·Q_blk                  GEMMs, β-accumulated
+//!   dQ_blk = dS·K[:i1]                                          GEMM
+//! ```
+//!
+//! Masks: key `j` is visible from query position `i` iff `j ≤ i` and, with a key-padding mask
+//! `[b, s]` (1 = token, 0 = padding), `mask[j] ≠ 0`. A query row with no visible key (a
+//! left-padding position) gets `O = 0` and no gradient; the materialised path instead gives
+//! such rows a uniform mix over every key (its additive mask is finite). Those rows are padding:
+//! a loss never reads them, and no other row reads their keys, so every unpadded output, every
+//! loss and every gradient agree.
+//!
+//! # Paths
+//!
+//! - [`FlashAttentionBackend`] (feature `cubecl`): `CubeBackend<R, ..>` (forward only) and
+//!   `Autodiff` over it (forward + the backward above), on top of [`AttentionKernels`] (the two
+//!   softmax steps) and [`fused_mlp::FusedMlpKernels::gemm`].
+//! - [`materialised_attention`]: the `[b, h, s, s]` reference, every backend (the model's
+//!   portable path computes the same thing; the tests' oracle).
+//! - [`attention`]: dispatch for a model generic over `B: Backend`, by `TypeId`, like
+//!   `fused_mlp::mlp`: the fast op on the backends compiled in (features `cuda`, `wgpu`) when
+//!   [`flash_enabled`] and `fused_mlp::fused_enabled()`, else `None` (the caller runs its own
+//!   materialised attention).
+//!
+//! The two softmax steps exist twice: CubeCL kernels (`kernels`, one per file) and plain Burn
+//! ops (`block`), chosen by [`set_kernels_enabled`] (kernels by default); the Burn-ops version
+//! is the kernels' oracle in the tests.
+
+use burn::prelude::*;
+use burn::tensor::TensorPrimitive;
+
+#[cfg(feature = "cubecl")]
+mod autodiff;
+pub mod block;
+#[cfg(feature = "cubecl")]
+mod cube;
+mod dispatch;
+#[cfg(feature = "cubecl")]
+pub mod kernels;
+mod op;
+mod reference;
+
+pub use dispatch::{
+    attention, fast_backend, flash_available, flash_enabled, kernels_enabled, set_flash_enabled,
+    set_kernels_enabled,
+};
+pub use op::{AttentionKernels, BlockAt, FlashAttentionBackend, Geometry, SCORE_BUDGET_BYTES};
+pub use reference::materialised_attention;
+
+/// Causal GQA attention through [`FlashAttentionBackend`], with memory linear in `s`.
+///
+/// `block_q`: query positions per block; `None` picks the largest block whose score tile
+/// `b·kvh·(block_q·g)·s` f32 values fits [`SCORE_BUDGET_BYTES`] (tests pass a small one to run
+/// several blocks).
+///
+/// # Shapes
+/// - q: `[b, h, s, d]`; k, v: `[b, kvh, s, d]` (`h` a multiple of `kvh`)
+/// - key_mask: `[b, s]`, 1 = token, 0 = padding (any float dtype)
+/// - output: `[b, s, h·d]` (ready for `o_proj`), in `q`'s dtype
+///
+/// # Panics
+/// On inconsistent shapes.
+pub fn flash_attention<B: FlashAttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    key_mask: Option<Tensor<B, 2>>,
+    block_q: Option<usize>,
+) -> Tensor<B, 3> {
+    let [b, h, s, d] = q.dims();
+    let [bk, kvh, sk, dk] = k.dims();
+    assert_eq!(k.dims(), v.dims(), "flash attention: k and v shapes differ");
+    assert!(
+        bk == b && sk == s && dk == d,
+        "flash attention: q {:?} and k {:?} disagree",
+        q.dims(),
+        k.dims()
+    );
+    assert!(
+        kvh > 0 && h % kvh == 0,
+        "flash attention: {h} query heads are not a multiple of {kvh} kv heads"
+    );
+    assert!(s > 0 && d > 0, "flash attention: empty sequence or head");
+    let g = h / kvh;
+    let dtype = q.dtype();
+    let same = |t: Tensor<B, 4>| if t.dtype() == dtype { t } else { t.cast(dtype) };
+    let (k, v) = (same(k), same(v));
+    let geometry = Geometry::new(b, kvh, g, s, d, block_q);
+    // [b, h, s, d] = [b, kvh, g, s, d] -> [b, kvh, s, g, d] -> [b·kvh, s·g, d]: one copy.
+    let q = q
+        .reshape([b, kvh, g, s, d])
+        .swap_dims(2, 3)
+        .reshape([b * kvh, s * g, d]);
+    let k = k.reshape([b * kvh, s, d]);
+    let v = v.reshape([b * kvh, s, d]);
+    let key_mask = key_mask.map(|m| {
+        assert_eq!(m.dims(), [b, s], "flash attention: key mask shape");
+        m.cast(burn::tensor::DType::F32).into_primitive().tensor()
+    });
+    let o = B::flash_attention(
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+        key_mask,
+        geometry,
+    );
+    // [b·kvh, s·g, d] = [b, kvh, s, g, d] -> [b, s, kvh, g, d] -> [b, s, h·d].
+    Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(o))
+        .reshape([b, kvh, s, g, d])
+        .swap_dims(1, 2)
+        .reshape([b, s, h * d])
+}

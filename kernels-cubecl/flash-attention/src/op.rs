@@ -1,0 +1,302 @@
+//! The op's traits and its forward and backward passes on primitives, written once over
+//! [`AttentionKernels`] (the two softmax steps) and `FusedMlpKernels::gemm` (every product).
+
+use burn::prelude::*;
+use burn::tensor::TensorPrimitive;
+use burn::tensor::ops::FloatTensor;
+use fused_mlp::{FusedMlpKernels, Trans};
+
+/// Bytes the transient score tile of one query block may take, counted at 4 bytes per score
+/// (`b·kvh·(block_q·g)·s`): the default block size keeps each block's `S` (and, in backward,
+/// `dP`) under this.
+pub const SCORE_BUDGET_BYTES: usize = 256 << 20;
+
+/// The problem's sizes, in the op's layout (see the crate docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Batch `b`.
+    pub batch: usize,
+    /// Key/value heads `kvh`.
+    pub kv_heads: usize,
+    /// Query heads per KV head, `g = h / kvh`.
+    pub groups: usize,
+    /// Sequence length `s` (queries and keys).
+    pub seq: usize,
+    /// Head width `d`.
+    pub head_dim: usize,
+    /// Query positions per block.
+    pub block_q: usize,
+}
+
+impl Geometry {
+    /// The geometry, with `block_q` defaulted from [`SCORE_BUDGET_BYTES`] and clamped to `[1, s]`.
+    pub fn new(
+        batch: usize,
+        kv_heads: usize,
+        groups: usize,
+        seq: usize,
+        head_dim: usize,
+        block_q: Option<usize>,
+    ) -> Self {
+        let per_position = (batch * kv_heads * groups * seq * 4).max(1);
+        let block_q = block_q
+            .unwrap_or(SCORE_BUDGET_BYTES / per_position)
+            .clamp(1, seq.max(1));
+        Self {
+            batch,
+            kv_heads,
+            groups,
+            seq,
+            head_dim,
+            block_q,
+        }
+    }
+
+    /// GEMM batch entries, `b·kvh`.
+    pub fn entries(&self) -> usize {
+        self.batch * self.kv_heads
+    }
+
+    /// The softmax scale `1/√d`.
+    pub fn scale(&self) -> f64 {
+        (self.head_dim as f64).powf(-0.5)
+    }
+
+    /// The query blocks `[i0, i1)`, in order.
+    pub fn blocks(&self) -> Vec<(usize, usize)> {
+        (0..self.seq)
+            .step_by(self.block_q)
+            .map(|i0| (i0, (i0 + self.block_q).min(self.seq)))
+            .collect()
+    }
+}
+
+/// Where a score block sits: its first query position and the head grouping, which fix every
+/// row's query position (`q0 + r / groups`) and batch row (`entry / kv_heads`) for the masks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockAt {
+    /// First query position of the block.
+    pub q0: usize,
+    /// Query heads per KV head.
+    pub groups: usize,
+    /// KV heads (batch entry `e` is batch row `e / kv_heads`).
+    pub kv_heads: usize,
+}
+
+/// The softmax steps of the op on a backend; with `FusedMlpKernels::gemm`, all the op needs.
+///
+/// Shapes: a score block is `[b·kvh, R, i1]` (`R = (i1 − q0)·g` rows, keys `[0, i1)`), in the
+/// activation dtype; LSE and D blocks are `[b·kvh, R]` f32; the key mask is `[b, s]` f32.
+/// Masked scores (key after the row's query position, or a padding key) count as absent.
+pub trait AttentionKernels: FusedMlpKernels {
+    /// From scores `S` (scale applied): `(P, LSE)` with `LSE = log Σ_unmasked exp(S)` (f32;
+    /// a row with no unmasked key gets `+∞`-like `1e30`) and `P = exp(S − LSE)`, 0 where masked,
+    /// in `S`'s dtype (may reuse `S`'s buffer).
+    fn softmax_forward(
+        s: FloatTensor<Self>,
+        key_mask: Option<FloatTensor<Self>>,
+        at: BlockAt,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// From recomputed scores `S`, `dP = dO·Vᵀ`, the block's LSE and `D = rowsum(dO∘O)`:
+    /// `(P, dS)` with `P = exp(S − LSE)` masked and `dS = scale·P∘(dP − D)`, both in `S`'s dtype
+    /// (may reuse `S`'s and `dP`'s buffers).
+    fn softmax_backward(
+        s: FloatTensor<Self>,
+        dp: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        delta: FloatTensor<Self>,
+        key_mask: Option<FloatTensor<Self>>,
+        at: BlockAt,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// A backend that runs causal GQA attention as one operation, memory linear in `s`.
+///
+/// Implemented for `CubeBackend<R, ..>` (feature `cubecl`; forward only) and for `Autodiff`
+/// over any [`AttentionKernels`] backend (the hand-written backward).
+pub trait FlashAttentionBackend: Backend {
+    /// `q` `[b·kvh, s·g, d]`, `k`, `v` `[b·kvh, s, d]` (same dtype), `key_mask` `[b, s]` f32;
+    /// returns `o` `[b·kvh, s·g, d]`. Gradients flow to `q`, `k`, `v`.
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_mask: Option<FloatTensor<Self>>,
+        geometry: Geometry,
+    ) -> FloatTensor<Self>;
+}
+
+/// What the backward needs: all linear in `s`.
+#[derive(Debug, Clone)]
+pub(crate) struct Saved<T> {
+    pub q: T,
+    pub k: T,
+    pub v: T,
+    pub o: T,
+    pub lse: T,
+    pub key_mask: Option<T>,
+    pub geometry: Geometry,
+}
+
+fn wrap<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// Rows `[r0, r1)` of every batch entry of a `[n, rows, cols]` tensor (a view).
+fn rows<B: Backend>(t: &Tensor<B, 3>, r0: usize, r1: usize) -> Tensor<B, 3> {
+    let [n, _, c] = t.dims();
+    t.clone().slice([0..n, r0..r1, 0..c])
+}
+
+/// Columns `[c0, c1)` of every batch entry of a `[n, cols]` tensor (a view).
+fn cols<B: Backend>(t: &Tensor<B, 2>, c0: usize, c1: usize) -> Tensor<B, 2> {
+    let [n, _] = t.dims();
+    t.clone().slice([0..n, c0..c1])
+}
+
+/// The forward pass: `o` and what the backward needs.
+pub(crate) fn forward<B: AttentionKernels>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    key_mask: Option<FloatTensor<B>>,
+    geometry: Geometry,
+) -> (FloatTensor<B>, Saved<FloatTensor<B>>) {
+    use Trans::{N, T};
+    let g = geometry.groups;
+    let (qt, kt, vt) = (wrap::<B, 3>(q), wrap::<B, 3>(k), wrap::<B, 3>(v));
+    let mut o_blocks = Vec::new();
+    let mut lse_blocks = Vec::new();
+    for (i0, i1) in geometry.blocks() {
+        let q_blk = prim(rows(&qt, i0 * g, i1 * g));
+        let s = B::gemm(q_blk, N, prim(rows(&kt, 0, i1)), T, geometry.scale(), None);
+        let at = BlockAt {
+            q0: i0,
+            groups: g,
+            kv_heads: geometry.kv_heads,
+        };
+        let (p, lse) = B::softmax_forward(s, key_mask.clone(), at);
+        o_blocks.push(wrap::<B, 3>(B::gemm(
+            p,
+            N,
+            prim(rows(&vt, 0, i1)),
+            N,
+            1.0,
+            None,
+        )));
+        lse_blocks.push(wrap::<B, 2>(lse));
+    }
+    let o = prim(Tensor::cat(o_blocks, 1));
+    let lse = prim(Tensor::cat(lse_blocks, 1));
+    let saved = Saved {
+        q: prim(qt),
+        k: prim(kt),
+        v: prim(vt),
+        o: o.clone(),
+        lse,
+        key_mask,
+        geometry,
+    };
+    (o, saved)
+}
+
+/// The backward pass: `(dq, dk, dv)` from `do_` `[b·kvh, s·g, d]`.
+pub(crate) fn backward<B: AttentionKernels>(
+    d_o: FloatTensor<B>,
+    saved: Saved<FloatTensor<B>>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    use Trans::{N, T};
+    let Saved {
+        q,
+        k,
+        v,
+        o,
+        lse,
+        key_mask,
+        geometry,
+    } = saved;
+    let g = geometry.groups;
+    let (n, s, d) = (geometry.entries(), geometry.seq, geometry.head_dim);
+    let f32_ = burn::tensor::DType::F32;
+    let (qt, kt, vt) = (wrap::<B, 3>(q), wrap::<B, 3>(k), wrap::<B, 3>(v));
+    let dot = wrap::<B, 3>(d_o);
+    let dtype = qt.dtype();
+    let dot = if dot.dtype() == dtype {
+        dot
+    } else {
+        dot.cast(dtype)
+    };
+    // D_r = Σ_c dO[r, c]·O[r, c], in f32: [n, s·g].
+    let delta = (wrap::<B, 3>(o).cast(f32_) * dot.clone().cast(f32_))
+        .sum_dim(2)
+        .reshape([n, s * g]);
+    let lse = wrap::<B, 2>(lse);
+
+    let (mut dk, mut dv): (Option<Tensor<B, 3>>, Option<Tensor<B, 3>>) = (None, None);
+    let mut dq_blocks = Vec::new();
+    // Last block first: its keys are all of [0, s), so it creates full-size dK and dV, which
+    // the earlier (shorter) blocks then accumulate into, prefix by prefix.
+    for (i0, i1) in geometry.blocks().into_iter().rev() {
+        let (r0, r1) = (i0 * g, i1 * g);
+        let q_blk = rows(&qt, r0, r1);
+        let do_blk = rows(&dot, r0, r1);
+        let k_pre = rows(&kt, 0, i1);
+        let v_pre = rows(&vt, 0, i1);
+        let s_blk = B::gemm(
+            prim(q_blk.clone()),
+            N,
+            prim(k_pre.clone()),
+            T,
+            geometry.scale(),
+            None,
+        );
+        let dp = B::gemm(prim(do_blk.clone()), N, prim(v_pre), T, 1.0, None);
+        let at = BlockAt {
+            q0: i0,
+            groups: g,
+            kv_heads: geometry.kv_heads,
+        };
+        let (p, ds) = B::softmax_backward(
+            s_blk,
+            dp,
+            prim(cols(&lse, r0, r1)),
+            prim(cols(&delta, r0, r1)),
+            key_mask.clone(),
+            at,
+            geometry.scale(),
+        );
+        // dV[:i1] += Pᵀ·dO_blk; dK[:i1] += dSᵀ·Q_blk (β = 1 onto the running prefix).
+        let accumulate = |full: Option<Tensor<B, 3>>, a: FloatTensor<B>, b: Tensor<B, 3>| {
+            let acc = full.as_ref().map(|t| prim(rows(t, 0, i1)));
+            let part = wrap::<B, 3>(B::gemm(a, T, prim(b), N, 1.0, acc));
+            match full {
+                Some(full) if i1 < s => full.slice_assign([0..n, 0..i1, 0..d], part),
+                _ => part,
+            }
+        };
+        dv = Some(accumulate(dv, p, do_blk));
+        dq_blocks.push(wrap::<B, 3>(B::gemm(
+            ds.clone(),
+            N,
+            prim(k_pre),
+            N,
+            1.0,
+            None,
+        )));
+        dk = Some(accumulate(dk, ds, q_blk));
+    }
+    dq_blocks.reverse();
+    let dq = prim(Tensor::cat(dq_blocks, 1));
+    let zeros = || Tensor::<B, 3>::zeros([n, s, d], (&qt.device(), dtype));
+    (
+        dq,
+        prim(dk.unwrap_or_else(zeros)),
+        prim(dv.unwrap_or_else(zeros)),
+    )
+}
