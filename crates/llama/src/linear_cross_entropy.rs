@@ -187,6 +187,7 @@ pub fn linear_cross_entropy_sum<B: AutodiffBackend>(
 }
 
 /// Which parameter gradients to accumulate besides the hidden states'.
+#[derive(Clone, Copy)]
 struct Wanted {
     weight: bool,
     bias: bool,
@@ -238,14 +239,28 @@ fn chunked_cross_entropy<I: Backend>(
         let len = chunk_tokens.min(tokens - start);
         let h = hidden.clone().narrow(0, start, len);
         let t = targets.clone().narrow(0, start, len);
+        let logits = matmul(h.clone(), N, weight.clone(), T);
+        // One CubeCL kernel for the loss and softmax − onehot where the backend has it and no
+        // bias gradient is needed (the Llama family has no head bias).
+        let (logits, t) = match bias.is_none() && !wanted.bias {
+            true => match fused_ce::cross_entropy_rows(logits, t) {
+                Ok((nll, d_logits)) => {
+                    // Ignored rows come back as zero loss and zero gradient.
+                    sums.loss = Some(accumulate(sums.loss.take(), nll.cast(acc).sum()));
+                    push_grads(&mut sums, d_logits.cast(compute), h, &weight, wanted);
+                    continue;
+                }
+                Err(operands) => operands,
+            },
+            false => (logits, t),
+        };
         let kept = t.clone().not_equal_elem(IGNORE_INDEX);
         // `float()` makes the device's default dtype; the arithmetic below is all in `acc`.
         let kept_f = kept.clone().float().cast(acc).reshape([len, 1]);
         // Ignored rows pick column 0 (gather and scatter need an in-range index); their loss
         // and gradient are zeroed by `kept_f`.
         let index = t.mask_fill(kept.bool_not(), 0).reshape([len, 1]);
-
-        let mut logits = matmul(h.clone(), N, weight.clone(), T).cast(acc);
+        let mut logits = logits.cast(acc);
         if let Some(bias) = &bias {
             logits = logits + bias.clone().unsqueeze_dim(0);
         }
@@ -267,14 +282,25 @@ fn chunked_cross_entropy<I: Backend>(
             let d_bias = d_logits.clone().sum_dim(0).reshape([vocab]);
             sums.bias = Some(accumulate(sums.bias.take(), d_bias));
         }
-        let d_logits = d_logits.cast(compute);
-        if wanted.weight {
-            let d_weight = matmul(d_logits.clone(), T, h, N).cast(acc);
-            sums.weight = Some(accumulate(sums.weight.take(), d_weight));
-        }
-        sums.hidden.push(matmul(d_logits, N, weight.clone(), N).cast(acc));
+        push_grads(&mut sums, d_logits.cast(compute), h, &weight, wanted);
     }
     sums
+}
+
+/// Adds a chunk's `∂/∂h` (and `∂/∂W` when wanted) from its `∂loss/∂logits`.
+fn push_grads<I: Backend>(
+    sums: &mut ChunkSums<I>,
+    d_logits: Tensor<I, 2>,
+    h: Tensor<I, 2>,
+    weight: &Tensor<I, 2>,
+    wanted: Wanted,
+) {
+    let acc = accumulation_dtype(d_logits.dtype());
+    if wanted.weight {
+        let d_weight = matmul(d_logits.clone(), T, h, N).cast(acc);
+        sums.weight = Some(accumulate(sums.weight.take(), d_weight));
+    }
+    sums.hidden.push(matmul(d_logits, N, weight.clone(), N).cast(acc));
 }
 
 fn accumulate<I: Backend, const D: usize>(

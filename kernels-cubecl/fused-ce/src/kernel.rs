@@ -1,0 +1,166 @@
+//! The kernel: one cube per row of the chunk.
+//!
+//! ```text
+//! m, l  = online max / Σ exp(z_j − m) over the row   (each unit a strided share, then a tree
+//!                                                      of halvings in shared memory)
+//! lse   = m + ln l
+//! nll   = lse − z_t,      d_j = exp(z_j − lse) − [j = t]      (both 0 when t < 0)
+//! ```
+//!
+//! f32 arithmetic whatever the storage type `F` of `z`/`d`; `d` is written over `z`.
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::CubeRuntime;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+
+/// Units per cube (a power of two): a row of a 128k vocabulary is 1,000 elements a unit.
+const CUBE: u32 = 256;
+
+#[cube(launch, address_type = "dynamic")]
+fn cross_entropy_rows_kernel<F: Float, I: Int, L: Float>(
+    z: &mut Tensor<F>,
+    targets: &Tensor<I>,
+    nll: &mut Tensor<L>,
+    #[comptime] cube: u32,
+    #[define(F, I, L)] _dtypes: [StorageType; 3],
+) {
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if row >= z.shape(0) {
+        terminate!();
+    }
+    let vocab = z.shape(1);
+    let base = row * z.stride(0);
+    let cs = z.stride(1);
+    let unit = UNIT_POS_X as usize;
+    let step = CUBE_DIM_X as usize;
+    let target = i32::cast_from(targets[row * targets.stride(0)]);
+    let kept = target >= 0;
+
+    let mut sm = SharedMemory::<f32>::new(cube as usize);
+    let mut sl = SharedMemory::<f32>::new(cube as usize);
+    let mut m = f32::new(-3.0e38);
+    let mut l = 0.0f32;
+    let mut j = unit;
+    while j < vocab {
+        let x = f32::cast_from(z[base + j * cs]);
+        if x > m {
+            l = l * f32::exp(m - x) + 1.0f32;
+            m = x;
+        } else {
+            l += f32::exp(x - m);
+        }
+        j += step;
+    }
+    sm[unit] = m;
+    sl[unit] = l;
+    sync_cube();
+    let mut half = step / 2;
+    while half > 0 {
+        if unit < half {
+            let m1 = sm[unit];
+            let m2 = sm[unit + half];
+            let mut mm = m2;
+            if m1 > m2 {
+                mm = m1;
+            }
+            sl[unit] = sl[unit] * f32::exp(m1 - mm) + sl[unit + half] * f32::exp(m2 - mm);
+            sm[unit] = mm;
+        }
+        sync_cube();
+        half /= 2;
+    }
+    let lse = sm[0] + f32::ln(sl[0]);
+    let t = target as usize;
+    if unit == 0 {
+        let mut loss = 0.0f32;
+        if kept {
+            loss = lse - f32::cast_from(z[base + t * cs]);
+        }
+        nll[row * nll.stride(0)] = L::cast_from(loss);
+    }
+    // Every unit has read its share of z above and the target logit is read before the
+    // barrier below releases the writers.
+    sync_cube();
+
+    let mut j = unit;
+    while j < vocab {
+        let mut d = 0.0f32;
+        if kept {
+            d = f32::exp(f32::cast_from(z[base + j * cs]) - lse);
+            if j == t {
+                d -= 1.0f32;
+            }
+        }
+        z[base + j * cs] = F::cast_from(d);
+        j += step;
+    }
+}
+
+/// Launches the kernel on `logits` `[rows, vocab]` (overwritten with `softmax − onehot`, copied
+/// first if its buffer is shared) with `targets` `[rows]` (ints; negative = ignored). Returns
+/// `(nll, d_logits)`, `nll` a new `[rows]` f32 tensor.
+///
+/// # Panics
+/// On shapes that disagree, a non-integer `targets`, or sizes beyond `u32`.
+pub fn launch<R: CubeRuntime>(
+    logits: CubeTensor<R>,
+    targets: CubeTensor<R>,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let dims = logits.meta.shape().as_slice().to_vec();
+    let [rows, vocab] = dims[..] else {
+        panic!("cross_entropy_rows: logits must be [rows, vocab], got {dims:?}");
+    };
+    assert_eq!(
+        targets.meta.shape().as_slice(),
+        &[rows],
+        "cross_entropy_rows: targets must be [rows] = [{rows}]"
+    );
+    assert!(
+        matches!(
+            targets.dtype,
+            DType::I32 | DType::I64 | DType::U32 | DType::I16 | DType::I8
+        ),
+        "cross_entropy_rows: targets must be integers, got {:?}",
+        targets.dtype
+    );
+    logits.assert_is_on_same_device(&targets);
+    let logits = if logits.can_mut() && logits.is_nonoverlapping() {
+        logits
+    } else {
+        logits.copy()
+    };
+    let nll = empty_device_dtype::<R>(
+        logits.client.clone(),
+        logits.device.clone(),
+        Shape::new([rows]),
+        DType::F32,
+    );
+    if rows > 0 && vocab > 0 {
+        let x = rows.min(65_535);
+        let y = rows.div_ceil(x);
+        let count = |v: usize| u32::try_from(v).expect("cube count fits u32");
+        let address = [&logits, &targets, &nll]
+            .iter()
+            .map(|t| t.required_address_type())
+            .max()
+            .unwrap_or_default();
+        cross_entropy_rows_kernel::launch::<R>(
+            &logits.client,
+            CubeCount::Static(count(x), count(y), 1),
+            CubeDim::new_1d(CUBE),
+            address,
+            logits.clone().into_tensor_arg(),
+            targets.clone().into_tensor_arg(),
+            nll.clone().into_tensor_arg(),
+            CUBE,
+            [
+                logits.dtype.into(),
+                targets.dtype.into(),
+                DType::F32.into(),
+            ],
+        );
+    }
+    (nll, logits)
+}
