@@ -58,14 +58,15 @@ fn fresh<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Tensor<B, D> {
     Tensor::from_data(t.to_data(), &t.device())
 }
 
-/// `tol == 0`: bitwise equal; else `max|got − want| ≤ tol · max|want|`.
+/// `tol == 0`: bitwise equal; else `max|got − want| ≤ tol · max|want|`. Returns
+/// `max|got − want| / max|want|`.
 #[track_caller]
 fn assert_close<B: Backend, const D: usize>(
     what: &str,
     got: Tensor<B, D>,
     want: Tensor<B, D>,
     tol: f32,
-) {
+) -> f32 {
     assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
     let (got, want) = (values(got), values(want));
     if tol == 0.0 {
@@ -76,7 +77,7 @@ fn assert_close<B: Backend, const D: usize>(
         if let Some(k) = differ {
             panic!("{what}[{k}]: {} vs {} (bitwise)", got[k], want[k]);
         }
-        return;
+        return 0.0;
     }
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert!(scale > 0.0, "{what}: reference is all zeros");
@@ -96,6 +97,7 @@ fn assert_close<B: Backend, const D: usize>(
         got[k],
         want[k]
     );
+    err / scale
 }
 
 #[track_caller]
@@ -104,22 +106,23 @@ fn assert_states_close<B: Backend, const D: usize>(
     got: &AdamWState<B, D>,
     want: &AdamWState<B, D>,
     tol: f32,
-) {
+) -> f32 {
     let (got, want) = (&got.momentum, &want.momentum);
     assert_eq!(got.time, want.time, "{what}: step counts differ");
-    assert_close(
+    assert!(got.max_moment_2.is_none() && want.max_moment_2.is_none());
+    let m = assert_close(
         &format!("{what} moment_1"),
         got.moment_1.clone(),
         want.moment_1.clone(),
         tol,
     );
-    assert_close(
+    let v = assert_close(
         &format!("{what} moment_2"),
         got.moment_2.clone(),
         want.moment_2.clone(),
         tol,
     );
-    assert!(got.max_moment_2.is_none() && want.max_moment_2.is_none());
+    m.max(v)
 }
 
 /// `LRS.len()` consecutive steps of both optimizers from the same parameter with the same
@@ -137,6 +140,7 @@ fn compare_steps<B: Backend, const D: usize>(
     let mut p_fused = fresh(&p_burn);
     let mut s_burn: Option<AdamWState<B, D>> = None;
     let mut s_fused: Option<AdamWState<B, D>> = None;
+    let (mut worst_param, mut worst_moment) = (0f32, 0f32);
     for (step, lr) in LRS.into_iter().enumerate() {
         let scale = [1.0, 0.1, 3.0, 0.5][step];
         let grad = Tensor::<B, D>::random(shape, Distribution::Uniform(-scale, scale), device);
@@ -155,19 +159,26 @@ fn compare_steps<B: Backend, const D: usize>(
         (p_fused, s_fused) = SimpleOptimizer::<B>::step(&fused, lr, p_fused, grad_fused, s_fused);
         let what = format!("{shape:?} wd {weight_decay} step {}", step + 1);
         assert_eq!(values(held), before, "{what}: input parameter changed");
-        assert_close(
+        let param = assert_close(
             &format!("{what} param"),
             p_fused.clone(),
             p_burn.clone(),
             tol,
         );
-        assert_states_close(
+        let moment = assert_states_close(
             &what,
             s_fused.as_ref().unwrap(),
             s_burn.as_ref().unwrap(),
             tol,
         );
+        worst_param = worst_param.max(param);
+        worst_moment = worst_moment.max(moment);
     }
+    eprintln!(
+        "{shape:?} wd {weight_decay}: worst relative error over {} steps: param {worst_param:e}, \
+         moments {worst_moment:e}",
+        LRS.len()
+    );
 }
 
 #[test]

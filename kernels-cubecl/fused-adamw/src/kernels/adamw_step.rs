@@ -59,8 +59,9 @@ fn adamw_step_kernel<F: Float>(
     let mut m = g * factor_1;
     let mut v = g * g * factor_2;
     if !first {
-        m = f32::cast_from(moment_1[i]) * beta_1 + m;
-        v = f32::cast_from(moment_2[i]) * beta_2 + v;
+        // Burn: `m·β₁ + g·(1−β₁)`; IEEE addition commutes, so this is the same sum.
+        m += f32::cast_from(moment_1[i]) * beta_1;
+        v += f32::cast_from(moment_2[i]) * beta_2;
     }
     let m_hat = m / correction_1;
     let v_hat = v / correction_2;
