@@ -11,9 +11,9 @@
 //!   type ([`burn::optim::AdamWState`]), so an `OptimizerAdaptor<AdamW, M, B>` record (a
 //!   checkpoint) loads into an `OptimizerAdaptor<FusedAdamW, M, B>` and continues. On a CubeCL
 //!   backend of a runtime compiled in (features `cuda`, `wgpu`; see [`fused_backend`]) a step
-//!   is one launch of [`kernels::adamw_step`]; on any other backend (NdArray, ...) it is Burn's
-//!   `AdamW` with the same hyper-parameters, bit for bit.
-//! - [`SquaredNorm`] / [`squared_norm`]: one launch of [`kernels::squared_norm`] per tensor on
+//!   is one launch of `kernels::adamw_step` (module `kernels`: feature `cubecl`); on any other
+//!   backend (NdArray, ...) it is Burn's `AdamW` with the same hyper-parameters, bit for bit.
+//! - [`SquaredNorm`] / [`squared_norm`]: one launch of `kernels::squared_norm` per tensor on
 //!   those backends, plain Burn ops elsewhere; one device read at the end either way.
 //!
 //! The kernels compute in f32 whatever the storage dtype (f32, f16, bf16).

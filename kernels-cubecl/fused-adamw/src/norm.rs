@@ -11,7 +11,7 @@ use crate::dispatch::cube_runtime;
 ///
 /// On a CubeCL backend compiled into this build (see [`crate::fused_backend`]) each `add` is
 /// one kernel launch that adds per-cube partial sums (f32) into a shared buffer of
-/// [`crate::kernels::squared_norm::SLOTS`] slots, created zeroed by the first `add` (one more
+/// `kernels::squared_norm::SLOTS` slots, created zeroed by the first `add` (one more
 /// launch); `finish` sums the slots and reads the one value. Elsewhere (and for dtypes the
 /// kernel does not take) each `add` is Burn's `cast(f32) · square · sum`, summed on the device.
 ///
