@@ -101,11 +101,20 @@ const GPU_TESTS: &[GpuTestBinary] = &[
         bin: "mlp-bench",
         args: "",
     },
+    GpuTestBinary {
+        package: "flash-attention",
+        features: "cuda",
+        bin: "attention-bench",
+        args: "all",
+    },
 ];
 
 /// The PyTorch peers staged beside the binaries (`run-all.sh` runs them after the binaries
 /// when `python3` has torch).
-const PEERS: &[&str] = &["xtask/peers/lora_mlp_torch.py"];
+const PEERS: &[&str] = &[
+    "xtask/peers/lora_mlp_torch.py",
+    "kernels-cubecl/flash-attention/scripts/attention_peer.py",
+];
 
 /// Puts the CUDA 13 libraries the binaries load at run time (driver, NVRTC for CubeCL's kernels,
 /// cuBLAS, cuBLASLt) on the loader path when pip's `nvidia-*` packages hold them, and unpacks
