@@ -145,11 +145,9 @@ impl WeightSource for BenchWeights {
         if name.ends_with("norm.weight") {
             return Ok(Some(vec![1.0; len]));
         }
-        let seed = name
-            .bytes()
-            .fold(0xCBF2_9CE4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3)
-            });
+        let seed = name.bytes().fold(0xCBF2_9CE4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3)
+        });
         // Uniform on [-a, a] has standard deviation a/√3.
         let half_width = self.std * 3f32.sqrt();
         let mut values = vec![0f32; len];
@@ -258,6 +256,10 @@ pub struct BenchResult {
 pub fn bench_command(args: BenchArgs) -> Result<BenchResult> {
     let device = TrainDevice::parse(Some(&args.device), args.dtype.as_deref())?;
     fused_mlp::set_fused_enabled(!args.portable);
+    // A bisecting switch for the loss kernel.
+    if std::env::var_os("FASTLORA_NO_FUSED_CE").is_some() {
+        fastlora_llama::set_fused_cross_entropy(false);
+    }
     let result = match device {
         TrainDevice::Cpu => bench_on::<crate::CpuBackend>(&args, Default::default(), |_| None)?,
         #[cfg(feature = "cuda")]
@@ -314,9 +316,7 @@ fn bench_on<B: AutodiffBackend>(
         r: Some(args.r),
         lora_alpha: Some(args.r as f64),
         lora_dropout: Some(0.0),
-        target_modules: Some(
-            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".to_string(),
-        ),
+        target_modules: Some("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".to_string()),
         use_gradient_checkpointing: Some(args.use_gradient_checkpointing.clone()),
         max_seq_length: Some(args.seq),
         ..TrainArgs::default()
@@ -470,7 +470,10 @@ mod tests {
     #[test]
     fn unknown_shape_names_the_flag_and_the_choices() {
         let err = BenchShape::by_name("gpt-5").unwrap_err().to_string();
-        assert!(err.contains("--shape") && err.contains("llama-3.2-1b"), "{err}");
+        assert!(
+            err.contains("--shape") && err.contains("llama-3.2-1b"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -480,7 +483,11 @@ mod tests {
         let b = source.tensor("b.weight", &[300_000]).unwrap().unwrap();
         let n = a.len() as f64;
         let mean = a.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-        let var = a.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
+        let var = a
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n;
         assert!(mean.abs() < 2e-4, "mean {mean}");
         assert!((var.sqrt() - 0.02).abs() < 2e-4, "std {}", var.sqrt());
         assert_ne!(a[..8], b[..8]);

@@ -300,7 +300,8 @@ fn push_grads<I: Backend>(
         let d_weight = matmul(d_logits.clone(), T, h, N).cast(acc);
         sums.weight = Some(accumulate(sums.weight.take(), d_weight));
     }
-    sums.hidden.push(matmul(d_logits, N, weight.clone(), N).cast(acc));
+    sums.hidden
+        .push(matmul(d_logits, N, weight.clone(), N).cast(acc));
 }
 
 fn accumulate<I: Backend, const D: usize>(

@@ -21,11 +21,16 @@ fn run<B: burn::tensor::backend::AutodiffBackend>(
 ) -> (f64, Vec<f64>, Vec<f64>) {
     let h = Tensor::<B, 2>::from_data(hidden.clone(), device).require_grad();
     let w = Tensor::<B, 2>::from_data(weight.clone(), device).require_grad();
-    let t = Tensor::<B, 1, Int>::from_data(TensorData::new(targets.to_vec(), [targets.len()]), device);
+    let t =
+        Tensor::<B, 1, Int>::from_data(TensorData::new(targets.to_vec(), [targets.len()]), device);
     let (sum, counted) = linear_cross_entropy_sum(h.clone(), w.clone(), None, t, chunk);
-    assert_eq!(counted, targets.iter().filter(|&&t| t != IGNORE_INDEX).count());
+    assert_eq!(
+        counted,
+        targets.iter().filter(|&&t| t != IGNORE_INDEX).count()
+    );
     let grads = sum.clone().backward();
-    let vec = |t: Tensor<B::InnerBackend, 2>| t.into_data().convert::<f64>().to_vec::<f64>().unwrap();
+    let vec =
+        |t: Tensor<B::InnerBackend, 2>| t.into_data().convert::<f64>().to_vec::<f64>().unwrap();
     (
         sum.into_data().convert::<f64>().to_vec::<f64>().unwrap()[0],
         vec(h.grad(&grads).expect("hidden gets a gradient")),
@@ -52,7 +57,13 @@ fn kernel_path_matches_the_f64_burn_path() {
     )
     .into_data();
     let targets: Vec<i64> = (0..tokens as i64)
-        .map(|k| if k % 7 == 3 { IGNORE_INDEX } else { (k * 271 + 5) % vocab as i64 })
+        .map(|k| {
+            if k % 7 == 3 {
+                IGNORE_INDEX
+            } else {
+                (k * 271 + 5) % vocab as i64
+            }
+        })
         .collect();
     // 16-token chunks: three chunks, the last one ragged.
     let (loss, dh, dw) = run::<Gpu>(&hidden, &weight, &targets, 16, &device);
@@ -63,10 +74,20 @@ fn kernel_path_matches_the_f64_burn_path() {
         16,
         &Default::default(),
     );
-    assert!((loss - want_loss).abs() <= 1e-5 * want_loss.abs(), "loss {loss} vs {want_loss}");
+    assert!(
+        (loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
+        "loss {loss} vs {want_loss}"
+    );
     for (what, got, want) in [("hidden", dh, want_dh), ("weight", dw, want_dw)] {
         let scale = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
-        let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0, f64::max);
-        assert!(worst <= 1e-5 * scale, "∂/∂{what}: off by {worst} (largest {scale})");
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst <= 1e-5 * scale,
+            "∂/∂{what}: off by {worst} (largest {scale})"
+        );
     }
 }

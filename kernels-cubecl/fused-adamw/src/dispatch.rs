@@ -26,8 +26,19 @@ pub(crate) enum CubeRuntimeKind {
     Wgpu,
 }
 
+static KERNELS_ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Allows or forbids the kernels process-wide (allowed by default): forbidden, every backend
+/// takes Burn's AdamW and plain Burn ops, e.g. to bisect a numerical difference.
+pub fn set_kernels_enabled(enabled: bool) {
+    KERNELS_ENABLED.store(enabled, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// The runtime whose `CubeTensor` is `B`'s float tensor primitive, if it is compiled in.
 pub(crate) fn cube_runtime<B: Backend>() -> Option<CubeRuntimeKind> {
+    if !KERNELS_ENABLED.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
     let id = TypeId::of::<<B as BackendTypes>::FloatTensorPrimitive>();
     #[cfg(feature = "cuda")]
     if id == TypeId::of::<burn_cubecl::tensor::CubeTensor<cubecl::cuda::CudaRuntime>>() {

@@ -34,7 +34,7 @@ mod norm;
 #[cfg(feature = "wgpu")]
 mod vulkan;
 
-pub use dispatch::fused_backend;
+pub use dispatch::{fused_backend, set_kernels_enabled};
 pub use norm::{SquaredNorm, squared_norm};
 #[cfg(feature = "wgpu")]
 pub use vulkan::vulkan_test_device;

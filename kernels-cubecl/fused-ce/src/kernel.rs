@@ -155,11 +155,7 @@ pub fn launch<R: CubeRuntime>(
             targets.clone().into_tensor_arg(),
             nll.clone().into_tensor_arg(),
             CUBE,
-            [
-                logits.dtype.into(),
-                targets.dtype.into(),
-                DType::F32.into(),
-            ],
+            [logits.dtype.into(), targets.dtype.into(), DType::F32.into()],
         );
     }
     (nll, logits)

@@ -16,7 +16,17 @@
 //! [`cross_entropy_rows`] runs it on the CubeCL backends compiled in (features `cuda`, `wgpu`)
 //! and returns `None` on every other backend, where the caller keeps its Burn-ops path.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use burn::prelude::*;
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Allows or forbids the kernel process-wide (allowed by default); forbidden,
+/// [`cross_entropy_rows`] hands every call back to the caller's Burn-ops path.
+pub fn set_enabled(enabled: bool) {
+    ENABLED.store(enabled, Ordering::SeqCst);
+}
 
 #[cfg(feature = "cubecl")]
 pub mod kernel;
@@ -47,6 +57,9 @@ pub fn cross_entropy_rows<B: Backend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
 ) -> Result<(Tensor<B, 1>, Tensor<B, 2>), (Tensor<B, 2>, Tensor<B, 1, Int>)> {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return Err((logits, targets));
+    }
     let mut operands = Some((logits, targets));
     let mut result = None;
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
@@ -57,10 +70,8 @@ pub fn cross_entropy_rows<B: Backend>(
                 let (logits, targets) = operands.take().expect("taken once");
                 let logits: Tensor<$KB, 2> = cast(logits);
                 let targets: Tensor<$KB, 1, Int> = cast(targets);
-                let (nll, grad) = kernel::launch(
-                    logits.into_primitive().tensor(),
-                    targets.into_primitive(),
-                );
+                let (nll, grad) =
+                    kernel::launch(logits.into_primitive().tensor(), targets.into_primitive());
                 let nll = Tensor::<$KB, 1>::from_primitive(TensorPrimitive::Float(nll));
                 let grad = Tensor::<$KB, 2>::from_primitive(TensorPrimitive::Float(grad));
                 result = Some((cast(nll), cast(grad)));

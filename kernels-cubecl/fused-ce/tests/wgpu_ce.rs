@@ -38,23 +38,30 @@ fn check(rows: usize, vocab: usize, scale: f64, targets: Vec<i64>, grad_tol: f64
     let Some(device) = fused_mlp::vulkan_test_device() else {
         return;
     };
-    let logits =
-        Tensor::<W, 2>::random([rows, vocab], Distribution::Normal(0.0, scale), &device);
+    let logits = Tensor::<W, 2>::random([rows, vocab], Distribution::Normal(0.0, scale), &device);
     let data = logits.to_data();
     let t = Tensor::<W, 1, Int>::from_data(TensorData::new(targets.clone(), [rows]), &device);
-    let (nll, grad) = cross_entropy_rows(logits, t).ok().expect("wgpu runs the kernel");
+    let (nll, grad) = cross_entropy_rows(logits, t)
+        .ok()
+        .expect("wgpu runs the kernel");
     let (want_nll, want_grad) = reference(&data, &targets);
     let got_nll = nll.into_data().convert::<f64>().to_vec::<f64>().unwrap();
     let got_grad = grad.into_data().convert::<f64>().to_vec::<f64>().unwrap();
     for (r, (g, w)) in got_nll.iter().zip(&want_nll).enumerate() {
-        assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "row {r} nll {g} vs {w}");
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+            "row {r} nll {g} vs {w}"
+        );
     }
     let worst = got_grad
         .iter()
         .zip(&want_grad)
         .map(|(g, w)| (g - w).abs())
         .fold(0.0, f64::max);
-    assert!(worst <= grad_tol, "gradient off by {worst} ({rows}×{vocab})");
+    assert!(
+        worst <= grad_tol,
+        "gradient off by {worst} ({rows}×{vocab})"
+    );
 }
 
 #[test]
@@ -77,7 +84,10 @@ fn large_logits_do_not_overflow() {
 fn other_backends_get_their_operands_back() {
     let device = Default::default();
     let logits = Tensor::<NdArray<f32>, 2>::zeros([2, 3], &device);
-    let targets = Tensor::<NdArray<f32>, 1, Int>::from_data(TensorData::new(vec![0i64, 1], [2]), &device);
-    let (logits, _) = cross_entropy_rows(logits, targets).err().expect("no kernel on NdArray");
+    let targets =
+        Tensor::<NdArray<f32>, 1, Int>::from_data(TensorData::new(vec![0i64, 1], [2]), &device);
+    let (logits, _) = cross_entropy_rows(logits, targets)
+        .err()
+        .expect("no kernel on NdArray");
     assert_eq!(logits.dims(), [2, 3]);
 }

@@ -40,11 +40,7 @@ pub fn take_totals() -> BTreeMap<&'static str, PhaseTotal> {
 ///
 /// # Panics
 /// If profiling is on and the device fails to sync.
-pub fn phase<B: Backend, T>(
-    name: &'static str,
-    device: &B::Device,
-    f: impl FnOnce() -> T,
-) -> T {
+pub fn phase<B: Backend, T>(name: &'static str, device: &B::Device, f: impl FnOnce() -> T) -> T {
     if !ENABLED.load(Ordering::Relaxed) {
         return f();
     }

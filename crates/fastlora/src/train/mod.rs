@@ -13,12 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::{ModuleVisitor, Param, ParamId};
-use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer, adaptor::OptimizerAdaptor};
+use burn::optim::{
+    AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer, adaptor::OptimizerAdaptor,
+};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Int, TensorData};
+use burn::tensor::{DType, Int, TensorData};
 use fastlora_llama::{LlamaForCausalLm, causal_lm_fused_loss_sum, default_chunk_tokens};
-use fused_adamw::{FusedAdamW, FusedAdamWConfig};
 use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{TrainerState, latest_checkpoint};
@@ -107,9 +108,7 @@ pub struct StepRecord {
     pub tokens: usize,
 }
 
-/// AdamW with one fused kernel launch per parameter on CubeCL backends (Burn's `AdamW` on the
-/// others, and the same optimizer state, so checkpoints are interchangeable).
-type Adam<B> = OptimizerAdaptor<FusedAdamW, LlamaForCausalLm<B>, B>;
+type Adam<B> = OptimizerAdaptor<AdamW, LlamaForCausalLm<B>, B>;
 
 /// Drives training of a [`PeftModel`] over batches made by a caller-supplied function.
 pub struct Trainer<B: AutodiffBackend> {
@@ -230,7 +229,10 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn step(&mut self, micro_batches: &[Batch], total_steps: usize) -> Result<StepRecord> {
         let model = self.peft.model().clone();
         let device = model.embed_tokens.weight.device();
-        let mut clock = self.times.is_some().then(|| PhaseClock::<B>::start(&device));
+        let mut clock = self
+            .times
+            .is_some()
+            .then(|| PhaseClock::<B>::start(&device));
         let mut times = StepTimes::default();
         let StepGradients {
             mut grads,
@@ -339,9 +341,10 @@ fn step_gradients_timed<B: AutodiffBackend>(
         let mask = int_tensor::<B>(&batch.attention_mask, [batch.batch, batch.seq], &device);
         // The head and loss run chunk by chunk: [tokens, vocab] f32 logits never exist whole.
         let hidden = model.hidden_states(ids, Some(mask));
-        let (sum, _) = fused_mlp::phases::phase::<B, _>("loss (chunked head + CE)", &device, || {
-            causal_lm_fused_loss_sum(model, hidden, labels, chunk_tokens)
-        });
+        let (sum, _) =
+            fused_mlp::phases::phase::<B, _>("loss (chunked head + CE)", &device, || {
+                causal_lm_fused_loss_sum(model, hidden, labels, chunk_tokens)
+            });
         if let Some(clock) = clock.as_deref_mut() {
             times.forward += clock.mark();
         }
@@ -362,7 +365,7 @@ fn step_gradients_timed<B: AutodiffBackend>(
 
 fn adamw<B: AutodiffBackend>(config: &TrainConfig) -> Adam<B> {
     // transformers' AdamW: β = (0.9, 0.999), ε = 1e-8, decoupled weight decay.
-    FusedAdamWConfig::new()
+    AdamWConfig::new()
         .with_beta_1(0.9)
         .with_beta_2(0.999)
         .with_epsilon(1e-8)
@@ -379,16 +382,20 @@ fn int_tensor<B: Backend>(
 }
 
 /// Squares of every gradient the model's parameters received, summed in f32 on the device
-/// (one kernel launch per gradient on CubeCL backends, one read at the end).
-struct GradSquares<'a, B: AutodiffBackend> {
+/// (one read at the end instead of a device round trip per parameter).
+struct SquaredNorm<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
-    total: fused_adamw::SquaredNorm<B::InnerBackend>,
+    total: Option<Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for GradSquares<'_, B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            self.total.add(grad);
+            let squares = grad.cast(DType::F32).powi_scalar(2).sum();
+            self.total = Some(match self.total.take() {
+                Some(total) => total + squares,
+                None => squares,
+            });
         }
     }
 }
@@ -414,12 +421,12 @@ fn clip_global_norm<B: AutodiffBackend>(
     grads: &mut GradientsParams,
     max: Option<f64>,
 ) -> f64 {
-    let mut squares = GradSquares::<B> {
-        grads,
-        total: fused_adamw::SquaredNorm::new(),
-    };
-    model.visit(&mut squares);
-    let norm = f64::from(squares.total.finish()).sqrt();
+    let mut norm = SquaredNorm::<B> { grads, total: None };
+    model.visit(&mut norm);
+    let norm = norm
+        .total
+        .map_or(0.0, |t| f64::from(t.into_scalar().elem::<f32>()))
+        .sqrt();
     if let Some(max) = max {
         let factor = max / (norm + 1e-6);
         if factor < 1.0 {
