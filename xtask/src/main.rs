@@ -287,8 +287,8 @@ fn bench(out: &Path, peers: &Path, unsloth_wheels: Option<&Path>, no_build: bool
     if let Some(wheels) = unsloth_wheels {
         let dest = out.join("wheels");
         std::fs::create_dir_all(&dest).with_context(|| format!("creating {}", dest.display()))?;
-        for entry in std::fs::read_dir(wheels)
-            .with_context(|| format!("reading {}", wheels.display()))?
+        for entry in
+            std::fs::read_dir(wheels).with_context(|| format!("reading {}", wheels.display()))?
         {
             let path = entry?.path();
             if let Some(name) = path.file_name() {
