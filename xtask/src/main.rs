@@ -107,6 +107,12 @@ const GPU_TESTS: &[GpuTestBinary] = &[
         bin: "attention-bench",
         args: "all",
     },
+    GpuTestBinary {
+        package: "fused-adamw",
+        features: "cuda",
+        bin: "adamw-check",
+        args: "",
+    },
 ];
 
 /// The PyTorch peers staged beside the binaries (`run-all.sh` runs them after the binaries

@@ -33,15 +33,17 @@
 //! # Status
 //!
 //! Recompute and host offload work and are tested on the CPU (gradients and losses bitwise equal
-//! to `Off`, with and without dropout). The host offload is synchronous: the input is read back
-//! to host memory (pinned where the runtime stages it, `Backend::staging`) when the layer runs,
-//! blocking until it is computed, and uploaded again when the recompute starts; on the CPU it
-//! keeps the tensor where it is (host memory already). Not done yet, for the GPU step:
-//! overlapping the copies with compute (double-buffered prefetch of the next layer's input),
-//! skipping the offload for the last layer and for tiny inputs, and running the CUDA and wgpu
-//! paths on a GPU at all (they compile; the recompute runs on a helper thread, whose CubeCL
-//! stream differs from the training thread's). Parameters shared between layers get correct
-//! but not bitwise-identical gradients (their contributions are summed in another order).
+//! to `Off`, with and without dropout) and run on CUDA (`fastlora bench`). On CUDA (feature
+//! `cuda`) the offload copies the layer input into pinned host memory and back with
+//! `cuMemcpy*Async` on the compute stream (`fastlora_cuda_gemm::copy_to_host` /
+//! `copy_to_device`): no host waits, but the copies run in line with the kernels rather than
+//! overlapped on a second stream. Elsewhere it is Burn's `into_data` / `from_data` round trip,
+//! which blocks (on the CPU the tensor simply stays in host memory). The last decoder layer
+//! ([`CheckpointMode::for_last_layer`]) and inputs under [`OFFLOAD_MIN_BYTES`] are not
+//! offloaded. Not done: a copy stream with double-buffered prefetch of the next layer's input.
+//! The recompute runs on a helper thread that issues its work on the caller's CubeCL stream.
+//! Parameters shared between layers get correct but not bitwise-identical gradients (their
+//! contributions are summed in another order).
 
 mod dispatch;
 mod op;
@@ -61,8 +63,25 @@ pub enum CheckpointMode {
     /// Keep the layer input on the device and recompute the layer in backward (`True`).
     Recompute,
     /// Keep the layer input in host memory and recompute the layer in backward (`"unsloth"`).
-    /// The copies are synchronous for now (see the crate docs).
+    /// Inputs smaller than [`OFFLOAD_MIN_BYTES`] stay on the device (see the crate docs for how
+    /// the copies run).
     HostOffload,
+}
+
+/// Layer inputs smaller than this stay on the device under [`CheckpointMode::HostOffload`]: the
+/// round trip would cost more than the memory is worth (Unsloth skips small tensors too).
+pub const OFFLOAD_MIN_BYTES: usize = 1 << 20;
+
+impl CheckpointMode {
+    /// The mode for the last decoder layer: [`CheckpointMode::HostOffload`] becomes
+    /// [`CheckpointMode::Recompute`], since the backward reaches that layer's input right after
+    /// the forward ends and a host round trip would only add the copies (as Unsloth does).
+    pub fn for_last_layer(self) -> Self {
+        match self {
+            Self::HostOffload => Self::Recompute,
+            mode => mode,
+        }
+    }
 }
 
 /// Whether [`checkpoint`] carries out [`CheckpointMode::Recompute`] and

@@ -191,25 +191,69 @@ enum Saved<I: Backend> {
     Device(FloatTensor<I>),
     /// Read back to host memory (pinned where the runtime stages it), the device copy freed.
     Host { data: TensorData, device: I::Device },
+    /// On CUDA: in pinned host memory, copied on the compute stream without a host wait (the
+    /// copy may still be in flight), the device copy freed.
+    #[cfg(feature = "cuda")]
+    Pinned {
+        copy: fastlora_cuda_gemm::HostCopy,
+        device: I::Device,
+    },
+}
+
+/// Whether `I`'s float tensors are Burn's CUDA tensors, which [`Saved::Pinned`] copies.
+#[cfg(feature = "cuda")]
+fn is_cuda<I: Backend>() -> bool {
+    std::any::TypeId::of::<FloatTensor<I>>()
+        == std::any::TypeId::of::<fastlora_cuda_gemm::CudaTensor>()
 }
 
 impl<I: Backend> Saved<I> {
-    /// Keeps `x`, copied to the host when `offload`; the copy blocks until `x` is computed.
+    /// Keeps `x`, copied to the host when `offload` and `x` holds at least
+    /// [`crate::OFFLOAD_MIN_BYTES`]; the copy blocks until `x` is computed.
     fn new<const D: usize>(x: FloatTensor<I>, offload: bool) -> Self {
-        if !offload {
+        let bytes = x.shape().num_elements() * x.dtype().size();
+        if !offload || bytes < crate::OFFLOAD_MIN_BYTES {
             return Self::Device(x);
         }
         let device = I::float_device(&x);
-        let mut data = Tensor::<I, D>::from_primitive(TensorPrimitive::Float(x)).into_data();
-        I::staging(std::iter::once(&mut data), &device);
-        Self::Host { data, device }
+        phase_timing::phase::<I, _>("checkpoint offload (device → host)", &device, || {
+            #[cfg(feature = "cuda")]
+            if is_cuda::<I>() {
+                let copy = fastlora_cuda_gemm::copy_to_host(cast(x))
+                    .unwrap_or_else(|e| panic!("checkpoint: offloading a layer input: {e}"));
+                return Self::Pinned {
+                    copy,
+                    device: device.clone(),
+                };
+            }
+            let mut data = Tensor::<I, D>::from_primitive(TensorPrimitive::Float(x)).into_data();
+            I::staging(std::iter::once(&mut data), &device);
+            Self::Host {
+                data,
+                device: device.clone(),
+            }
+        })
     }
 
     /// The input on its device again.
     fn restore(self) -> FloatTensor<I> {
         match self {
             Self::Device(x) => x,
-            Self::Host { data, device } => I::float_from_data(data, &device),
+            Self::Host { data, device } => {
+                phase_timing::phase::<I, _>("checkpoint restore (host → device)", &device, || {
+                    I::float_from_data(data, &device)
+                })
+            }
+            #[cfg(feature = "cuda")]
+            Self::Pinned { copy, device } => {
+                phase_timing::phase::<I, _>("checkpoint restore (host → device)", &device, || {
+                    cast(
+                        fastlora_cuda_gemm::copy_to_device(copy).unwrap_or_else(|e| {
+                            panic!("checkpoint: bringing a layer input back: {e}")
+                        }),
+                    )
+                })
+            }
         }
     }
 }
@@ -231,7 +275,7 @@ impl<B, I: Backend, C, M, F, const D: usize> fmt::Debug for Recompute<B, I, C, M
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Recompute")
             .field("trainable_params", &self.params.iter().flatten().count())
-            .field("offloaded", &matches!(self.saved, Saved::Host { .. }))
+            .field("offloaded", &!matches!(self.saved, Saved::Device(_)))
             .field("seed", &self.seed)
             .finish_non_exhaustive()
     }
@@ -249,6 +293,29 @@ where
 
     fn backward(self, ops: Ops<(), 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad_y = grads.consume::<I>(&ops.node);
+        let device = I::float_device(&grad_y);
+        // Profiled as a whole: the nested backward cannot be timed on the helper thread, which
+        // stays blocked until the outer backward ends (see the module docs). The recompute's
+        // model blocks and the restore are profiled inside; the rest is the layer's backward.
+        phase_timing::phase::<I, _>(
+            "checkpoint node (restore + recompute + layer backward)",
+            &device,
+            || self.backward_layer(ops, grad_y, grads),
+        );
+    }
+}
+
+impl<B, I, C, M, F, const D: usize> Recompute<B, I, C, M, F, D>
+where
+    B: Backend,
+    I: Backend,
+    C: CheckpointStrategy,
+    M: Module<B> + 'static,
+    F: Fn(&M, Tensor<B, D>) -> Tensor<B, D> + Send + 'static,
+{
+    /// The backward step: recomputes the layer on a helper thread, back-propagates `grad_y`
+    /// through it there, and registers the gradients it sends back.
+    fn backward_layer(self, ops: Ops<(), 2>, grad_y: FloatTensor<I>, grads: &mut Gradients) {
         let [input, _anchor] = ops.parents;
         let params: Vec<NodeId> = self.params.iter().flatten().copied().collect();
         let (tx, rx) = mpsc::channel();
@@ -274,16 +341,7 @@ where
             }
         }
     }
-}
 
-impl<B, I, C, M, F, const D: usize> Recompute<B, I, C, M, F, D>
-where
-    B: Backend,
-    I: Backend,
-    C: CheckpointStrategy,
-    M: Module<B> + 'static,
-    F: Fn(&M, Tensor<B, D>) -> Tensor<B, D> + Send + 'static,
-{
     /// On the helper thread: recomputes the layer on tapped fresh leaves and back-propagates
     /// `grad_y` through it; the taps send the leaves' gradients on `tx`.
     fn recompute(self, grad_y: FloatTensor<I>, tx: Sender<Message<I>>) {
@@ -433,11 +491,28 @@ mod tests {
     fn host_offload_round_trip_is_exact() {
         type I = NdArray<f32>;
         let device = Default::default();
-        let x = Tensor::<I, 3>::from_floats([[[1.5, -0.0, f32::MIN_POSITIVE]]], &device);
+        // Just large enough to be offloaded, with values a lossy copy would change.
+        let n = crate::OFFLOAD_MIN_BYTES / 4;
+        let values: Vec<f32> = (0..n)
+            .map(|i| match i % 3 {
+                0 => 1.5 + i as f32,
+                1 => -0.0,
+                _ => f32::MIN_POSITIVE,
+            })
+            .collect();
+        let x = Tensor::<I, 1>::from_floats(values.as_slice(), &device).reshape([1, 1, n]);
         let expected = x.to_data();
         let saved = Saved::<I>::new::<3>(x.into_primitive().tensor(), true);
         assert!(matches!(saved, Saved::Host { .. }));
         let back = Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(saved.restore()));
         assert_eq!(back.into_data(), expected);
+    }
+
+    #[test]
+    fn inputs_below_the_threshold_stay_on_the_device() {
+        type I = NdArray<f32>;
+        let x = Tensor::<I, 1>::zeros([crate::OFFLOAD_MIN_BYTES / 4 - 1], &Default::default());
+        let saved = Saved::<I>::new::<1>(x.into_primitive().tensor(), true);
+        assert!(matches!(saved, Saved::Device(_)));
     }
 }

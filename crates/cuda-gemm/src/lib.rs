@@ -20,6 +20,8 @@
 //! - [`matmul_nt`]`(x, w)`: `x·wᵀ` with `w: [N, K]`, the `nn.Linear` / LoRA layout.
 //! - [`gemm_tensor`], [`matmul_nt_tensor`]: the same on `burn::Tensor<CubeBackend<CudaRuntime, F,
 //!   I, BT>, D>` (via `into_primitive` / `from_primitive`).
+//! - [`copy_to_host`], [`copy_to_device`]: a tensor to pinned host memory and back, on the same
+//!   stream and with the same machinery (the checkpoint offload; module `host_copy`).
 //!
 //! Row-major ↔ column-major: `D = op(A)·op(B)` is computed as the column-major `Dᵀ =
 //! op(B)ᵀ·op(A)ᵀ` on the same memory, no copies. Row-pitched tensors (CubeCL's optimized layout)
@@ -106,6 +108,8 @@ mod cublas;
 mod error;
 #[cfg(feature = "cuda")]
 mod gemm;
+#[cfg(feature = "cuda")]
+mod host_copy;
 // Pure shape/stride and text logic, unit-tested on the CPU without the `cuda` feature.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod layout;
@@ -121,5 +125,7 @@ pub use gemm::{
     CudaBackend, CudaTensor, Engine, GemmOp, gemm, gemm_tensor, matmul_nt, matmul_nt_tensor,
     stream_ordering,
 };
+#[cfg(feature = "cuda")]
+pub use host_copy::{HostCopy, copy_to_device, copy_to_host};
 #[cfg(feature = "cuda")]
 pub use stream::StreamOrdering;

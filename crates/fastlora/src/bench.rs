@@ -408,13 +408,13 @@ fn print_block_profile<B: AutodiffBackend>(
     batch: &Batch,
     total: usize,
 ) -> Result<()> {
-    let _ = fused_mlp::phases::take_totals();
-    fused_mlp::phases::set_profiling(true);
+    let _ = phase_timing::take_totals();
+    phase_timing::set_profiling(true);
     let step = trainer.step(std::slice::from_ref(batch), total + 1);
-    fused_mlp::phases::set_profiling(false);
+    phase_timing::set_profiling(false);
     step?;
     let times = trainer.last_step_times().unwrap_or_default();
-    let mut blocks: Vec<_> = fused_mlp::phases::take_totals().into_iter().collect();
+    let mut blocks: Vec<_> = phase_timing::take_totals().into_iter().collect();
     blocks.sort_by(|a, b| b.1.time.cmp(&a.1.time));
     eprintln!(
         "profile (one step, synced per block): forward {:.1} ms, backward {:.1} ms, clip {:.1} ms, optimizer {:.1} ms",

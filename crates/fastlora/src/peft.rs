@@ -77,7 +77,7 @@ impl fmt::Display for PatchReport {
             )?,
             CheckpointMode::HostOffload => writeln!(
                 f,
-                "Gradient checkpointing: unsloth; each decoder layer keeps only its input, in host memory, and is recomputed in backward (copies not yet overlapped with compute)."
+                "Gradient checkpointing: unsloth; each decoder layer but the last keeps only its input, in host memory, and is recomputed in backward (on CUDA the copies are asynchronous on the compute stream, not yet on a copy stream of their own)."
             )?,
         }
         for notice in &self.notices {

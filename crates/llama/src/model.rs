@@ -56,12 +56,10 @@ impl<B: Backend> RmsNorm<B> {
     }
 
     /// Normalises over the last dimension.
+    /// On the backends the fused kernels are compiled for, one kernel each way
+    /// ([`fused_mlp::rms_norm`]).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
-        let x = x.cast(burn::tensor::DType::F32);
-        let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
-        let normed = x * (variance + self.eps).sqrt().recip();
-        normed.cast(dtype) * self.weight.val().unsqueeze()
+        fused_mlp::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
@@ -348,7 +346,7 @@ impl<B: Backend> DecoderLayer<B> {
     ) -> Tensor<B, 3> {
         let device = x.device();
         let phase = |name, f: &mut dyn FnMut() -> Tensor<B, 3>| {
-            fused_mlp::phases::phase::<B, _>(name, &device, f)
+            phase_timing::phase::<B, _>(name, &device, f)
         };
         let normed = phase("model.norm (attention)", &mut || {
             self.input_layernorm.forward(x.clone())
@@ -434,10 +432,15 @@ impl<B: Backend> LlamaForCausalLm<B> {
     ) -> Tensor<B, 3> {
         let mut x = self.embed_tokens.forward(input_ids);
         let ctx = self.context(&x, attention_mask, 0);
-        for layer in &self.layers {
+        let last = self.layers.len().saturating_sub(1);
+        for (index, layer) in self.layers.iter().enumerate() {
+            let mode = match index == last {
+                true => self.checkpointing.for_last_layer(),
+                false => self.checkpointing,
+            };
             // The recompute runs in backward, after this call: the closure owns what it reads.
             let (rope, ctx) = (self.rope.clone(), ctx.clone());
-            x = checkpoint(self.checkpointing, x, layer, move |layer, x| {
+            x = checkpoint(mode, x, layer, move |layer, x| {
                 layer.forward(x, &rope, &ctx)
             });
         }

@@ -78,7 +78,7 @@ pub fn fused_enabled() -> bool {
     FUSED_ENABLED.load(Ordering::SeqCst)
 }
 
-/// Whether backend `B` is one the fused op is compiled for in this build.
+/// Whether backend `B` is one the fused ops are compiled for in this build.
 pub fn fused_backend<B: Backend>() -> bool {
     let probe: Option<()> = for_fused_backends!(B, |_FB| Some(()));
     probe.is_some()
@@ -157,6 +157,47 @@ pub fn linear<B: Backend, const D: usize>(x: Tensor<B, D>, proj: &LoraLinear<B>)
     match fused {
         Some(y) => y,
         None => proj.forward(x.expect("not taken")),
+    }
+}
+
+/// RMSNorm over the last dimension with a frozen gain: one kernel forward and one backward
+/// ([`crate::RmsNormBackend`]) on the backends the fused ops are compiled for, else
+/// [`crate::rms_norm_portable`]; the same result either way (within float rounding).
+///
+/// The portable path is taken when fusing is switched off, the gain requires grad (a norm in
+/// `modules_to_save`) or its dtype differs from `x`'s.
+///
+/// # Shapes
+/// - x: `[..., H]`; weight: `[H]`
+/// - output: `[..., H]`
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_mut))]
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    if !fused_enabled() || weight.is_require_grad() || weight.dtype() != x.dtype() {
+        return crate::rms_norm_portable(x, weight, eps);
+    }
+    let dims = x.dims();
+    let hidden = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let mut inputs = Some((x, weight));
+    let fused: Option<Tensor<B, D>> = for_fused_backends!(B, |FB| {
+        let (x, weight) = inputs.take().expect("taken once");
+        let x: Tensor<FB, D> = cast(x);
+        let weight: Tensor<FB, 1> = cast(weight);
+        let x = x.reshape([rows, hidden]).into_primitive().tensor();
+        let y = <FB as crate::RmsNormBackend>::rms_norm(x, weight.into_primitive().tensor(), eps);
+        let y = Tensor::<FB, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(y));
+        Some(cast::<Tensor<FB, D>, Tensor<B, D>>(y.reshape(dims)))
+    });
+    match fused {
+        Some(y) => y,
+        None => {
+            let (x, weight) = inputs.expect("not taken");
+            crate::rms_norm_portable(x, weight, eps)
+        }
     }
 }
 

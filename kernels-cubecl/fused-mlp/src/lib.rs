@@ -26,6 +26,9 @@
 //! [`mlp`] picks the path for a model generic over any backend: fused on the backends it is
 //! compiled for (features `cuda`, `wgpu`) when [`check_fusable`] allows, else portable.
 //!
+//! [`rms_norm`] is the decoder's RMSNorm (frozen gain) the same way: one kernel forward and one
+//! backward on those backends, [`rms_norm_portable`] elsewhere.
+//!
 //! [`check_fusable`] is Unsloth's rule for when the fused path may take over; the kernels are in
 //! `kernels` (feature `cubecl`; one per file, the `#[cube]` function next to its launch).
 
@@ -43,14 +46,15 @@ mod gemm;
 pub mod kernels;
 mod linear;
 mod matmul;
+mod norm;
 mod op;
-pub mod phases;
 #[cfg(feature = "wgpu")]
 mod vulkan;
 
-pub use dispatch::{fused_backend, fused_enabled, linear, mlp, set_fused_enabled};
+pub use dispatch::{fused_backend, fused_enabled, linear, mlp, rms_norm, set_fused_enabled};
 pub use linear::{FusedLinearBackend, fused_linear_nd};
 pub use matmul::matmul;
+pub use norm::{RmsNormBackend, RmsNormKernels, rms_norm_portable};
 pub use op::{
     FusedMlpBackend, FusedMlpKernels, LoraProj, MlpWeights, SwigluLoraBackward, Trans,
     fused_lora_mlp_2d,

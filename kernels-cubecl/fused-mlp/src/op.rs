@@ -161,7 +161,7 @@ pub(crate) fn forward<B: FusedMlpKernels>(
 ) -> (FloatTensor<B>, Saved<FloatTensor<B>>) {
     use Trans::{N, T};
     let device = B::float_device(&x);
-    let phase = |name, f: &mut dyn FnMut()| crate::phases::phase::<B, _>(name, &device, f);
+    let phase = |name, f: &mut dyn FnMut()| phase_timing::phase::<B, _>(name, &device, f);
     let (mut xa_g, mut xa_u) = (None, None);
     phase("fwd 1 gate/up x·Aᵀ", &mut || {
         xa_g = Some(B::gemm(x.clone(), N, w.gate.lora_a.clone(), T, 1.0, None));
@@ -255,7 +255,7 @@ pub(crate) fn backward<B: FusedMlpKernels>(
     let mut out: [Option<FloatTensor<B>>; 10] = Default::default();
 
     let device = B::float_device(&dy);
-    let phase = |name, f: &mut dyn FnMut()| crate::phases::phase::<B, _>(name, &device, f);
+    let phase = |name, f: &mut dyn FnMut()| phase_timing::phase::<B, _>(name, &device, f);
 
     // δh = G·W_d + s_d·(G·B_d)·A_d
     let (mut gb_d, mut dh) = (None, None);

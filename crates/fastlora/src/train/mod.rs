@@ -13,13 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::{ModuleVisitor, Param, ParamId};
-use burn::optim::{
-    AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer, adaptor::OptimizerAdaptor,
-};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer, adaptor::OptimizerAdaptor};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, Int, TensorData};
+use burn::tensor::{Int, TensorData};
 use fastlora_llama::{LlamaForCausalLm, causal_lm_fused_loss_sum, default_chunk_tokens};
+use fused_adamw::{FusedAdamW, FusedAdamWConfig};
 use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{TrainerState, latest_checkpoint};
@@ -108,7 +107,9 @@ pub struct StepRecord {
     pub tokens: usize,
 }
 
-type Adam<B> = OptimizerAdaptor<AdamW, LlamaForCausalLm<B>, B>;
+/// AdamW with one fused kernel launch per parameter on the CubeCL backends (Burn's `AdamW` on
+/// the others; Burn's state type either way, so checkpoints are interchangeable).
+type Adam<B> = OptimizerAdaptor<FusedAdamW, LlamaForCausalLm<B>, B>;
 
 /// Drives training of a [`PeftModel`] over batches made by a caller-supplied function.
 pub struct Trainer<B: AutodiffBackend> {
@@ -341,10 +342,9 @@ fn step_gradients_timed<B: AutodiffBackend>(
         let mask = int_tensor::<B>(&batch.attention_mask, [batch.batch, batch.seq], &device);
         // The head and loss run chunk by chunk: [tokens, vocab] f32 logits never exist whole.
         let hidden = model.hidden_states(ids, Some(mask));
-        let (sum, _) =
-            fused_mlp::phases::phase::<B, _>("loss (chunked head + CE)", &device, || {
-                causal_lm_fused_loss_sum(model, hidden, labels, chunk_tokens)
-            });
+        let (sum, _) = phase_timing::phase::<B, _>("loss (chunked head + CE)", &device, || {
+            causal_lm_fused_loss_sum(model, hidden, labels, chunk_tokens)
+        });
         if let Some(clock) = clock.as_deref_mut() {
             times.forward += clock.mark();
         }
@@ -365,7 +365,7 @@ fn step_gradients_timed<B: AutodiffBackend>(
 
 fn adamw<B: AutodiffBackend>(config: &TrainConfig) -> Adam<B> {
     // transformers' AdamW: β = (0.9, 0.999), ε = 1e-8, decoupled weight decay.
-    AdamWConfig::new()
+    FusedAdamWConfig::new()
         .with_beta_1(0.9)
         .with_beta_2(0.999)
         .with_epsilon(1e-8)
@@ -381,21 +381,18 @@ fn int_tensor<B: Backend>(
     Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
 }
 
-/// Squares of every gradient the model's parameters received, summed in f32 on the device
-/// (one read at the end instead of a device round trip per parameter).
-struct SquaredNorm<'a, B: AutodiffBackend> {
+/// Squares of every gradient the model's parameters received, summed in f32 on the device: one
+/// kernel launch per gradient on the CubeCL backends (`fused_adamw::SquaredNorm`), plain Burn
+/// ops elsewhere, and one read at the end.
+struct GradSquares<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
-    total: Option<Tensor<B::InnerBackend, 1>>,
+    total: fused_adamw::SquaredNorm<B::InnerBackend>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradSquares<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            let squares = grad.cast(DType::F32).powi_scalar(2).sum();
-            self.total = Some(match self.total.take() {
-                Some(total) => total + squares,
-                None => squares,
-            });
+            self.total.add(grad);
         }
     }
 }
@@ -421,12 +418,12 @@ fn clip_global_norm<B: AutodiffBackend>(
     grads: &mut GradientsParams,
     max: Option<f64>,
 ) -> f64 {
-    let mut norm = SquaredNorm::<B> { grads, total: None };
-    model.visit(&mut norm);
-    let norm = norm
-        .total
-        .map_or(0.0, |t| f64::from(t.into_scalar().elem::<f32>()))
-        .sqrt();
+    let mut squares = GradSquares::<B> {
+        grads,
+        total: fused_adamw::SquaredNorm::new(),
+    };
+    model.visit(&mut squares);
+    let norm = f64::from(squares.total.finish()).sqrt();
     if let Some(max) = max {
         let factor = max / (norm + 1e-6);
         if factor < 1.0 {

@@ -19,7 +19,7 @@
 //! inputs may be shared with other tensors, and new buffers cost no extra launch).
 
 use burn_cubecl::CubeRuntime;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
@@ -143,8 +143,10 @@ pub fn launch<R: CubeRuntime>(
         Some((m, v)) => (contiguous(m), contiguous(v)),
         None => (grad.clone(), grad.clone()),
     };
+    // Row-major without gaps, as the kernel indexes linearly: CubeCL's default layout pads the
+    // rows of some shapes on CUDA ("pitched").
     let new = || {
-        empty_device_dtype::<R>(
+        empty_device_contiguous_dtype::<R>(
             param.client.clone(),
             param.device.clone(),
             shape.clone(),

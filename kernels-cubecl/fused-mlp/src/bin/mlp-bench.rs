@@ -6,7 +6,7 @@
 //! Usage: `mlp-bench [tokens hidden intermediate rank]` (default 8192 2048 8192 16), bf16.
 //! Prints the median of 10 timed iterations after 3 warm-up ones, each iteration
 //! `y = mlp(x)`, `(y·c).sum().backward()` with a fixed random cotangent `c`, then a device sync.
-//! Then a per-phase breakdown of the fused op (`fused_mlp::phases`: each phase between device
+//! Then a per-phase breakdown of the fused op (`phase_timing`: each phase between device
 //! syncs, mean of 5 iterations), with the TFLOP/s of the phases made of base-size GEMMs.
 
 use std::time::Instant;
@@ -14,8 +14,9 @@ use std::time::Instant;
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::{Distribution, bf16};
-use fused_mlp::{CudaBackend, mlp, phases, set_fused_enabled};
+use fused_mlp::{CudaBackend, mlp, set_fused_enabled};
 use lora_layers::{LoraAdapterConfig, LoraInit, LoraLinear, LoraLinearConfig};
+use phase_timing as phases;
 
 type B = Autodiff<CudaBackend<bf16>>;
 

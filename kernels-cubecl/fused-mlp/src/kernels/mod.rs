@@ -2,6 +2,8 @@
 //! to its host-side launch. They run on any CubeCL runtime (CUDA, wgpu, ...) through
 //! `CubeTensor<R>`.
 
+pub mod rms_norm_backward;
+pub mod rms_norm_forward;
 pub mod swiglu_forward;
 pub mod swiglu_lora_backward;
 
@@ -59,4 +61,23 @@ fn elementwise_launch<R: CubeRuntime>(
         let cube_count = calculate_cube_count_elemwise(&client, units, cube_dim);
         (client, cube_count, cube_dim)
     })
+}
+
+/// The sum of every unit's `value` over a 1-D cube of `cube` units (a power of two; the
+/// launch's cube size), returned to all of them (a tree of halvings in shared memory).
+#[cube]
+fn row_sum(value: f32, #[comptime] cube: u32) -> f32 {
+    let unit = UNIT_POS_X as usize;
+    let mut shared = SharedMemory::<f32>::new(cube as usize);
+    shared[unit] = value;
+    sync_cube();
+    let mut half = CUBE_DIM_X as usize / 2;
+    while half > 0 {
+        if unit < half {
+            shared[unit] = shared[unit] + shared[unit + half];
+        }
+        sync_cube();
+        half /= 2;
+    }
+    shared[0]
 }

@@ -1,5 +1,6 @@
-//! Per-phase timing of the fused MLP's forward and backward passes, for the microbenchmark's
-//! breakdown (`mlp-bench` prints it), and of the model's blocks (`fastlora bench --profile`).
+//! Device-synced per-phase timing, process-wide: the fused MLP's forward and backward phases
+//! (`mlp-bench` prints them), the model's blocks, the loss, and the checkpoint recompute
+//! (`fastlora bench --profile`).
 //!
 //! Off by default, when a phase costs one atomic load. When on, every phase is bracketed by
 //! device syncs, so the timings are exact per phase but their sum is slower than an unprofiled
@@ -30,8 +31,7 @@ pub fn set_profiling(enabled: bool) {
     ENABLED.store(enabled, Ordering::SeqCst);
 }
 
-/// The totals since the last call, by phase name (names start with `fwd` or `bwd` and a digit
-/// giving their order in the pass), and resets them.
+/// The totals since the last call, by phase name, and resets them.
 pub fn take_totals() -> BTreeMap<&'static str, PhaseTotal> {
     std::mem::take(&mut *TOTALS.lock().unwrap_or_else(|e| e.into_inner()))
 }

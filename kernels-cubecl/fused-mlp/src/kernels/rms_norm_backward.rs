@@ -1,0 +1,100 @@
+//! RMSNorm backward over the rows of `[N, H]` for a frozen gain, one cube per row, in f32:
+//! with `x̂ = x·r` (`r` the forward's saved `1/√(mean(x²) + ε)`) and `g = dy·w`,
+//!
+//! ```text
+//! dx_c = r · (g_c − x̂_c · Σ_j g_j·x̂_j / H)
+//! ```
+//!
+//! (the rounding of `x̂` to the storage type in the forward is passed through, as autodiff does
+//! for a cast).
+
+use burn_cubecl::CubeRuntime;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+
+use super::rms_norm_forward::ROW_CUBE;
+use super::{address_type, check_matrix, row_sum};
+
+#[cube(launch, address_type = "dynamic")]
+fn rms_norm_backward_kernel<F: Float>(
+    dy: &Tensor<F>,
+    x: &Tensor<F>,
+    weight: &Tensor<F>,
+    rstd: &Tensor<f32>,
+    dx: &mut Tensor<F>,
+    #[comptime] cube: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X as usize;
+    let cols = x.shape(1);
+    let r = rstd[row];
+    let mut dot = 0.0f32;
+    let mut c = UNIT_POS_X as usize;
+    while c < cols {
+        let g = f32::cast_from(dy[row * dy.stride(0) + c * dy.stride(1)])
+            * f32::cast_from(weight[c * weight.stride(0)]);
+        dot += g * f32::cast_from(x[row * x.stride(0) + c * x.stride(1)]) * r;
+        c += CUBE_DIM_X as usize;
+    }
+    let mean = row_sum(dot, cube) / f32::cast_from(cols);
+    let mut c = UNIT_POS_X as usize;
+    while c < cols {
+        let g = f32::cast_from(dy[row * dy.stride(0) + c * dy.stride(1)])
+            * f32::cast_from(weight[c * weight.stride(0)]);
+        let normed = f32::cast_from(x[row * x.stride(0) + c * x.stride(1)]) * r;
+        dx[row * cols + c] = F::cast_from(r * (g - normed * mean));
+        c += CUBE_DIM_X as usize;
+    }
+}
+
+/// Launches the backward: returns `dx` (`[N, H]`, row-major, `x`'s dtype).
+///
+/// # Panics
+/// On shapes, dtypes or devices that do not match the forward's.
+pub fn launch<R: CubeRuntime>(
+    dy: &CubeTensor<R>,
+    x: &CubeTensor<R>,
+    weight: &CubeTensor<R>,
+    rstd: &CubeTensor<R>,
+) -> CubeTensor<R> {
+    let [n, h] = check_matrix("x", x, None, None);
+    check_matrix("dy", dy, Some(n), Some(h));
+    assert_eq!(
+        weight.meta.shape().as_slice(),
+        &[h],
+        "rms_norm: the weight must be [{h}]"
+    );
+    assert_eq!(
+        rstd.meta.shape().as_slice(),
+        &[n],
+        "rms_norm: rstd must be [{n}]"
+    );
+    assert_eq!(dy.dtype, x.dtype, "rms_norm: dy dtype differs from x's");
+    for t in [dy, weight, rstd] {
+        x.assert_is_on_same_device(t);
+    }
+    let dx = empty_device_contiguous_dtype::<R>(
+        x.client.clone(),
+        x.device.clone(),
+        [n, h].into(),
+        x.dtype,
+    );
+    if n > 0 && h > 0 {
+        let address = address_type(&[dy, x, weight, rstd, &dx]);
+        rms_norm_backward_kernel::launch::<R>(
+            &x.client,
+            CubeCount::Static(n as u32, 1, 1),
+            CubeDim::new_1d(ROW_CUBE),
+            address,
+            dy.clone().into_tensor_arg(),
+            x.clone().into_tensor_arg(),
+            weight.clone().into_tensor_arg(),
+            rstd.clone().into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            ROW_CUBE,
+            x.dtype.into(),
+        );
+    }
+    dx
+}

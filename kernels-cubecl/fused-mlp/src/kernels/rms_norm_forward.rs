@@ -1,0 +1,95 @@
+//! RMSNorm forward over the rows of `[N, H]`, one cube per row, in f32 whatever the storage
+//! type `F` is (transformers' `LlamaRMSNorm`, as the portable `RmsNorm::forward` computes it):
+//!
+//! ```text
+//! r   = 1 / √(Σ_c x_c² / H + ε)          (f32; kept for the backward)
+//! y_c = F(x_c · r) · w_c                  (the normalised row rounded to F, then the gain in F)
+//! ```
+
+use burn_cubecl::CubeRuntime;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+
+use super::{address_type, check_matrix, row_sum};
+
+/// Units per cube (a power of two): each strides over its row.
+pub(crate) const ROW_CUBE: u32 = 256;
+
+#[cube(launch, address_type = "dynamic")]
+fn rms_norm_forward_kernel<F: Float>(
+    x: &Tensor<F>,
+    weight: &Tensor<F>,
+    y: &mut Tensor<F>,
+    rstd: &mut Tensor<f32>,
+    eps: f32,
+    #[comptime] cube: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X as usize;
+    let unit = UNIT_POS_X as usize;
+    let cols = x.shape(1);
+    let mut squares = 0.0f32;
+    let mut c = UNIT_POS_X as usize;
+    while c < cols {
+        let v = f32::cast_from(x[row * x.stride(0) + c * x.stride(1)]);
+        squares += v * v;
+        c += CUBE_DIM_X as usize;
+    }
+    let total = row_sum(squares, cube);
+    let r = 1.0f32 / f32::sqrt(total / f32::cast_from(cols) + eps);
+    if unit == 0 {
+        rstd[row] = r;
+    }
+    let mut c = UNIT_POS_X as usize;
+    while c < cols {
+        let v = f32::cast_from(x[row * x.stride(0) + c * x.stride(1)]);
+        y[row * cols + c] = F::cast_from(v * r) * weight[c * weight.stride(0)];
+        c += CUBE_DIM_X as usize;
+    }
+}
+
+/// Launches the forward: returns `y` (`[N, H]`, row-major, `x`'s dtype) and `rstd` (`[N]`, f32).
+///
+/// # Panics
+/// If `x` is not a matrix, `weight` not an `[H]` vector of `x`'s dtype, or they are on different
+/// devices.
+pub fn launch<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    weight: &CubeTensor<R>,
+    eps: f32,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let [n, h] = check_matrix("x", x, None, None);
+    assert_eq!(
+        weight.meta.shape().as_slice(),
+        &[h],
+        "rms_norm: the weight must be [{h}]"
+    );
+    assert_eq!(
+        weight.dtype, x.dtype,
+        "rms_norm: weight dtype differs from x's"
+    );
+    x.assert_is_on_same_device(weight);
+    let new = |shape: Vec<usize>, dtype| {
+        empty_device_contiguous_dtype::<R>(x.client.clone(), x.device.clone(), shape.into(), dtype)
+    };
+    let y = new(vec![n, h], x.dtype);
+    let rstd = new(vec![n], burn::tensor::DType::F32);
+    if n > 0 && h > 0 {
+        let address = address_type(&[x, weight, &y, &rstd]);
+        rms_norm_forward_kernel::launch::<R>(
+            &x.client,
+            CubeCount::Static(n as u32, 1, 1),
+            CubeDim::new_1d(ROW_CUBE),
+            address,
+            x.clone().into_tensor_arg(),
+            weight.clone().into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            rstd.clone().into_tensor_arg(),
+            eps,
+            ROW_CUBE,
+            x.dtype.into(),
+        );
+    }
+    (y, rstd)
+}
