@@ -94,15 +94,19 @@ fn a_trainable_gain_gets_its_gradient() {
     assert!(relative(got, want) <= 1e-6);
 }
 
-/// The non-autodiff backend runs the kernel forward alone.
+/// The non-autodiff backend runs the kernel forward alone, also with more rows than one grid
+/// dimension holds on wgpu (65,535 cubes).
 #[test]
 fn inference_backend_runs_the_kernel() {
     let Some(device) = vulkan_test_device() else {
         return;
     };
-    let x = Tensor::<B, 2>::random([9, 300], Distribution::Default, &device);
-    let weight = Tensor::<B, 1>::random([300], Distribution::Default, &device);
-    let fused = values(rms_norm(x.clone(), weight.clone(), 1e-6));
-    let portable = values(rms_norm_portable(x, weight, 1e-6));
-    assert!(relative(fused, portable) <= 1e-6);
+    for (rows, hidden) in [(9, 300), (70_000, 4)] {
+        let x = Tensor::<B, 2>::random([rows, hidden], Distribution::Default, &device);
+        let weight = Tensor::<B, 1>::random([hidden], Distribution::Default, &device);
+        let fused = values(rms_norm(x.clone(), weight.clone(), 1e-6));
+        let portable = values(rms_norm_portable(x, weight, 1e-6));
+        let err = relative(fused, portable);
+        assert!(err <= 1e-6, "[{rows}, {hidden}]: {err:e}");
+    }
 }

@@ -81,3 +81,11 @@ fn row_sum(value: f32, #[comptime] cube: u32) -> f32 {
     }
     shared[0]
 }
+
+/// One cube per row for `rows` rows, spread over two grid dimensions when there are more than
+/// a dimension holds (65,535 on wgpu); kernels take `CUBE_POS` as the row and skip the excess.
+fn row_cubes(rows: usize) -> CubeCount {
+    const MAX: usize = 65_535;
+    let x = rows.clamp(1, MAX);
+    CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
+}

@@ -14,7 +14,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use super::rms_norm_forward::ROW_CUBE;
-use super::{address_type, check_matrix, row_sum};
+use super::{address_type, check_matrix, row_cubes, row_sum};
 
 #[cube(launch, address_type = "dynamic")]
 fn rms_norm_backward_kernel<F: Float>(
@@ -26,7 +26,10 @@ fn rms_norm_backward_kernel<F: Float>(
     #[comptime] cube: u32,
     #[define(F)] _dtype: StorageType,
 ) {
-    let row = CUBE_POS_X as usize;
+    let row = CUBE_POS as usize;
+    if row >= x.shape(0) {
+        terminate!();
+    }
     let cols = x.shape(1);
     let r = rstd[row];
     let mut dot = 0.0f32;
@@ -84,7 +87,7 @@ pub fn launch<R: CubeRuntime>(
         let address = address_type(&[dy, x, weight, rstd, &dx]);
         rms_norm_backward_kernel::launch::<R>(
             &x.client,
-            CubeCount::Static(n as u32, 1, 1),
+            row_cubes(n),
             CubeDim::new_1d(ROW_CUBE),
             address,
             dy.clone().into_tensor_arg(),

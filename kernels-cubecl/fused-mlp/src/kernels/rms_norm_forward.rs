@@ -11,7 +11,7 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{address_type, check_matrix, row_sum};
+use super::{address_type, check_matrix, row_cubes, row_sum};
 
 /// Units per cube (a power of two): each strides over its row.
 pub(crate) const ROW_CUBE: u32 = 256;
@@ -26,7 +26,10 @@ fn rms_norm_forward_kernel<F: Float>(
     #[comptime] cube: u32,
     #[define(F)] _dtype: StorageType,
 ) {
-    let row = CUBE_POS_X as usize;
+    let row = CUBE_POS as usize;
+    if row >= x.shape(0) {
+        terminate!();
+    }
     let unit = UNIT_POS_X as usize;
     let cols = x.shape(1);
     let mut squares = 0.0f32;
@@ -79,7 +82,7 @@ pub fn launch<R: CubeRuntime>(
         let address = address_type(&[x, weight, &y, &rstd]);
         rms_norm_forward_kernel::launch::<R>(
             &x.client,
-            CubeCount::Static(n as u32, 1, 1),
+            row_cubes(n),
             CubeDim::new_1d(ROW_CUBE),
             address,
             x.clone().into_tensor_arg(),
