@@ -415,7 +415,7 @@ fn print_block_profile<B: AutodiffBackend>(
     step?;
     let times = trainer.last_step_times().unwrap_or_default();
     let mut blocks: Vec<_> = phase_timing::take_totals().into_iter().collect();
-    blocks.sort_by(|a, b| b.1.time.cmp(&a.1.time));
+    blocks.sort_by_key(|b| std::cmp::Reverse(b.1.time));
     eprintln!(
         "profile (one step, synced per block): forward {:.1} ms, backward {:.1} ms, clip {:.1} ms, optimizer {:.1} ms",
         times.forward * 1e3,

@@ -39,6 +39,13 @@ pub type CudaBackend<F> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F,
 #[cfg(feature = "wgpu")]
 pub type WgpuBackend<F> = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, F, i32, u32>;
 
+/// What [`cross_entropy_rows`] gives: per-row NLL `[rows]` and `softmax − onehot`
+/// `[rows, vocab]`.
+pub type RowsLoss<B> = (Tensor<B, 1>, Tensor<B, 2>);
+
+/// What [`cross_entropy_rows`] hands back when it cannot run: the logits and the targets.
+pub type RowsOperands<B> = (Tensor<B, 2>, Tensor<B, 1, Int>);
+
 /// Per-row NLL (`[rows]`, f32) and `softmax − onehot` (`[rows, vocab]`, `logits`' dtype, in
 /// `logits`' buffer when it is not shared) of a chunk, both zero on rows whose target is
 /// negative (ignored).
@@ -56,7 +63,7 @@ pub type WgpuBackend<F> = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, F,
 pub fn cross_entropy_rows<B: Backend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
-) -> Result<(Tensor<B, 1>, Tensor<B, 2>), (Tensor<B, 2>, Tensor<B, 1, Int>)> {
+) -> Result<RowsLoss<B>, RowsOperands<B>> {
     if !ENABLED.load(Ordering::Relaxed) {
         return Err((logits, targets));
     }

@@ -26,7 +26,7 @@ fn rms_norm_backward_kernel<F: Float>(
     #[comptime] cube: u32,
     #[define(F)] _dtype: StorageType,
 ) {
-    let row = CUBE_POS as usize;
+    let row = CUBE_POS;
     if row >= x.shape(0) {
         terminate!();
     }
