@@ -209,7 +209,8 @@ fn is_cuda<I: Backend>() -> bool {
 
 impl<I: Backend> Saved<I> {
     /// Keeps `x`, copied to the host when `offload` and `x` holds at least
-    /// [`crate::OFFLOAD_MIN_BYTES`]; the copy blocks until `x` is computed.
+    /// [`crate::OFFLOAD_MIN_BYTES`]: asynchronously on CUDA ([`Saved::Pinned`]), elsewhere a
+    /// read that blocks until `x` is computed.
     fn new<const D: usize>(x: FloatTensor<I>, offload: bool) -> Self {
         let bytes = x.shape().num_elements() * x.dtype().size();
         if !offload || bytes < crate::OFFLOAD_MIN_BYTES {
