@@ -267,6 +267,8 @@ pub fn bench_command(args: BenchArgs) -> Result<BenchResult> {
             use burn::backend::Autodiff;
             use burn::backend::cuda::CudaDevice;
             use fused_mlp::CudaBackend;
+
+            use crate::train::cuda_reserved_bytes;
             let device = CudaDevice::new(index);
             if bf16 {
                 bench_on::<Autodiff<CudaBackend<burn::tensor::bf16>>>(
@@ -293,14 +295,6 @@ pub fn bench_command(args: BenchArgs) -> Result<BenchResult> {
         serde_json::to_string(&result).expect("a plain struct serialises")
     );
     Ok(result)
-}
-
-/// Bytes CubeCL's allocator holds on the CUDA device.
-#[cfg(feature = "cuda")]
-fn cuda_reserved_bytes(device: &burn::backend::cuda::CudaDevice) -> Option<u64> {
-    use cubecl::Runtime;
-    let client = cubecl::cuda::CudaRuntime::client(device);
-    client.memory_usage().ok().map(|usage| usage.bytes_reserved)
 }
 
 fn bench_on<B: AutodiffBackend>(

@@ -179,12 +179,12 @@ pub fn rms_norm<B: Backend, const D: usize>(
     if !fused_enabled() || weight.is_require_grad() || weight.dtype() != x.dtype() {
         return crate::rms_norm_portable(x, weight, eps);
     }
-    let dims = x.dims();
-    let hidden = dims[D - 1];
-    let rows = dims[..D - 1].iter().product::<usize>();
     let mut inputs = Some((x, weight));
     let fused: Option<Tensor<B, D>> = for_fused_backends!(B, |FB| {
         let (x, weight) = inputs.take().expect("taken once");
+        let dims = x.dims();
+        let hidden = dims[D - 1];
+        let rows = dims[..D - 1].iter().product::<usize>();
         let x: Tensor<FB, D> = cast(x);
         let weight: Tensor<FB, 1> = cast(weight);
         let x = x.reshape([rows, hidden]).into_primitive().tensor();

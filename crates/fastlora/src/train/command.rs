@@ -409,7 +409,7 @@ fn flag_error(flag: &str, value: &str, allowed: &str) -> FastLoraError {
 pub fn train_command(args: TrainArgs) -> Result<()> {
     let args = args.with_config_file()?;
     match args.train_device()? {
-        TrainDevice::Cpu => train_on::<CpuBackend>(args, Default::default()),
+        TrainDevice::Cpu => train_on::<CpuBackend>(args, Default::default(), |_| None),
         #[cfg(feature = "cuda")]
         TrainDevice::Cuda { index, bf16 } => {
             use burn::backend::Autodiff;
@@ -417,9 +417,13 @@ pub fn train_command(args: TrainArgs) -> Result<()> {
             use fused_mlp::CudaBackend;
             let device = CudaDevice::new(index);
             if bf16 {
-                train_on::<Autodiff<CudaBackend<burn::tensor::bf16>>>(args, device)
+                train_on::<Autodiff<CudaBackend<burn::tensor::bf16>>>(
+                    args,
+                    device,
+                    cuda_reserved_bytes,
+                )
             } else {
-                train_on::<Autodiff<CudaBackend<f32>>>(args, device)
+                train_on::<Autodiff<CudaBackend<f32>>>(args, device, cuda_reserved_bytes)
             }
         }
         #[cfg(not(feature = "cuda"))]
@@ -432,7 +436,24 @@ pub fn train_command(args: TrainArgs) -> Result<()> {
     }
 }
 
-fn train_on<B: AutodiffBackend>(args: TrainArgs, device: B::Device) -> Result<()> {
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Bytes CubeCL's allocator holds on the CUDA device: an upper bound of the memory in use at
+/// the peak of the steps so far (its pools keep what the largest step needed).
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_reserved_bytes(device: &burn::backend::cuda::CudaDevice) -> Option<u64> {
+    use cubecl::Runtime;
+    let client = cubecl::cuda::CudaRuntime::client(device);
+    client.memory_usage().ok().map(|usage| usage.bytes_reserved)
+}
+
+/// Trains on `device`; `reserved_bytes` reads the device memory the allocator holds (printed
+/// with each logged step where it is known: CUDA).
+fn train_on<B: AutodiffBackend>(
+    args: TrainArgs,
+    device: B::Device,
+    reserved_bytes: impl Fn(&B::Device) -> Option<u64>,
+) -> Result<()> {
     let lora = args.lora_config()?;
     let config = args.train_config();
     let model_dir = match &args.model {
@@ -527,9 +548,12 @@ fn train_on<B: AutodiffBackend>(args: TrainArgs, device: B::Device) -> Result<()
             ));
             metrics.append(record, tokens_per_s);
             if record.step == 1 || record.step.is_multiple_of(10) || record.step == total {
+                let memory = reserved_bytes(&device)
+                    .map(|bytes| format!("  mem {:.2} GiB reserved", bytes as f64 / GIB))
+                    .unwrap_or_default();
                 bar.suspend(|| {
                     println!(
-                        "step {:>5}  loss {:.4}  lr {:.3e}  grad_norm {:.3}",
+                        "step {:>5}  loss {:.4}  lr {:.3e}  grad_norm {:.3}{memory}",
                         record.step, record.loss, record.lr, record.grad_norm
                     )
                 });

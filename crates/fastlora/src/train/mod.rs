@@ -22,6 +22,8 @@ use fused_adamw::{FusedAdamW, FusedAdamWConfig};
 use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{TrainerState, latest_checkpoint};
+#[cfg(feature = "cuda")]
+pub(crate) use command::cuda_reserved_bytes;
 pub use command::{TrainArgs, TrainDevice, train_command};
 pub use plot::write_loss_curve;
 pub use schedule::{LrScheduler, learning_rate};
