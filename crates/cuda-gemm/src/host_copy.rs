@@ -136,7 +136,7 @@ pub fn copy_to_host(tensor: CudaTensor) -> Result<HostCopy, GemmError> {
     let binding = tensor.handle.clone().binding();
     let block = enqueue(&device, binding, bytes, None, Direction::ToHost)?;
     Ok(HostCopy {
-        block: Some(block.expect("a copy to the host keeps its block")),
+        block: Some(block),
         bytes,
         shape,
         dtype: tensor.dtype,
@@ -164,26 +164,28 @@ pub fn copy_to_device(mut copy: HostCopy) -> Result<CudaTensor, GemmError> {
         .take()
         .expect("a host copy holds its block until restored");
     let binding = tensor.handle.clone().binding();
+    // The block's next user is a copy on the same stream, ordered after this one (module docs).
     enqueue(
         &copy.device,
         binding,
         copy.bytes,
         Some(block),
         Direction::ToDevice,
-    )?;
+    )?
+    .give_back();
     Ok(tensor)
 }
 
-/// Runs one copy inside CubeCL's device runner, on the caller's stream (see [`crate::gemm`] for
-/// how the stream is found). Returns the block for a copy to the host; a copy to the device
-/// gives its block back to the pool.
+/// Runs one copy between `binding` and `block` (a new pooled one when `None`) inside CubeCL's
+/// device runner, on the caller's stream (see [`crate::gemm`] for how the stream is found), and
+/// returns the block.
 fn enqueue(
     device: &CudaDevice,
     binding: Binding,
     bytes: usize,
     block: Option<PinnedBlock>,
     direction: Direction,
-) -> Result<Option<PinnedBlock>, GemmError> {
+) -> Result<PinnedBlock, GemmError> {
     let stream_id = StreamId::current();
     let device_index = device.index;
     let handle = DeviceHandle::<CudaServer>::new(device.to_id());
@@ -239,13 +241,7 @@ fn enqueue(
             Ok(())
         })?;
         drop(resource);
-        Ok(match direction {
-            Direction::ToHost => Some(block),
-            Direction::ToDevice => {
-                block.give_back();
-                None
-            }
-        })
+        Ok(block)
     });
     result.map_err(|e| GemmError::Server {
         desc: "host copy".to_string(),

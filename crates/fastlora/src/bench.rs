@@ -373,7 +373,7 @@ fn bench_on<B: AutodiffBackend>(
     let (l, s, h) = (shape.layers as f64, args.seq as f64, shape.hidden as f64);
     let flops_tok = (4.0 + if ckpt { 2.0 } else { 0.0 }) * n
         + (3.0 + if ckpt { 1.0 } else { 0.0 }) * 2.0 * 2.0 * l * s * h / 2.0;
-    let gib = |bytes: u64| (bytes as f64 / f64::from(1u32 << 30) * 100.0).round() / 100.0;
+    let gib = |bytes: u64| (crate::train::gib(bytes) * 100.0).round() / 100.0;
     let ms = |seconds: f64| (seconds * 1e5).round() / 100.0;
     Ok(BenchResult {
         r#impl: "fastlora",

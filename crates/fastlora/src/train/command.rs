@@ -436,7 +436,10 @@ pub fn train_command(args: TrainArgs) -> Result<()> {
     }
 }
 
-const GIB: f64 = (1u64 << 30) as f64;
+/// `bytes` in GiB.
+pub(crate) fn gib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 30)
+}
 
 /// Bytes CubeCL's allocator holds on the CUDA device: an upper bound of the memory in use at
 /// the peak of the steps so far (its pools keep what the largest step needed).
@@ -549,7 +552,7 @@ fn train_on<B: AutodiffBackend>(
             metrics.append(record, tokens_per_s);
             if record.step == 1 || record.step.is_multiple_of(10) || record.step == total {
                 let memory = reserved_bytes(&device)
-                    .map(|bytes| format!("  mem {:.2} GiB reserved", bytes as f64 / GIB))
+                    .map(|bytes| format!("  mem {:.2} GiB reserved", gib(bytes)))
                     .unwrap_or_default();
                 bar.suspend(|| {
                     println!(

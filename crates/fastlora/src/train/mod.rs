@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 pub use checkpoint::{TrainerState, latest_checkpoint};
 #[cfg(feature = "cuda")]
 pub(crate) use command::cuda_reserved_bytes;
+pub(crate) use command::gib;
 pub use command::{TrainArgs, TrainDevice, train_command};
 pub use plot::write_loss_curve;
 pub use schedule::{LrScheduler, learning_rate};
