@@ -104,6 +104,22 @@ pub enum GemmError {
         /// The driver's status.
         status: String,
     },
+    /// A cuDNN call failed (`detail`: cuDNN's own last error message, when it gave one).
+    #[error("cuDNN {call} failed with {status}{detail}")]
+    Cudnn {
+        /// The failing call (with the descriptor or operation it was building).
+        call: String,
+        /// The cuDNN status.
+        status: String,
+        /// `": "` and cuDNN's message, or empty.
+        detail: String,
+    },
+    /// cuDNN cannot run here: the library is not found, or no engine takes the graph.
+    #[error("cuDNN unavailable: {reason}")]
+    CudnnUnavailable {
+        /// Why.
+        reason: String,
+    },
     /// The provider's internal registry lock was poisoned by a panic elsewhere.
     #[error("gemm: the stream registry is poisoned (an earlier GEMM panicked)")]
     Poisoned,

@@ -22,6 +22,10 @@
 //!   I, BT>, D>` (via `into_primitive` / `from_primitive`).
 //! - [`copy_to_host`], [`copy_to_device`]: a tensor to pinned host memory and back, on the same
 //!   stream and with the same machinery (the checkpoint offload; module `host_copy`).
+//! - [`sdpa_forward`], [`sdpa_backward`]: cuDNN's fused causal flash attention (f16/bf16,
+//!   grouped-query), on the same stream and with the same machinery (module `sdpa`, on a small
+//!   builder over cuDNN's backend graph API, module `cudnn`; `libcudnn.so.9` is loaded at run
+//!   time).
 //!
 //! Row-major ↔ column-major: `D = op(A)·op(B)` is computed as the column-major `Dᵀ =
 //! op(B)ᵀ·op(A)ᵀ` on the same memory, no copies. Row-pitched tensors (CubeCL's optimized layout)
@@ -105,6 +109,8 @@
 #[cfg(feature = "cuda")]
 mod cublas;
 #[cfg(feature = "cuda")]
+mod cudnn;
+#[cfg(feature = "cuda")]
 mod error;
 #[cfg(feature = "cuda")]
 mod gemm;
@@ -113,6 +119,8 @@ mod host_copy;
 // Pure shape/stride and text logic, unit-tested on the CPU without the `cuda` feature.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod layout;
+#[cfg(feature = "cuda")]
+mod sdpa;
 #[cfg(feature = "cuda")]
 mod stream;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -127,5 +135,7 @@ pub use gemm::{
 };
 #[cfg(feature = "cuda")]
 pub use host_copy::{HostCopy, copy_to_device, copy_to_host};
+#[cfg(feature = "cuda")]
+pub use sdpa::{SdpaSaved, cudnn_version, sdpa_backward, sdpa_calls, sdpa_forward};
 #[cfg(feature = "cuda")]
 pub use stream::StreamOrdering;

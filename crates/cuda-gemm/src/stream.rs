@@ -74,6 +74,8 @@ pub(crate) struct StreamState {
     pub workspace: drv::CUdeviceptr,
     pub workspace_size: usize,
     pub algos: HashMap<AlgoKey, CachedAlgo>,
+    /// cuDNN handle bound to `stream`, created on the first fused attention.
+    pub cudnn: Option<crate::cudnn::Handle>,
 }
 
 // SAFETY: the raw pointers are CUDA handles (stream, cuBLAS handles, device memory) that CUDA
@@ -99,6 +101,7 @@ impl StreamState {
             workspace,
             workspace_size,
             algos: HashMap::new(),
+            cudnn: None,
         })
     }
 

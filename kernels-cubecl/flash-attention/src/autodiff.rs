@@ -1,6 +1,7 @@
 //! [`FlashAttentionBackend`] for `Autodiff<B>`: the forward on the inner backend registered as
 //! one graph node that keeps only `q`, `k`, `v`, `o` and the f32 LSE, with the hand-written
-//! block-wise backward.
+//! block-wise backward; and the fused kernel's node (`q`, `k`, `v`, `o`, LSE in its layouts,
+//! its own backward, the block-wise one as fallback).
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -9,7 +10,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
 
-use crate::op::{AttentionKernels, FlashAttentionBackend, Geometry, Saved, backward, forward};
+use crate::op::{
+    AttentionKernels, FlashAttentionBackend, FusedSaved, Geometry, Saved, backward,
+    backward_from_fused, forward,
+};
 
 /// The graph node's backward step. Parents: `q`, `k`, `v`.
 #[derive(Debug)]
@@ -21,6 +25,27 @@ impl<B: AttentionKernels> Backward<B, 3> for FlashAttentionBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let d_o = grads.consume::<B>(&ops.node);
         let (dq, dk, dv) = backward::<B>(d_o, ops.state);
+        for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// The fused kernel's graph node. Parents: `q`, `k`, `v`.
+#[derive(Debug)]
+struct FusedAttentionBackward;
+
+impl<B: AttentionKernels> Backward<B, 3> for FusedAttentionBackward {
+    type State = FusedSaved<FloatTensor<B>>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let d_o = grads.consume::<B>(&ops.node);
+        let (dq, dk, dv) = match B::fused_backward(&ops.state, d_o.clone()) {
+            Some(grads) => grads,
+            None => backward_from_fused::<B>(ops.state, d_o),
+        };
         for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, grad);
@@ -51,6 +76,44 @@ impl<B: AttentionKernels, C: CheckpointStrategy> FlashAttentionBackend for Autod
                 prep.finish(saved, o)
             }
             OpsKind::UnTracked(prep) => prep.finish(forward::<B>(q, k, v, key_mask, geometry).0),
+        }
+    }
+
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        geometry: Geometry,
+    ) -> Result<FloatTensor<Self>, [FloatTensor<Self>; 3]> {
+        // Clones of the primitives share their buffers; the autodiff tensors stay whole so that
+        // they can be handed back when there is no fused kernel.
+        let (o, lse) = match B::fused_forward(
+            q.primitive.clone(),
+            k.primitive.clone(),
+            v.primitive.clone(),
+            geometry,
+        ) {
+            Ok(out) => out,
+            Err(_) => return Err([q, k, v]),
+        };
+        let nodes = [&q, &k, &v].map(|t| t.node.clone());
+        match FusedAttentionBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let saved = FusedSaved {
+                    q: q.primitive,
+                    k: k.primitive,
+                    v: v.primitive,
+                    o: o.clone(),
+                    lse,
+                    geometry,
+                };
+                Ok(prep.finish(saved, o))
+            }
+            OpsKind::UnTracked(prep) => Ok(prep.finish(o)),
         }
     }
 }

@@ -4,7 +4,9 @@
 use burn::tensor::ops::FloatTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use crate::op::{AttentionKernels, BlockAt, FlashAttentionBackend, Geometry, forward};
+use crate::op::{
+    AttentionKernels, BlockAt, FlashAttentionBackend, FusedForward, FusedSaved, Geometry, forward,
+};
 use crate::{block, kernels, kernels_enabled};
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionKernels
@@ -37,6 +39,38 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionK
             block::softmax_backward::<Self>(s, dp, lse, delta, key_mask, at, scale)
         }
     }
+
+    fn fused_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        geometry: Geometry,
+    ) -> FusedForward<Self> {
+        #[cfg(feature = "cuda")]
+        {
+            crate::cudnn::forward::<Self>(q, k, v, geometry)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = geometry;
+            Err([q, k, v])
+        }
+    }
+
+    fn fused_backward(
+        saved: &FusedSaved<FloatTensor<Self>>,
+        d_o: FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>)> {
+        #[cfg(feature = "cuda")]
+        {
+            crate::cudnn::backward::<Self>(saved, d_o)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (saved, d_o);
+            None
+        }
+    }
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FlashAttentionBackend
@@ -50,5 +84,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FlashAtten
         geometry: Geometry,
     ) -> FloatTensor<Self> {
         forward::<Self>(q, k, v, key_mask, geometry).0
+    }
+
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        geometry: Geometry,
+    ) -> Result<FloatTensor<Self>, [FloatTensor<Self>; 3]> {
+        Self::fused_forward(q, k, v, geometry).map(|(o, _lse)| o)
     }
 }

@@ -3,7 +3,7 @@
 //! `cuda`, `wgpu`), and the tensors are moved into that type through `Any` (a no-op move).
 
 use std::any::Any;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use burn::prelude::*;
 
@@ -77,6 +77,29 @@ pub fn set_kernels_enabled(enabled: bool) {
 /// Whether the softmax steps run as CubeCL kernels (see [`set_kernels_enabled`]).
 pub fn kernels_enabled() -> bool {
     KERNELS_ENABLED.load(Ordering::SeqCst)
+}
+
+/// 0: not set (the environment decides), 1: forbidden, 2: allowed.
+static CUDNN_CHOICE: AtomicU8 = AtomicU8::new(0);
+
+/// Allows or forbids cuDNN's fused attention process-wide, overriding the environment;
+/// forbidden, CUDA runs the block-wise op.
+pub fn set_cudnn_enabled(enabled: bool) {
+    CUDNN_CHOICE.store(if enabled { 2 } else { 1 }, Ordering::SeqCst);
+}
+
+/// Whether cuDNN's fused attention may run: as [`set_cudnn_enabled`] last said, else only when
+/// the environment sets `FASTLORA_CUDNN=1`. Off by default until its GPU checks
+/// (`attention-bench cudnn-probe`, `check-bf16`) have passed on the H200.
+pub fn cudnn_enabled() -> bool {
+    match CUDNN_CHOICE.load(Ordering::SeqCst) {
+        1 => false,
+        2 => true,
+        _ => {
+            static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *FROM_ENV.get_or_init(|| std::env::var("FASTLORA_CUDNN").is_ok_and(|v| v == "1"))
+        }
+    }
 }
 
 /// Whether backend `B` is one the op is compiled for in this build.

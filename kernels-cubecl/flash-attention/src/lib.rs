@@ -39,6 +39,13 @@
 //! - [`FlashAttentionBackend`] (feature `cubecl`): `CubeBackend<R, ..>` (forward only) and
 //!   `Autodiff` over it (forward + the backward above), on top of [`AttentionKernels`] (the two
 //!   softmax steps) and [`fused_mlp::FusedMlpKernels::gemm`].
+//! - cuDNN's fused flash attention (feature `cuda`, module `cudnn`, through
+//!   `fastlora_cuda_gemm::sdpa_forward` / `sdpa_backward`): without a key mask, in f16/bf16, the
+//!   whole forward and the whole backward each as one cuDNN kernel, its own autodiff node
+//!   ([`FlashAttentionBackend::fused_attention`]); anything cuDNN declines runs the block-wise
+//!   op. **Opt-in** ([`cudnn_enabled`]: `FASTLORA_CUDNN=1` or [`set_cudnn_enabled`]) until its
+//!   GPU checks have run on the H200: it compiles and falls back cleanly, but its results have
+//!   not yet been compared with the materialised attention on a GPU.
 //! - [`materialised_attention`]: the `[b, h, s, s]` reference, every backend (the model's
 //!   portable path computes the same thing; the tests' oracle).
 //! - [`attention`]: dispatch for a model generic over `B: Backend`, by `TypeId`, like
@@ -58,6 +65,8 @@ mod autodiff;
 pub mod block;
 #[cfg(feature = "cubecl")]
 mod cube;
+#[cfg(feature = "cuda")]
+mod cudnn;
 mod dispatch;
 #[cfg(feature = "cubecl")]
 pub mod kernels;
@@ -65,13 +74,20 @@ mod op;
 mod reference;
 
 pub use dispatch::{
-    attention, fast_backend, flash_available, flash_enabled, kernels_enabled, set_flash_enabled,
-    set_kernels_enabled,
+    attention, cudnn_enabled, fast_backend, flash_available, flash_enabled, kernels_enabled,
+    set_cudnn_enabled, set_flash_enabled, set_kernels_enabled,
 };
-pub use op::{AttentionKernels, BlockAt, FlashAttentionBackend, Geometry, SCORE_BUDGET_BYTES};
+pub use op::{
+    AttentionKernels, BlockAt, FlashAttentionBackend, FusedForward, FusedSaved, Geometry,
+    SCORE_BUDGET_BYTES,
+};
 pub use reference::materialised_attention;
 
 /// Causal GQA attention through [`FlashAttentionBackend`], with memory linear in `s`.
+///
+/// Without a key mask, the backend's fused kernel runs where it has one
+/// ([`FlashAttentionBackend::fused_attention`]: cuDNN's flash attention on CUDA for f16/bf16,
+/// when [`cudnn_enabled`]); otherwise, and with a mask, the block-wise op.
 ///
 /// `block_q`: query positions per block; `None` picks the largest block whose score tile
 /// `b·kvh·(block_q·g)·s` f32 values fits [`SCORE_BUDGET_BYTES`] (tests pass a small one to run
@@ -110,6 +126,23 @@ pub fn flash_attention<B: FlashAttentionBackend>(
     let same = |t: Tensor<B, 4>| if t.dtype() == dtype { t } else { t.cast(dtype) };
     let (k, v) = (same(k), same(v));
     let geometry = Geometry::new(b, kvh, g, s, d, block_q);
+    let (q, k, v) = if key_mask.is_none() {
+        match B::fused_attention(
+            q.into_primitive().tensor(),
+            k.into_primitive().tensor(),
+            v.into_primitive().tensor(),
+            geometry,
+        ) {
+            Ok(o) => return Tensor::from_primitive(TensorPrimitive::Float(o)),
+            Err([q, k, v]) => (
+                Tensor::from_primitive(TensorPrimitive::Float(q)),
+                Tensor::from_primitive(TensorPrimitive::Float(k)),
+                Tensor::from_primitive(TensorPrimitive::Float(v)),
+            ),
+        }
+    } else {
+        (q, k, v)
+    };
     // [b, h, s, d] = [b, kvh, g, s, d] -> [b, kvh, s, g, d] -> [b·kvh, s·g, d]: one copy.
     let q = q
         .reshape([b, kvh, g, s, d])

@@ -113,6 +113,52 @@ pub trait AttentionKernels: FusedMlpKernels {
         at: BlockAt,
         scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The whole unmasked causal attention as one fused kernel (cuDNN's flash attention on
+    /// CUDA, f16/bf16): `(o, lse)` from `q` `[b, h, s, d]` and `k`, `v` `[b, kvh, s, d]`, with
+    /// `o` `[b, s, h·d]` and `lse` `[b, h, s]` f32. `Err` gives the inputs back where the backend
+    /// has no such kernel for them (the default); the caller then runs the block-wise op.
+    fn fused_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        geometry: Geometry,
+    ) -> FusedForward<Self> {
+        let _ = geometry;
+        Err([q, k, v])
+    }
+
+    /// The fused kernel's backward: `(dq, dk, dv)` in the shapes of `q`, `k`, `v` from `d_o`
+    /// `[b, s, h·d]`, or `None` when it cannot run (the caller then runs the block-wise backward
+    /// on the same saved tensors).
+    fn fused_backward(
+        saved: &FusedSaved<FloatTensor<Self>>,
+        d_o: FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>)> {
+        let _ = (saved, d_o);
+        None
+    }
+}
+
+/// `Ok((o, lse))` from the fused kernel, or the inputs `[q, k, v]` back.
+pub type FusedForward<B> = Result<(FloatTensor<B>, FloatTensor<B>), [FloatTensor<B>; 3]>;
+
+/// What the fused kernel's backward needs, in its layouts (see
+/// [`AttentionKernels::fused_forward`]): all linear in `s`.
+#[derive(Debug, Clone)]
+pub struct FusedSaved<T> {
+    /// `[b, h, s, d]`.
+    pub q: T,
+    /// `[b, kvh, s, d]`.
+    pub k: T,
+    /// `[b, kvh, s, d]`.
+    pub v: T,
+    /// `[b, s, h·d]`.
+    pub o: T,
+    /// Row log-sum-exp of the scaled scores, `[b, h, s]` f32.
+    pub lse: T,
+    /// The problem's sizes.
+    pub geometry: Geometry,
 }
 
 /// A backend that runs causal GQA attention as one operation, memory linear in `s`.
@@ -129,6 +175,16 @@ pub trait FlashAttentionBackend: Backend {
         key_mask: Option<FloatTensor<Self>>,
         geometry: Geometry,
     ) -> FloatTensor<Self>;
+
+    /// Unmasked causal attention through [`AttentionKernels::fused_forward`] where the backend
+    /// has that kernel: `q` `[b, h, s, d]`, `k`, `v` `[b, kvh, s, d]` → `o` `[b, s, h·d]`;
+    /// gradients flow to `q`, `k`, `v`. `Err` gives the inputs back (no fused kernel for them).
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        geometry: Geometry,
+    ) -> Result<FloatTensor<Self>, [FloatTensor<Self>; 3]>;
 }
 
 /// What the backward needs: all linear in `s`.
@@ -302,4 +358,54 @@ pub(crate) fn backward<B: AttentionKernels>(
         prim(dk.unwrap_or_else(zeros)),
         prim(dv.unwrap_or_else(zeros)),
     )
+}
+
+/// The block-wise backward on what the fused forward saved (its layouts converted): the
+/// fallback when [`AttentionKernels::fused_backward`] cannot run. Returns `(dq, dk, dv)` in the
+/// shapes of `q`, `k`, `v`.
+pub(crate) fn backward_from_fused<B: AttentionKernels>(
+    saved: FusedSaved<FloatTensor<B>>,
+    d_o: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let geometry = saved.geometry;
+    let (b, kvh, g, s, d) = (
+        geometry.batch,
+        geometry.kv_heads,
+        geometry.groups,
+        geometry.seq,
+        geometry.head_dim,
+    );
+    // [b, h, s, d] = [b, kvh, g, s, d] -> [b, kvh, s, g, d] -> [b·kvh, s·g, d]
+    let q = wrap::<B, 4>(saved.q)
+        .reshape([b, kvh, g, s, d])
+        .swap_dims(2, 3)
+        .reshape([b * kvh, s * g, d]);
+    // [b, s, h·d] = [b, s, kvh, g, d] -> [b, kvh, s, g, d] -> [b·kvh, s·g, d]
+    let rows_layout = |t: FloatTensor<B>| {
+        wrap::<B, 3>(t)
+            .reshape([b, s, kvh, g, d])
+            .swap_dims(1, 2)
+            .reshape([b * kvh, s * g, d])
+    };
+    // [b, h, s] = [b, kvh, g, s] -> [b, kvh, s, g] -> [b·kvh, s·g]
+    let lse = wrap::<B, 3>(saved.lse)
+        .reshape([b, kvh, g, s])
+        .swap_dims(2, 3)
+        .reshape([b * kvh, s * g]);
+    let block_saved = Saved {
+        q: prim(q),
+        k: prim(wrap::<B, 4>(saved.k).reshape([b * kvh, s, d])),
+        v: prim(wrap::<B, 4>(saved.v).reshape([b * kvh, s, d])),
+        o: prim(rows_layout(saved.o)),
+        lse: prim(lse),
+        key_mask: None,
+        geometry,
+    };
+    let (dq, dk, dv) = backward::<B>(prim(rows_layout(d_o)), block_saved);
+    let dq = wrap::<B, 3>(dq)
+        .reshape([b, kvh, s, g, d])
+        .swap_dims(2, 3)
+        .reshape([b, kvh * g, s, d]);
+    let kv_shape = |t: FloatTensor<B>| prim(wrap::<B, 3>(t).reshape([b, kvh, s, d]));
+    (prim(dq), kv_shape(dk), kv_shape(dv))
 }

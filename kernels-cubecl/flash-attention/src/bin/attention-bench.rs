@@ -5,11 +5,16 @@
 //!
 //! - `check-f32`, `check-bf16`: fast vs materialised outputs and `dq`, `dk`, `dv` (relative
 //!   error `max|Δ| / max|ref|`, pass bar 1e-4 f32 / 2e-2 bf16) for GQA 1, 3, 4, 8, d 64 and
-//!   128, s 1000 and 2047, without and with padding (a left- and a right-padded row);
+//!   128, s 1000 and 2047, without and with padding (a left- and a right-padded row); unpadded
+//!   bf16 cells run cuDNN's fused kernel (`"cudnn"` says whether its forward and backward ran),
+//!   and run again with cuDNN off to check the block-wise op;
 //! - `time`: forward + backward (median of 10 after 3 warm-up, synced), bf16, at b4×32 heads
-//!   ×2048×d64 and b2×32×2048×d128 (8 KV heads), fast and materialised;
+//!   ×2048×d64 and b2×32×2048×d128 (8 KV heads): cuDNN's fused kernel, the block-wise op, and
+//!   materialised;
 //! - `memory`: device memory (CubeCL `memory_usage`) of fast forward + backward at b1, 32 heads,
 //!   8 KV heads, d128, s 2k, 8k, 32k (and materialised at 2k, 8k for contrast), bf16;
+//! - `cudnn-probe`: the loaded cuDNN's version, and one fused forward + backward called directly
+//!   (b1, 4 heads, 2 KV heads, s 256, d 64), printing cuDNN's error when it declines;
 //! - `all` (default): each of the above in its own process (Burn fixes a CUDA device's float
 //!   dtype per process).
 //!
@@ -25,13 +30,17 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, bf16};
 use cubecl::Runtime;
 use cubecl::cuda::CudaRuntime;
-use flash_attention::{FlashAttentionBackend, flash_attention, materialised_attention};
+use fastlora_cuda_gemm::sdpa_calls;
+use flash_attention::{
+    FlashAttentionBackend, flash_attention, materialised_attention, set_cudnn_enabled,
+};
 use fused_mlp::CudaBackend;
 
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     let device = CudaDevice::default();
     let ok = match mode.as_str() {
+        "cudnn-probe" => cudnn_probe(&device),
         "check-f32" => check::<Autodiff<CudaBackend<f32>>>("f32", 1e-4, &device),
         "check-bf16" => check::<Autodiff<CudaBackend<bf16>>>("bf16", 2e-2, &device),
         "time" => {
@@ -44,7 +53,7 @@ fn main() {
         }
         "all" => {
             let exe = std::env::current_exe().expect("own path");
-            ["check-f32", "check-bf16", "time", "memory"]
+            ["cudnn-probe", "check-f32", "check-bf16", "time", "memory"]
                 .iter()
                 .map(|m| {
                     Command::new(&exe)
@@ -58,11 +67,61 @@ fn main() {
                 .all(|ok| ok)
         }
         other => {
-            eprintln!("unknown mode {other:?}: check-f32 | check-bf16 | time | memory | all");
+            eprintln!(
+                "unknown mode {other:?}: cudnn-probe | check-f32 | check-bf16 | time | memory | all"
+            );
             false
         }
     };
     std::process::exit(if ok { 0 } else { 1 });
+}
+
+/// Calls cuDNN's fused attention directly and prints what happened (one JSON line each).
+fn cudnn_probe(device: &CudaDevice) -> bool {
+    use fastlora_cuda_gemm::{SdpaSaved, cudnn_version, sdpa_backward, sdpa_forward};
+    type B = CudaBackend<bf16>;
+    let version = cudnn_version().map_err(|e| e.to_string());
+    println!(
+        "{{\"probe\":\"cudnn_version\",\"result\":{:?}}}",
+        format!("{version:?}")
+    );
+    let (q, k, v) = inputs::<B>(1, 4, 2, 256, 64, device);
+    let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
+    let (q, k, v) = (prim(q), prim(k), prim(v));
+    let scale = 64f32.powf(-0.5);
+    match sdpa_forward(&q, &k, &v, scale) {
+        Ok((o, lse)) => {
+            println!("{{\"probe\":\"sdpa_forward\",\"ok\":true}}");
+            let d_o = o.clone();
+            let saved = SdpaSaved {
+                q: &q,
+                k: &k,
+                v: &v,
+                o: &o,
+                lse: &lse,
+            };
+            match sdpa_backward(&saved, &d_o, scale) {
+                Ok(_) => {
+                    println!("{{\"probe\":\"sdpa_backward\",\"ok\":true}}");
+                    true
+                }
+                Err(e) => {
+                    println!(
+                        "{{\"probe\":\"sdpa_backward\",\"ok\":false,\"error\":{:?}}}",
+                        e.to_string()
+                    );
+                    false
+                }
+            }
+        }
+        Err(e) => {
+            println!(
+                "{{\"probe\":\"sdpa_forward\",\"ok\":false,\"error\":{:?}}}",
+                e.to_string()
+            );
+            false
+        }
+    }
 }
 
 fn host(t: Tensor<impl Backend, 3>) -> Vec<f32> {
@@ -117,7 +176,8 @@ fn check<B: AutodiffBackend + FlashAttentionBackend>(
     for g in [1, 3, 4, 8] {
         for d in [64, 128] {
             for s in [1000, 2047] {
-                for padded in [false, true] {
+                for (padded, cudnn) in [(false, true), (false, false), (true, false)] {
+                    set_cudnn_enabled(cudnn);
                     let h = kvh * g;
                     // Row 0: 37 left-padding tokens (queries that see nothing); row 1: 50 right.
                     let (left, right) = (37, 50);
@@ -164,7 +224,11 @@ fn check<B: AutodiffBackend + FlashAttentionBackend>(
                             host4(v.grad(&grads).expect("dv")),
                         )
                     };
+                    let calls_before = sdpa_calls();
                     let fast = run(true);
+                    let calls_after = sdpa_calls();
+                    // Both the forward and the backward went through cuDNN.
+                    let fused = calls_after.0 > calls_before.0 && calls_after.1 > calls_before.1;
                     let reference = run(false);
                     let errs = [
                         rel_error(&fast.0, &reference.0),
@@ -175,7 +239,7 @@ fn check<B: AutodiffBackend + FlashAttentionBackend>(
                     let ok = errs.iter().all(|e| *e <= tol);
                     all_ok &= ok;
                     println!(
-                        "{{\"check\":\"attention\",\"dtype\":\"{dtype}\",\"b\":{b},\"heads\":{h},\"kv_heads\":{kvh},\"seq\":{s},\"head_dim\":{d},\"padded\":{padded},\"rel_o\":{:.3e},\"rel_dq\":{:.3e},\"rel_dk\":{:.3e},\"rel_dv\":{:.3e},\"tol\":{tol:e},\"ok\":{ok}}}",
+                        "{{\"check\":\"attention\",\"dtype\":\"{dtype}\",\"b\":{b},\"heads\":{h},\"kv_heads\":{kvh},\"seq\":{s},\"head_dim\":{d},\"padded\":{padded},\"cudnn\":{fused},\"rel_o\":{:.3e},\"rel_dq\":{:.3e},\"rel_dk\":{:.3e},\"rel_dv\":{:.3e},\"tol\":{tol:e},\"ok\":{ok}}}",
                         errs[0], errs[1], errs[2], errs[3]
                     );
                 }
@@ -227,15 +291,17 @@ fn time<B: AutodiffBackend + FlashAttentionBackend>(device: &B::Device) {
         let cot = Tensor::<B, 3>::random([b, s, h * d], Distribution::Normal(0.0, 1.0), device);
         // Causal attention FLOPs: fwd 2 GEMMs, bwd 5 (one a recompute), each b·h·s²·d (halved).
         let flops = 7.0 * 2.0 * (b * h * s * s * d) as f64 / 2.0;
-        for fast in [true, false] {
+        for (name, fast, cudnn) in [
+            ("cudnn", true, true),
+            ("flash_burn", true, false),
+            ("materialised_burn", false, false),
+        ] {
+            set_cudnn_enabled(cudnn);
+            let before = sdpa_calls();
             let ms = median_ms(|| fwd_bwd(fast, &x, &cot, device));
+            let ran_cudnn = sdpa_calls() != before;
             println!(
-                "{{\"bench\":\"attention_fwd_bwd\",\"impl\":\"{}\",\"dtype\":\"bf16\",\"b\":{b},\"heads\":{h},\"kv_heads\":{kvh},\"seq\":{s},\"head_dim\":{d},\"ms\":{ms:.3},\"causal_tflops\":{:.1}}}",
-                if fast {
-                    "flash_burn"
-                } else {
-                    "materialised_burn"
-                },
+                "{{\"bench\":\"attention_fwd_bwd\",\"impl\":\"{name}\",\"cudnn_ran\":{ran_cudnn},\"dtype\":\"bf16\",\"b\":{b},\"heads\":{h},\"kv_heads\":{kvh},\"seq\":{s},\"head_dim\":{d},\"ms\":{ms:.3},\"causal_tflops\":{:.1}}}",
                 flops / ms / 1e9
             );
         }
@@ -247,13 +313,17 @@ fn memory(device: &CudaDevice) {
     let bdev = device.clone();
     let client = CudaRuntime::client(device);
     let (b, h, kvh, d) = (1, 32, 8, 128);
-    for (s, fast) in [
-        (2048, true),
-        (8192, true),
-        (32768, true),
-        (2048, false),
-        (8192, false),
+    for (s, fast, cudnn) in [
+        (2048, true, true),
+        (8192, true, true),
+        (32768, true, true),
+        (2048, true, false),
+        (8192, true, false),
+        (32768, true, false),
+        (2048, false, false),
+        (8192, false, false),
     ] {
+        set_cudnn_enabled(cudnn);
         client.memory_cleanup();
         let base = client.memory_usage().expect("memory usage");
         let x = inputs::<B>(b, h, kvh, s, d, &bdev);
@@ -280,10 +350,10 @@ fn memory(device: &CudaDevice) {
         let mib = |x: u64| x as f64 / (1u64 << 20) as f64;
         println!(
             "{{\"bench\":\"attention_memory\",\"impl\":\"{}\",\"dtype\":\"bf16\",\"b\":{b},\"heads\":{h},\"kv_heads\":{kvh},\"seq\":{s},\"head_dim\":{d},\"inputs_in_use_mib\":{:.1},\"after_fwd_in_use_mib\":{:.1},\"after_bwd_in_use_mib\":{:.1},\"reserved_after_bwd_mib\":{:.1},\"reserved_before_mib\":{:.1}}}",
-            if fast {
-                "flash_burn"
-            } else {
-                "materialised_burn"
+            match (fast, cudnn) {
+                (true, true) => "cudnn",
+                (true, false) => "flash_burn",
+                _ => "materialised_burn",
             },
             mib(inputs_usage.bytes_in_use.saturating_sub(base.bytes_in_use)),
             mib(after_fwd.bytes_in_use.saturating_sub(base.bytes_in_use)),

@@ -1,0 +1,514 @@
+//! cuDNN's fused flash attention (causal, grouped-query, f16/bf16) on Burn's CUDA tensors,
+//! forward and backward, ordered on CubeCL's own stream like the GEMMs (see the crate docs).
+//!
+//! The graphs are the ones cudnn-frontend builds for its SDPA node (`graphs` below); cuDNN's
+//! runtime-fusion engine runs each as one kernel. Plans are built once per problem (shape,
+//! strides, dtype) and stream, and cached.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::tensor::DType;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::Runtime;
+use cubecl::cuda::{CudaDevice, CudaRuntime};
+use cubecl::device::Device;
+use cubecl::device_handle::DeviceHandle;
+use cubecl::server::{Binding, ComputeServer, Handle as BufferHandle};
+use cubecl::stream_id::StreamId;
+
+use crate::cudnn::{self, DataType, Handle, Plan};
+use crate::error::GemmError;
+use crate::gemm::CudaTensor;
+use crate::stream::{self, CudaServer, StreamOrdering};
+
+mod graphs;
+
+/// What the backward reads, as the forward left it (see [`sdpa_forward`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SdpaSaved<'a> {
+    /// `[b, h, s, d]`.
+    pub q: &'a CudaTensor,
+    /// `[b, kvh, s, d]`.
+    pub k: &'a CudaTensor,
+    /// `[b, kvh, s, d]`.
+    pub v: &'a CudaTensor,
+    /// `[b, s, h·d]`, row-major.
+    pub o: &'a CudaTensor,
+    /// `[b, h, s]` f32, row-major: log-sum-exp of each row of scaled scores.
+    pub lse: &'a CudaTensor,
+}
+
+/// Which graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Pass {
+    Forward = 0,
+    Backward = 1,
+}
+
+/// Everything a plan depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Problem {
+    pub pass: Pass,
+    pub dtype: DataTypeKey,
+    pub batch: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub seq: i64,
+    pub head_dim: i64,
+    /// Strides of q `[b, h, s, d]`, k and v `[b, kvh, s, d]` (elements).
+    pub q_strides: [i64; 4],
+    pub k_strides: [i64; 4],
+    pub v_strides: [i64; 4],
+    /// `1/√d` as bits (a by-value scalar baked into the plan).
+    pub scale_bits: u32,
+}
+
+/// f16 or bf16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum DataTypeKey {
+    Half,
+    BFloat16,
+}
+
+impl DataTypeKey {
+    fn of(dtype: DType) -> Option<Self> {
+        match dtype {
+            DType::F16 => Some(Self::Half),
+            DType::BF16 => Some(Self::BFloat16),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn cudnn(self) -> DataType {
+        match self {
+            Self::Half => DataType::CUDNN_DATA_HALF,
+            Self::BFloat16 => DataType::CUDNN_DATA_BFLOAT16,
+        }
+    }
+}
+
+impl Problem {
+    /// Strides of O and dO, `[b, s, h·d]` row-major seen as `[b, h, s, d]`.
+    pub(crate) fn o_strides(&self) -> [i64; 4] {
+        let (h, s, d) = (self.heads, self.seq, self.head_dim);
+        [s * h * d, d, h * d, 1]
+    }
+
+    /// Strides of the LSE, `[b, h, s]` row-major seen as `[b, h, s, 1]`.
+    pub(crate) fn lse_strides(&self) -> [i64; 4] {
+        [self.heads * self.seq, self.seq, 1, 1]
+    }
+
+    pub(crate) fn scale(&self) -> f32 {
+        f32::from_bits(self.scale_bits)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{:?} b{} h{} kvh{} s{} d{} {:?}",
+            self.pass, self.batch, self.heads, self.kv_heads, self.seq, self.head_dim, self.dtype
+        )
+    }
+}
+
+/// Plans per (device, stream slot, problem), each with its workspace size.
+type PlanCache = HashMap<(usize, u64, Problem), Plan>;
+
+static PLANS: Mutex<Option<PlanCache>> = Mutex::new(None);
+/// Executed plans, forward and backward (see [`sdpa_calls`]).
+static CALLS: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+/// Workspace bytes per (device, problem), so that a cached plan needs one trip to the server.
+static WORKSPACE: Mutex<Option<HashMap<(usize, Problem), usize>>> = Mutex::new(None);
+
+fn strides4(t: &CudaTensor, name: &str) -> Result<[i64; 4], GemmError> {
+    let strides = t.meta.strides();
+    if strides.len() != 4 {
+        return Err(GemmError::Shape {
+            desc: "sdpa".into(),
+            reason: format!("{name} has rank {}; expected 4", strides.len()),
+        });
+    }
+    Ok([0, 1, 2, 3].map(|i| strides[i] as i64))
+}
+
+/// `t` itself when its innermost stride is 1 (cuDNN's requirement), else a row-major copy.
+fn unit_inner(t: &CudaTensor) -> CudaTensor {
+    if t.meta.strides().last() == Some(&1) {
+        t.clone()
+    } else {
+        into_contiguous(t.clone())
+    }
+}
+
+fn dims4(t: &CudaTensor) -> Vec<usize> {
+    t.meta.shape().to_vec()
+}
+
+fn problem(
+    pass: Pass,
+    q: &CudaTensor,
+    k: &CudaTensor,
+    v: &CudaTensor,
+    scale: f32,
+) -> Result<Problem, GemmError> {
+    let (qd, kd, vd) = (dims4(q), dims4(k), dims4(v));
+    let shape_err = |reason: String| GemmError::Shape {
+        desc: format!("sdpa q {qd:?} k {kd:?} v {vd:?}"),
+        reason,
+    };
+    if qd.len() != 4 || kd.len() != 4 || kd != vd {
+        return Err(shape_err(
+            "expected q [b, h, s, d] and k, v [b, kvh, s, d]".into(),
+        ));
+    }
+    if kd[0] != qd[0] || kd[2] != qd[2] || kd[3] != qd[3] || kd[1] == 0 || qd[1] % kd[1] != 0 {
+        return Err(shape_err(
+            "batch, sequence or head width differ, or h is not a multiple of kvh".into(),
+        ));
+    }
+    let dtype = DataTypeKey::of(q.dtype).ok_or_else(|| GemmError::DType {
+        operand: "q",
+        dtype: format!("{:?} (cuDNN attention takes f16 or bf16)", q.dtype),
+    })?;
+    if k.dtype != q.dtype || v.dtype != q.dtype {
+        return Err(GemmError::DTypeMismatch {
+            dtypes: format!("q {:?}, k {:?}, v {:?}", q.dtype, k.dtype, v.dtype),
+        });
+    }
+    Ok(Problem {
+        pass,
+        dtype,
+        batch: qd[0] as i64,
+        heads: qd[1] as i64,
+        kv_heads: kd[1] as i64,
+        seq: qd[2] as i64,
+        head_dim: qd[3] as i64,
+        q_strides: strides4(q, "q")?,
+        k_strides: strides4(k, "k")?,
+        v_strides: strides4(v, "v")?,
+        scale_bits: scale.to_bits(),
+    })
+}
+
+/// Causal attention forward through cuDNN: `(o, lse)`.
+///
+/// Before the first forward of a problem, the backward plan is built too, so that a problem
+/// whose backward cuDNN declines is declined here (the caller's fallback then covers both).
+///
+/// # Shapes
+/// - q: `[b, h, s, d]`; k, v: `[b, kvh, s, d]` (`h` a multiple of `kvh`; any strides, a copy is
+///   made when the innermost one is not 1)
+/// - o: `[b, s, h·d]` (row-major, ready for `o_proj`); lse: `[b, h, s]` f32
+///
+/// # Errors
+/// Shapes or dtypes cuDNN does not take (f16/bf16 only), no `libcudnn` or no engine for the
+/// graph ([`GemmError::CudnnUnavailable`]), or a failing cuDNN or CubeCL call.
+pub fn sdpa_forward(
+    q: &CudaTensor,
+    k: &CudaTensor,
+    v: &CudaTensor,
+    scale: f32,
+) -> Result<(CudaTensor, CudaTensor), GemmError> {
+    let (q, k, v) = (unit_inner(q), unit_inner(k), unit_inner(v));
+    let p = problem(Pass::Forward, &q, &k, &v, scale)?;
+    let (b, h, s, d) = (
+        p.batch as usize,
+        p.heads as usize,
+        p.seq as usize,
+        p.head_dim as usize,
+    );
+    let o = new_tensor(&q, vec![b, s, h * d], q.dtype);
+    let lse = new_tensor(&q, vec![b, h, s], DType::F32);
+    let backward = Problem {
+        pass: Pass::Backward,
+        ..p.clone()
+    };
+    run(
+        &q.device,
+        &[p.clone(), backward],
+        &p,
+        vec![
+            (graphs::uid::Q, q.handle.clone().binding()),
+            (graphs::uid::K, k.handle.clone().binding()),
+            (graphs::uid::V, v.handle.clone().binding()),
+            (graphs::uid::O, o.handle.clone().binding()),
+            (graphs::uid::LSE, lse.handle.clone().binding()),
+        ],
+    )?;
+    Ok((o, lse))
+}
+
+/// Causal attention backward through cuDNN: `(dq, dk, dv)`, row-major in the shapes of `q`, `k`
+/// and `v`.
+///
+/// # Shapes
+/// As [`sdpa_forward`]; `d_o`: `[b, s, h·d]`.
+///
+/// # Errors
+/// As [`sdpa_forward`].
+pub fn sdpa_backward(
+    saved: &SdpaSaved<'_>,
+    d_o: &CudaTensor,
+    scale: f32,
+) -> Result<(CudaTensor, CudaTensor, CudaTensor), GemmError> {
+    let (q, k, v) = (
+        unit_inner(saved.q),
+        unit_inner(saved.k),
+        unit_inner(saved.v),
+    );
+    let p = problem(Pass::Backward, &q, &k, &v, scale)?;
+    let (b, h, s, d) = (
+        p.batch as usize,
+        p.heads as usize,
+        p.seq as usize,
+        p.head_dim as usize,
+    );
+    let contiguous = |t: &CudaTensor| {
+        if t.is_contiguous() {
+            t.clone()
+        } else {
+            into_contiguous(t.clone())
+        }
+    };
+    let (o, lse, d_o) = (contiguous(saved.o), contiguous(saved.lse), contiguous(d_o));
+    for (name, t, want) in [
+        ("o", &o, vec![b, s, h * d]),
+        ("d_o", &d_o, vec![b, s, h * d]),
+        ("lse", &lse, vec![b, h, s]),
+    ] {
+        if dims4_any(t) != want {
+            return Err(GemmError::Shape {
+                desc: format!("sdpa backward {}", p.describe()),
+                reason: format!("{name} has shape {:?}; expected {want:?}", dims4_any(t)),
+            });
+        }
+    }
+    let d_o = if d_o.dtype == q.dtype {
+        d_o
+    } else {
+        return Err(GemmError::DTypeMismatch {
+            dtypes: format!("q {:?}, d_o {:?}", q.dtype, d_o.dtype),
+        });
+    };
+    // Two f32 buffers the graph writes and reads back (cuDNN's fused backward keeps them in
+    // memory): the per-row Σ dO∘O and the dQ accumulator.
+    let row_dot = new_tensor(&q, vec![b, h, s], DType::F32);
+    let dq_accum = new_tensor(&q, vec![b, h, s, d], DType::F32);
+    let dq = new_tensor(&q, dims4(&q), q.dtype);
+    let dk = new_tensor(&q, dims4(&k), q.dtype);
+    let dv = new_tensor(&q, dims4(&v), q.dtype);
+    run(
+        &q.device,
+        std::slice::from_ref(&p),
+        &p,
+        vec![
+            (graphs::uid::Q, q.handle.clone().binding()),
+            (graphs::uid::K, k.handle.clone().binding()),
+            (graphs::uid::V, v.handle.clone().binding()),
+            (graphs::uid::O, o.handle.clone().binding()),
+            (graphs::uid::LSE, lse.handle.clone().binding()),
+            (graphs::uid::D_O, d_o.handle.clone().binding()),
+            (graphs::uid::D_Q, dq.handle.clone().binding()),
+            (graphs::uid::D_K, dk.handle.clone().binding()),
+            (graphs::uid::D_V, dv.handle.clone().binding()),
+            (graphs::uid::ROW_DOT, row_dot.handle.clone().binding()),
+            (graphs::uid::D_Q_ACCUM, dq_accum.handle.clone().binding()),
+        ],
+    )?;
+    Ok((dq, dk, dv))
+}
+
+fn dims4_any(t: &CudaTensor) -> Vec<usize> {
+    t.meta.shape().to_vec()
+}
+
+/// A new row-major tensor on `like`'s device (contents undefined until the plan writes it).
+fn new_tensor(like: &CudaTensor, shape: Vec<usize>, dtype: DType) -> CudaTensor {
+    let bytes = shape.iter().product::<usize>() * dtype.size();
+    let handle = like.client.empty(bytes);
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        shape.into(),
+        handle,
+        dtype,
+    )
+}
+
+/// Ensures the plans for `prepare` exist on the caller's stream, then executes `exec` with the
+/// device buffers `bound` (UID, buffer) and a workspace.
+fn run(
+    device: &CudaDevice,
+    prepare: &[Problem],
+    exec: &Problem,
+    bound: Vec<(i64, Binding)>,
+) -> Result<(), GemmError> {
+    let device_index = device.index;
+    let known = WORKSPACE
+        .lock()
+        .map_err(|_| GemmError::Poisoned)?
+        .as_ref()
+        .and_then(|m| m.get(&(device_index, exec.clone())).copied());
+    let workspace_bytes = match known {
+        Some(bytes) => bytes,
+        None => {
+            let bytes = submit(device, prepare.to_vec(), exec.clone(), None, bound.clone())?;
+            WORKSPACE
+                .lock()
+                .map_err(|_| GemmError::Poisoned)?
+                .get_or_insert_with(HashMap::new)
+                .insert((device_index, exec.clone()), bytes);
+            bytes
+        }
+    };
+    let client = CudaRuntime::client(device);
+    let workspace: BufferHandle = client.empty(workspace_bytes.max(1));
+    submit(
+        device,
+        prepare.to_vec(),
+        exec.clone(),
+        Some(workspace.binding()),
+        bound,
+    )?;
+    CALLS[exec.pass as usize].fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// How many cuDNN attention forwards and backwards this process has enqueued: lets a caller
+/// (the benchmarks, the GPU checks) tell that the fused kernel ran rather than a fallback.
+pub fn sdpa_calls() -> (usize, usize) {
+    (
+        CALLS[Pass::Forward as usize].load(Ordering::Relaxed),
+        CALLS[Pass::Backward as usize].load(Ordering::Relaxed),
+    )
+}
+
+/// One trip to CubeCL's server: builds missing plans (on the caller's stream's cuDNN handle)
+/// and, when `workspace` is given, executes `exec`. Returns `exec`'s workspace size.
+fn submit(
+    device: &CudaDevice,
+    prepare: Vec<Problem>,
+    exec: Problem,
+    workspace: Option<Binding>,
+    bound: Vec<(i64, Binding)>,
+) -> Result<usize, GemmError> {
+    let stream_id = StreamId::current();
+    let device_index = device.index;
+    let desc = exec.describe();
+    let desc_for_channel = desc.clone();
+    let handle = DeviceHandle::<CudaServer>::new(device.to_id());
+    let result =
+        handle.submit_blocking(move |server: &mut CudaServer| -> Result<usize, GemmError> {
+            let server_err = |e: cubecl::server::ServerError| GemmError::Server {
+                desc: format!("sdpa {desc}"),
+                reason: e.to_string(),
+            };
+            // As for the GEMMs: makes CubeCL's context current, orders the caller's stream after the
+            // producers of each buffer, and pins the buffers until the plan is enqueued.
+            let mut foreign = false;
+            let mut resources = Vec::with_capacity(bound.len() + 1);
+            let mut pointers = Vec::with_capacity(bound.len());
+            for (uid, binding) in bound {
+                foreign |= binding.stream != stream_id;
+                let resource = server
+                    .get_resource(binding, stream_id)
+                    .map_err(server_err)?;
+                pointers.push((uid, resource.resource().ptr));
+                resources.push(resource);
+            }
+            let workspace_ptr = match workspace {
+                Some(binding) => {
+                    let resource = server
+                        .get_resource(binding, stream_id)
+                        .map_err(server_err)?;
+                    let ptr = resource.resource().ptr;
+                    resources.push(resource);
+                    Some(ptr)
+                }
+                None => None,
+            };
+            let result = stream::with_stream(server, device_index, stream_id, |state, server| {
+                let host_sync = matches!(state.ordering, StreamOrdering::HostSync { .. });
+                if state.cudnn.is_none() {
+                    state.cudnn = Some(Handle::new(state.stream)?);
+                }
+                let cudnn_handle = state.cudnn.as_ref().ok_or(GemmError::Poisoned)?;
+                let mut plans = PLANS.lock().map_err(|_| GemmError::Poisoned)?;
+                let plans = plans.get_or_insert_with(HashMap::new);
+                let slot = state.stream as u64;
+                for problem in &prepare {
+                    let key = (device_index, slot, problem.clone());
+                    if let std::collections::hash_map::Entry::Vacant(slot) = plans.entry(key) {
+                        let version = cudnn::library_version()?;
+                        supported(problem, version)?;
+                        slot.insert(graphs::build(cudnn_handle, problem, version)?);
+                    }
+                }
+                let plan = plans
+                    .get(&(device_index, slot, exec.clone()))
+                    .ok_or(GemmError::Poisoned)?;
+                let workspace_bytes = plan.workspace;
+                if let Some(workspace_ptr) = workspace_ptr {
+                    if host_sync {
+                        cubecl::future::block_on(server.sync(stream_id)).map_err(server_err)?;
+                    }
+                    // SAFETY: every pointer is a live CubeCL buffer pinned by `resources` until the
+                    // plan is enqueued, allocated with the shape and layout its tensor declares (the
+                    // callers build them so); the workspace holds at least `plan.workspace` bytes.
+                    unsafe { plan.execute(cudnn_handle, &pointers, workspace_ptr)? };
+                    if host_sync || foreign {
+                        // SAFETY: a live stream of the current context.
+                        unsafe { cudarc::driver::result::stream::synchronize(state.stream) }
+                            .map_err(|e| GemmError::driver("cuStreamSynchronize", e))?;
+                    }
+                }
+                Ok(workspace_bytes)
+            });
+            drop(resources);
+            result
+        });
+    result.map_err(|e| GemmError::Server {
+        desc: format!("sdpa {desc_for_channel}"),
+        reason: format!("device channel: {e:?}"),
+    })?
+}
+
+/// The limits cudnn-frontend applies to these graphs (its `sdpa_support_surface.h` and SDPA
+/// node), checked before building so that an unsupported problem is declined with a reason.
+fn supported(p: &Problem, version: usize) -> Result<(), GemmError> {
+    let decline = |reason: String| {
+        Err(GemmError::CudnnUnavailable {
+            reason: format!("{} on cuDNN {version}: {reason}", p.describe()),
+        })
+    };
+    if version < 90000 {
+        return decline("needs cuDNN 9".into());
+    }
+    if (91000..91002).contains(&version) {
+        return decline("cuDNN 9.10.0 and 9.10.1 have broken fused attention".into());
+    }
+    if p.head_dim % 8 != 0 || p.head_dim > 128 {
+        return decline("head width must be a multiple of 8, at most 128".into());
+    }
+    if p.seq < 2 {
+        return decline("sequence shorter than 2".into());
+    }
+    if version <= 91500 && p.seq % 128 != 0 {
+        // Up to 9.15.0 the backward needs explicit sequence lengths (a padding mask) when s is
+        // not a multiple of 128; these graphs do not carry one.
+        return decline("sequence not a multiple of 128 (needs cuDNN > 9.15.0)".into());
+    }
+    Ok(())
+}
+
+/// Whether cuDNN can be loaded here, and its version (`major·10000 + minor·100 + patch` for
+/// cuDNN 9).
+///
+/// # Errors
+/// [`GemmError::CudnnUnavailable`] when `libcudnn.so.9` is not found.
+pub fn cudnn_version() -> Result<usize, GemmError> {
+    cudnn::library_version()
+}

@@ -1,0 +1,354 @@
+//! The forward and backward attention graphs, op for op as cudnn-frontend's composite SDPA
+//! nodes lower them for cuDNN 9 (the pattern cuDNN's fused-attention engine recognises):
+//!
+//! ```text
+//! forward:  S = Q·Kᵀ (f32) → S·scale → causal select(row ≥ col ? S : −∞)
+//!           → M = max_row, E = exp(S − M), Z = Σ_row E, LSE = M + log Z (stored),
+//!           P = E / Z (in the input dtype) → O = P·V (stored)
+//! backward: D = Σ_d dO∘O (stored, f32); P = exp(masked(scale·Q·Kᵀ − LSE));
+//!           dV = Pᵀ·dO; dP = dO·Vᵀ; dS = P∘(dP − D)·scale; dK = dSᵀ·Q;
+//!           dQ = dS·K accumulated in f32 (stored), then cast
+//! ```
+//!
+//! The details (which intermediates are f32, which are in the input dtype, which buffers are
+//! real, the `1.0` scalar, the odd strides of `dO∘O`) follow the frontend exactly: cuDNN's
+//! engines match these graphs as patterns.
+//!
+//! Grouped-query attention is expressed by K and V having fewer heads than Q (the matmuls
+//! broadcast over heads); in backward, dK and dV are computed per query head and summed over
+//! each group by a reduction.
+
+use crate::cudnn::{
+    DataType, GraphBuilder, Handle, Plan, PointwiseMode, ReduceOp, Storage, TensorRef,
+    packed_strides,
+};
+use crate::error::GemmError;
+
+use super::{Pass, Problem};
+
+/// UIDs of the tensors bound at execution (virtual tensors number themselves above 1000).
+pub(crate) mod uid {
+    pub const Q: i64 = 1;
+    pub const K: i64 = 2;
+    pub const V: i64 = 3;
+    pub const O: i64 = 4;
+    pub const LSE: i64 = 5;
+    pub const D_O: i64 = 6;
+    pub const D_Q: i64 = 7;
+    pub const D_K: i64 = 8;
+    pub const D_V: i64 = 9;
+    pub const SCALE: i64 = 10;
+    pub const ONE: i64 = 11;
+    pub const NEG_INF: i64 = 12;
+    /// Backward: `Σ_d dO∘O` per row, f32 `[b, h, s, 1]` (a real buffer).
+    pub const ROW_DOT: i64 = 13;
+    /// Backward: dQ accumulated in f32, `[b, h, s, d]` row-major (a real buffer).
+    pub const D_Q_ACCUM: i64 = 14;
+    pub const FIRST_VIRTUAL: i64 = 1000;
+}
+
+const F32: DataType = DataType::CUDNN_DATA_FLOAT;
+
+/// The plan of `problem`'s pass, for cuDNN `version`.
+pub(crate) fn build(handle: &Handle, problem: &Problem, version: usize) -> Result<Plan, GemmError> {
+    let mut g = GraphBuilder::new(uid::FIRST_VIRTUAL, version);
+    match problem.pass {
+        Pass::Forward => forward(&mut g, problem)?,
+        Pass::Backward => backward(&mut g, problem)?,
+    }
+    g.build(handle, &problem.describe())
+}
+
+fn swap_last(mut v: [i64; 4]) -> [i64; 4] {
+    v.swap(2, 3);
+    v
+}
+
+/// `y = select(row ≥ col ? x : −∞)` over `[b, h, s, s]` scores: the causal (top-left) mask.
+fn causal_mask(g: &mut GraphBuilder, p: &Problem, x: &TensorRef) -> Result<TensorRef, GemmError> {
+    let scores = [p.batch, p.heads, p.seq, p.seq];
+    let row = g.virtual_of(&scores, DataType::CUDNN_DATA_INT32)?;
+    g.pointwise(
+        PointwiseMode::CUDNN_POINTWISE_GEN_INDEX,
+        F32,
+        x,
+        None,
+        None,
+        &row,
+        Some(2),
+    )?;
+    let col = g.virtual_of(&scores, DataType::CUDNN_DATA_INT32)?;
+    g.pointwise(
+        PointwiseMode::CUDNN_POINTWISE_GEN_INDEX,
+        F32,
+        x,
+        None,
+        None,
+        &col,
+        Some(3),
+    )?;
+    let visible = g.virtual_of(&scores, DataType::CUDNN_DATA_BOOLEAN)?;
+    g.pointwise(
+        PointwiseMode::CUDNN_POINTWISE_CMP_GE,
+        DataType::CUDNN_DATA_BOOLEAN,
+        &row,
+        Some(&col),
+        None,
+        &visible,
+        None,
+    )?;
+    let neg_inf = g.scalar_f32(uid::NEG_INF, f32::NEG_INFINITY)?;
+    let masked = g.virtual_f32(&scores)?;
+    // BINARY_SELECT: y = t ? x : b.
+    g.pointwise(
+        PointwiseMode::CUDNN_POINTWISE_BINARY_SELECT,
+        F32,
+        x,
+        Some(&neg_inf),
+        Some(&visible),
+        &masked,
+        None,
+    )?;
+    Ok(masked)
+}
+
+/// `y = mode(x, b)` in f32 into a new virtual f32 tensor of `dims`.
+fn binary(
+    g: &mut GraphBuilder,
+    mode: PointwiseMode,
+    x: &TensorRef,
+    b: &TensorRef,
+    dims: &[i64],
+) -> Result<TensorRef, GemmError> {
+    let y = g.virtual_f32(dims)?;
+    g.pointwise(mode, F32, x, Some(b), None, &y, None)?;
+    Ok(y)
+}
+
+/// `y = mode(x)` in f32 into a new virtual f32 tensor of `dims`.
+fn unary(
+    g: &mut GraphBuilder,
+    mode: PointwiseMode,
+    x: &TensorRef,
+    dims: &[i64],
+) -> Result<TensorRef, GemmError> {
+    let y = g.virtual_f32(dims)?;
+    g.pointwise(mode, F32, x, None, None, &y, None)?;
+    Ok(y)
+}
+
+fn device(
+    g: &mut GraphBuilder,
+    uid: i64,
+    dims: [i64; 4],
+    strides: [i64; 4],
+    dtype: DataType,
+) -> Result<TensorRef, GemmError> {
+    g.tensor(Some(uid), &dims, &strides, dtype, Storage::Device)
+}
+
+fn forward(g: &mut GraphBuilder, p: &Problem) -> Result<(), GemmError> {
+    let dt = p.dtype.cudnn();
+    let (b, h, kvh, s, d) = (p.batch, p.heads, p.kv_heads, p.seq, p.head_dim);
+    let scores = [b, h, s, s];
+    let rows = [b, h, s, 1];
+    let q = device(g, uid::Q, [b, h, s, d], p.q_strides, dt)?;
+    // The first product takes Kᵀ: the same memory seen as [b, kvh, d, s].
+    let kt = device(g, uid::K, [b, kvh, d, s], swap_last(p.k_strides), dt)?;
+    let v = device(g, uid::V, [b, kvh, s, d], p.v_strides, dt)?;
+
+    let raw = g.virtual_f32(&scores)?;
+    g.matmul(&q, &kt, &raw)?;
+    let scale = g.scalar_f32(uid::SCALE, p.scale())?;
+    let scaled = binary(g, PointwiseMode::CUDNN_POINTWISE_MUL, &raw, &scale, &scores)?;
+    let masked = causal_mask(g, p, &scaled)?;
+
+    let max = g.virtual_f32(&rows)?;
+    g.reduction(ReduceOp::CUDNN_REDUCE_TENSOR_MAX, &masked, &max)?;
+    let shifted = binary(
+        g,
+        PointwiseMode::CUDNN_POINTWISE_SUB,
+        &masked,
+        &max,
+        &scores,
+    )?;
+    let exp = unary(g, PointwiseMode::CUDNN_POINTWISE_EXP, &shifted, &scores)?;
+    let sum = g.virtual_f32(&rows)?;
+    g.reduction(ReduceOp::CUDNN_REDUCE_TENSOR_ADD, &exp, &sum)?;
+    let log_sum = unary(g, PointwiseMode::CUDNN_POINTWISE_LOG, &sum, &rows)?;
+    let lse = device(g, uid::LSE, rows, p.lse_strides(), F32)?;
+    g.pointwise(
+        PointwiseMode::CUDNN_POINTWISE_ADD,
+        F32,
+        &max,
+        Some(&log_sum),
+        None,
+        &lse,
+        None,
+    )?;
+    // The probabilities feed the second product in the input dtype.
+    let probs = g.virtual_of(&scores, dt)?;
+    g.pointwise(
+        PointwiseMode::CUDNN_POINTWISE_DIV,
+        F32,
+        &exp,
+        Some(&sum),
+        None,
+        &probs,
+        None,
+    )?;
+
+    let o = device(g, uid::O, [b, h, s, d], p.o_strides(), dt)?;
+    g.matmul(&probs, &v, &o)
+}
+
+fn backward(g: &mut GraphBuilder, p: &Problem) -> Result<(), GemmError> {
+    let dt = p.dtype.cudnn();
+    let (b, h, kvh, s, d) = (p.batch, p.heads, p.kv_heads, p.seq, p.head_dim);
+    let scores = [b, h, s, s];
+    let rows = [b, h, s, 1];
+    let heads_full = [b, h, s, d];
+    let grouped = kvh != h;
+    let q = device(g, uid::Q, heads_full, p.q_strides, dt)?;
+    let kt = device(g, uid::K, [b, kvh, d, s], swap_last(p.k_strides), dt)?;
+    let vt = device(g, uid::V, [b, kvh, d, s], swap_last(p.v_strides), dt)?;
+    let o = device(g, uid::O, heads_full, p.o_strides(), dt)?;
+    let lse = device(g, uid::LSE, rows, p.lse_strides(), F32)?;
+    let d_o = device(g, uid::D_O, heads_full, p.o_strides(), dt)?;
+    let scale = g.scalar_f32(uid::SCALE, p.scale())?;
+    let one = g.scalar_f32(uid::ONE, 1.0)?;
+
+    // D = Σ_d dO∘O (the frontend's odd strides for this virtual product kept as they are).
+    let d_o_o = g.tensor(
+        None,
+        &heads_full,
+        &[h * s * d, s * d, h * d, 1],
+        F32,
+        Storage::Virtual,
+    )?;
+    g.pointwise(
+        PointwiseMode::CUDNN_POINTWISE_MUL,
+        F32,
+        &d_o,
+        Some(&o),
+        None,
+        &d_o_o,
+        None,
+    )?;
+    let row_dot = g.virtual_f32(&rows)?;
+    g.reduction(ReduceOp::CUDNN_REDUCE_TENSOR_ADD, &d_o_o, &row_dot)?;
+    let row_dot_stored = device(g, uid::ROW_DOT, rows, p.lse_strides(), F32)?;
+    g.pointwise(
+        PointwiseMode::CUDNN_POINTWISE_MUL,
+        F32,
+        &row_dot,
+        Some(&one),
+        None,
+        &row_dot_stored,
+        None,
+    )?;
+
+    // P = exp(mask(scale·Q·Kᵀ − LSE)).
+    let raw = g.virtual_f32(&scores)?;
+    g.matmul(&q, &kt, &raw)?;
+    let scaled = binary(g, PointwiseMode::CUDNN_POINTWISE_MUL, &raw, &scale, &scores)?;
+    let centred = binary(
+        g,
+        PointwiseMode::CUDNN_POINTWISE_SUB,
+        &scaled,
+        &lse,
+        &scores,
+    )?;
+    let masked = causal_mask(g, p, &centred)?;
+    let probs = unary(g, PointwiseMode::CUDNN_POINTWISE_EXP, &masked, &scores)?;
+
+    // dV = Pᵀ·dO (per query head, then summed over each group).
+    let transposed = [b, h, s, s];
+    let transposed_strides = [h * s * s, s * s, 1, s];
+    let probs_t = g.tensor(None, &transposed, &transposed_strides, dt, Storage::Virtual)?;
+    g.reshape(&probs, &probs_t)?;
+    let d_v = device(
+        g,
+        uid::D_V,
+        [b, kvh, s, d],
+        packed_strides4([b, kvh, s, d]),
+        dt,
+    )?;
+    if grouped {
+        let full = g.virtual_of(&heads_full, dt)?;
+        g.matmul(&probs_t, &d_o, &full)?;
+        g.reduction(ReduceOp::CUDNN_REDUCE_TENSOR_ADD, &full, &d_v)?;
+    } else {
+        g.matmul(&probs_t, &d_o, &d_v)?;
+    }
+
+    // dS = P∘(dO·Vᵀ − D)·scale.
+    let d_p = g.virtual_f32(&scores)?;
+    g.matmul(&d_o, &vt, &d_p)?;
+    let d_p_centred = binary(
+        g,
+        PointwiseMode::CUDNN_POINTWISE_SUB,
+        &d_p,
+        &row_dot_stored,
+        &scores,
+    )?;
+    let d_p_probs = binary(
+        g,
+        PointwiseMode::CUDNN_POINTWISE_MUL,
+        &d_p_centred,
+        &probs,
+        &scores,
+    )?;
+    let d_s = binary(
+        g,
+        PointwiseMode::CUDNN_POINTWISE_MUL,
+        &d_p_probs,
+        &scale,
+        &scores,
+    )?;
+
+    // dK = dSᵀ·Q (per query head, then summed over each group).
+    let d_s_t = g.tensor(None, &transposed, &transposed_strides, dt, Storage::Virtual)?;
+    g.reshape(&d_s, &d_s_t)?;
+    let d_k = device(
+        g,
+        uid::D_K,
+        [b, kvh, s, d],
+        packed_strides4([b, kvh, s, d]),
+        dt,
+    )?;
+    if grouped {
+        let full = g.virtual_of(&heads_full, dt)?;
+        g.matmul(&d_s_t, &q, &full)?;
+        g.reduction(ReduceOp::CUDNN_REDUCE_TENSOR_ADD, &full, &d_k)?;
+    } else {
+        g.matmul(&d_s_t, &q, &d_k)?;
+    }
+
+    // dQ = dS·K, accumulated in f32, then cast.
+    let k = g.tensor(None, &[b, kvh, s, d], &p.k_strides, dt, Storage::Virtual)?;
+    g.reshape(&kt, &k)?;
+    let d_q_accum = device(
+        g,
+        uid::D_Q_ACCUM,
+        heads_full,
+        packed_strides4(heads_full),
+        F32,
+    )?;
+    g.matmul(&d_s, &k, &d_q_accum)?;
+    let d_q = device(g, uid::D_Q, heads_full, packed_strides4(heads_full), dt)?;
+    g.pointwise(
+        PointwiseMode::CUDNN_POINTWISE_IDENTITY,
+        F32,
+        &d_q_accum,
+        None,
+        None,
+        &d_q,
+        None,
+    )
+}
+
+fn packed_strides4(dims: [i64; 4]) -> [i64; 4] {
+    let v = packed_strides(&dims);
+    [v[0], v[1], v[2], v[3]]
+}
