@@ -108,6 +108,12 @@ const GPU_TESTS: &[GpuTestBinary] = &[
         args: "all",
     },
     GpuTestBinary {
+        package: "fastlora",
+        features: "cuda",
+        bin: "ce-bench",
+        args: "",
+    },
+    GpuTestBinary {
         package: "fused-adamw",
         features: "cuda",
         bin: "adamw-check",
@@ -120,6 +126,7 @@ const GPU_TESTS: &[GpuTestBinary] = &[
 const PEERS: &[&str] = &[
     "xtask/peers/lora_mlp_torch.py",
     "kernels-cubecl/flash-attention/scripts/attention_peer.py",
+    "xtask/peers/ce_peer.py",
 ];
 
 /// Puts the CUDA 13 libraries the binaries load at run time (driver, NVRTC for CubeCL's kernels,

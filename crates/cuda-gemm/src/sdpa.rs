@@ -62,6 +62,11 @@ pub(crate) struct Problem {
     pub q_strides: [i64; 4],
     pub k_strides: [i64; 4],
     pub v_strides: [i64; 4],
+    /// Strides of O and dO (`[b, s, h·d]` tensors) seen as `[b, h, s, d]`.
+    pub o_strides: [i64; 4],
+    pub d_o_strides: [i64; 4],
+    /// Strides of the LSE (`[b, h, s]`) seen as `[b, h, s, 1]`.
+    pub lse_strides: [i64; 4],
     /// `1/√d` as bits (a by-value scalar baked into the plan).
     pub scale_bits: u32,
 }
@@ -91,15 +96,26 @@ impl DataTypeKey {
 }
 
 impl Problem {
-    /// Strides of O and dO, `[b, s, h·d]` row-major seen as `[b, h, s, d]`.
-    pub(crate) fn o_strides(&self) -> [i64; 4] {
-        let (h, s, d) = (self.heads, self.seq, self.head_dim);
-        [s * h * d, d, h * d, 1]
+    /// Strides of a `[b, s, h·d]` tensor (innermost stride 1) seen as `[b, h, s, d]`.
+    fn heads_view(&self, t: &CudaTensor) -> [i64; 4] {
+        let strides = t.meta.strides();
+        [strides[0] as i64, self.head_dim, strides[1] as i64, 1]
     }
 
-    /// Strides of the LSE, `[b, h, s]` row-major seen as `[b, h, s, 1]`.
-    pub(crate) fn lse_strides(&self) -> [i64; 4] {
+    /// Strides of a row-major `[b, h, s]` tensor seen as `[b, h, s, 1]`.
+    pub(crate) fn rows_packed_strides(&self) -> [i64; 4] {
         [self.heads * self.seq, self.seq, 1, 1]
+    }
+
+    /// `(b, h, s, d)` as sizes.
+    fn sizes(&self) -> (usize, usize, usize, usize) {
+        let size = |v: i64| v as usize;
+        (
+            size(self.batch),
+            size(self.heads),
+            size(self.seq),
+            size(self.head_dim),
+        )
     }
 
     pub(crate) fn scale(&self) -> f32 {
@@ -141,6 +157,12 @@ fn unit_inner(t: &CudaTensor) -> CudaTensor {
     } else {
         into_contiguous(t.clone())
     }
+}
+
+/// Strides of a row-major `[b, s, h·d]` tensor seen as `[b, h, s, d]`.
+fn packed_heads_view(_b: usize, h: usize, s: usize, d: usize) -> [i64; 4] {
+    let (h, s, d) = (h as i64, s as i64, d as i64);
+    [s * h * d, d, h * d, 1]
 }
 
 fn dims4(t: &CudaTensor) -> Vec<usize> {
@@ -189,6 +211,10 @@ fn problem(
         q_strides: strides4(q, "q")?,
         k_strides: strides4(k, "k")?,
         v_strides: strides4(v, "v")?,
+        // Row-major `[b, s, h·d]` until the caller sets the strides of the real tensors.
+        o_strides: packed_heads_view(qd[0], qd[1], qd[2], qd[3]),
+        d_o_strides: packed_heads_view(qd[0], qd[1], qd[2], qd[3]),
+        lse_strides: [(qd[1] * qd[2]) as i64, qd[2] as i64, 1, 1],
         scale_bits: scale.to_bits(),
     })
 }
@@ -214,12 +240,7 @@ pub fn sdpa_forward(
 ) -> Result<(CudaTensor, CudaTensor), GemmError> {
     let (q, k, v) = (unit_inner(q), unit_inner(k), unit_inner(v));
     let p = problem(Pass::Forward, &q, &k, &v, scale)?;
-    let (b, h, s, d) = (
-        p.batch as usize,
-        p.heads as usize,
-        p.seq as usize,
-        p.head_dim as usize,
-    );
+    let (b, h, s, d) = p.sizes();
     let o = new_tensor(&q, vec![b, s, h * d], q.dtype);
     let lse = new_tensor(&q, vec![b, h, s], DType::F32);
     let backward = Problem {
@@ -230,13 +251,13 @@ pub fn sdpa_forward(
         &q.device,
         &[p.clone(), backward],
         &p,
-        vec![
-            (graphs::uid::Q, q.handle.clone().binding()),
-            (graphs::uid::K, k.handle.clone().binding()),
-            (graphs::uid::V, v.handle.clone().binding()),
-            (graphs::uid::O, o.handle.clone().binding()),
-            (graphs::uid::LSE, lse.handle.clone().binding()),
-        ],
+        bindings(&[
+            (graphs::uid::Q, &q),
+            (graphs::uid::K, &k),
+            (graphs::uid::V, &v),
+            (graphs::uid::O, &o),
+            (graphs::uid::LSE, &lse),
+        ]),
     )?;
     Ok((o, lse))
 }
@@ -260,20 +281,8 @@ pub fn sdpa_backward(
         unit_inner(saved.v),
     );
     let p = problem(Pass::Backward, &q, &k, &v, scale)?;
-    let (b, h, s, d) = (
-        p.batch as usize,
-        p.heads as usize,
-        p.seq as usize,
-        p.head_dim as usize,
-    );
-    let contiguous = |t: &CudaTensor| {
-        if t.is_contiguous() {
-            t.clone()
-        } else {
-            into_contiguous(t.clone())
-        }
-    };
-    let (o, lse, d_o) = (contiguous(saved.o), contiguous(saved.lse), contiguous(d_o));
+    let (b, h, s, d) = p.sizes();
+    let (o, lse, d_o) = (unit_inner(saved.o), unit_inner(saved.lse), unit_inner(d_o));
     for (name, t, want) in [
         ("o", &o, vec![b, s, h * d]),
         ("d_o", &d_o, vec![b, s, h * d]),
@@ -286,12 +295,19 @@ pub fn sdpa_backward(
             });
         }
     }
-    let d_o = if d_o.dtype == q.dtype {
-        d_o
-    } else {
+    if d_o.dtype != q.dtype || o.dtype != q.dtype {
         return Err(GemmError::DTypeMismatch {
-            dtypes: format!("q {:?}, d_o {:?}", q.dtype, d_o.dtype),
+            dtypes: format!("q {:?}, o {:?}, d_o {:?}", q.dtype, o.dtype, d_o.dtype),
         });
+    }
+    let p = Problem {
+        o_strides: p.heads_view(&o),
+        d_o_strides: p.heads_view(&d_o),
+        lse_strides: {
+            let st = lse.meta.strides();
+            [st[0] as i64, st[1] as i64, 1, 1]
+        },
+        ..p
     };
     // Two f32 buffers the graph writes and reads back (cuDNN's fused backward keeps them in
     // memory): the per-row Σ dO∘O and the dQ accumulator.
@@ -304,21 +320,29 @@ pub fn sdpa_backward(
         &q.device,
         std::slice::from_ref(&p),
         &p,
-        vec![
-            (graphs::uid::Q, q.handle.clone().binding()),
-            (graphs::uid::K, k.handle.clone().binding()),
-            (graphs::uid::V, v.handle.clone().binding()),
-            (graphs::uid::O, o.handle.clone().binding()),
-            (graphs::uid::LSE, lse.handle.clone().binding()),
-            (graphs::uid::D_O, d_o.handle.clone().binding()),
-            (graphs::uid::D_Q, dq.handle.clone().binding()),
-            (graphs::uid::D_K, dk.handle.clone().binding()),
-            (graphs::uid::D_V, dv.handle.clone().binding()),
-            (graphs::uid::ROW_DOT, row_dot.handle.clone().binding()),
-            (graphs::uid::D_Q_ACCUM, dq_accum.handle.clone().binding()),
-        ],
+        bindings(&[
+            (graphs::uid::Q, &q),
+            (graphs::uid::K, &k),
+            (graphs::uid::V, &v),
+            (graphs::uid::O, &o),
+            (graphs::uid::LSE, &lse),
+            (graphs::uid::D_O, &d_o),
+            (graphs::uid::D_Q, &dq),
+            (graphs::uid::D_K, &dk),
+            (graphs::uid::D_V, &dv),
+            (graphs::uid::ROW_DOT, &row_dot),
+            (graphs::uid::D_Q_ACCUM, &dq_accum),
+        ]),
     )?;
     Ok((dq, dk, dv))
+}
+
+/// The graph tensors' UIDs with their tensors' buffers.
+fn bindings(tensors: &[(i64, &CudaTensor)]) -> Vec<(i64, Binding)> {
+    tensors
+        .iter()
+        .map(|(uid, t)| (*uid, t.handle.clone().binding()))
+        .collect()
 }
 
 fn dims4_any(t: &CudaTensor) -> Vec<usize> {

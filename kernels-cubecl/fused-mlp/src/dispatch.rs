@@ -201,6 +201,41 @@ pub fn rms_norm<B: Backend, const D: usize>(
     }
 }
 
+/// Rotary position embedding of `x` with the tables `cos`/`sin` (rows = positions of `x`):
+/// the fused op ([`crate::RopeBackend`], one kernel each way) on the backends it is compiled
+/// for while [`fused_enabled`], else [`crate::rope_portable`].
+///
+/// # Shapes
+/// - x: `[b, h, s, d]`; cos, sin: `[s, d]` (any float dtype; the kernel reads them as f32)
+/// - returns `[b, h, s, d]`
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_mut))]
+pub fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
+    if !fused_enabled() {
+        return crate::rope_portable(x, cos, sin);
+    }
+    let mut inputs = Some((x, cos, sin));
+    let fused: Option<Tensor<B, 4>> = for_fused_backends!(B, |FB| {
+        let (x, cos, sin) = inputs.take().expect("taken once");
+        let table = |t: Tensor<B, 2>| {
+            cast::<Tensor<B, 2>, Tensor<FB, 2>>(t.cast(burn::tensor::DType::F32))
+                .into_primitive()
+                .tensor()
+        };
+        let (cos, sin) = (table(cos), table(sin));
+        let x: Tensor<FB, 4> = cast(x);
+        let y = <FB as crate::RopeBackend>::rope(x.into_primitive().tensor(), cos, sin);
+        let y = Tensor::<FB, 4>::from_primitive(burn::tensor::TensorPrimitive::Float(y));
+        Some(cast::<Tensor<FB, 4>, Tensor<B, 4>>(y))
+    });
+    match fused {
+        Some(y) => y,
+        None => {
+            let (x, cos, sin) = inputs.expect("not taken");
+            crate::rope_portable(x, cos, sin)
+        }
+    }
+}
+
 /// Moves `value` into the type `U`, which the caller has checked is `T` itself.
 #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 pub(crate) fn cast<T: 'static, U: 'static>(value: T) -> U {

@@ -27,7 +27,9 @@
 //! compiled for (features `cuda`, `wgpu`) when [`check_fusable`] allows, else portable.
 //!
 //! [`rms_norm`] is the decoder's RMSNorm (frozen gain) the same way: one kernel forward and one
-//! backward on those backends, [`rms_norm_portable`] elsewhere.
+//! backward on those backends, [`rms_norm_portable`] elsewhere; [`rope`] is the rotary
+//! position embedding the same way (one kernel, run with the rotation transposed for the
+//! backward), [`rope_portable`] elsewhere.
 //!
 //! [`check_fusable`] is Unsloth's rule for when the fused path may take over; the kernels are in
 //! `kernels` (feature `cubecl`; one per file, the `#[cube]` function next to its launch).
@@ -48,10 +50,11 @@ mod linear;
 mod matmul;
 mod norm;
 mod op;
+mod rope;
 #[cfg(feature = "wgpu")]
 mod vulkan;
 
-pub use dispatch::{fused_backend, fused_enabled, linear, mlp, rms_norm, set_fused_enabled};
+pub use dispatch::{fused_backend, fused_enabled, linear, mlp, rms_norm, rope, set_fused_enabled};
 pub use linear::{FusedLinearBackend, fused_linear_nd};
 pub use matmul::matmul;
 pub use norm::{RmsNormBackend, RmsNormKernels, rms_norm_portable};
@@ -59,6 +62,7 @@ pub use op::{
     FusedMlpBackend, FusedMlpKernels, LoraProj, MlpWeights, SwigluLoraBackward, Trans,
     fused_lora_mlp_2d,
 };
+pub use rope::{RopeBackend, RopeKernels, rope_portable};
 #[cfg(feature = "wgpu")]
 pub use vulkan::vulkan_test_device;
 

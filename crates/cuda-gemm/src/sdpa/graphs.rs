@@ -176,7 +176,7 @@ fn forward(g: &mut GraphBuilder, p: &Problem) -> Result<(), GemmError> {
     let sum = g.virtual_f32(&rows)?;
     g.reduction(ReduceOp::CUDNN_REDUCE_TENSOR_ADD, &exp, &sum)?;
     let log_sum = unary(g, PointwiseMode::CUDNN_POINTWISE_LOG, &sum, &rows)?;
-    let lse = device(g, uid::LSE, rows, p.lse_strides(), F32)?;
+    let lse = device(g, uid::LSE, rows, p.lse_strides, F32)?;
     g.pointwise(
         PointwiseMode::CUDNN_POINTWISE_ADD,
         F32,
@@ -198,7 +198,7 @@ fn forward(g: &mut GraphBuilder, p: &Problem) -> Result<(), GemmError> {
         None,
     )?;
 
-    let o = device(g, uid::O, [b, h, s, d], p.o_strides(), dt)?;
+    let o = device(g, uid::O, [b, h, s, d], p.o_strides, dt)?;
     g.matmul(&probs, &v, &o)
 }
 
@@ -208,13 +208,12 @@ fn backward(g: &mut GraphBuilder, p: &Problem) -> Result<(), GemmError> {
     let scores = [b, h, s, s];
     let rows = [b, h, s, 1];
     let heads_full = [b, h, s, d];
-    let grouped = kvh != h;
     let q = device(g, uid::Q, heads_full, p.q_strides, dt)?;
     let kt = device(g, uid::K, [b, kvh, d, s], swap_last(p.k_strides), dt)?;
     let vt = device(g, uid::V, [b, kvh, d, s], swap_last(p.v_strides), dt)?;
-    let o = device(g, uid::O, heads_full, p.o_strides(), dt)?;
-    let lse = device(g, uid::LSE, rows, p.lse_strides(), F32)?;
-    let d_o = device(g, uid::D_O, heads_full, p.o_strides(), dt)?;
+    let o = device(g, uid::O, heads_full, p.o_strides, dt)?;
+    let lse = device(g, uid::LSE, rows, p.lse_strides, F32)?;
+    let d_o = device(g, uid::D_O, heads_full, p.d_o_strides, dt)?;
     let scale = g.scalar_f32(uid::SCALE, p.scale())?;
     let one = g.scalar_f32(uid::ONE, 1.0)?;
 
@@ -237,7 +236,7 @@ fn backward(g: &mut GraphBuilder, p: &Problem) -> Result<(), GemmError> {
     )?;
     let row_dot = g.virtual_f32(&rows)?;
     g.reduction(ReduceOp::CUDNN_REDUCE_TENSOR_ADD, &d_o_o, &row_dot)?;
-    let row_dot_stored = device(g, uid::ROW_DOT, rows, p.lse_strides(), F32)?;
+    let row_dot_stored = device(g, uid::ROW_DOT, rows, p.rows_packed_strides(), F32)?;
     g.pointwise(
         PointwiseMode::CUDNN_POINTWISE_MUL,
         F32,
@@ -274,13 +273,7 @@ fn backward(g: &mut GraphBuilder, p: &Problem) -> Result<(), GemmError> {
         packed_strides4([b, kvh, s, d]),
         dt,
     )?;
-    if grouped {
-        let full = g.virtual_of(&heads_full, dt)?;
-        g.matmul(&probs_t, &d_o, &full)?;
-        g.reduction(ReduceOp::CUDNN_REDUCE_TENSOR_ADD, &full, &d_v)?;
-    } else {
-        g.matmul(&probs_t, &d_o, &d_v)?;
-    }
+    head_summed_product(g, p, &probs_t, &d_o, &d_v)?;
 
     // dS = P∘(dO·Vᵀ − D)·scale.
     let d_p = g.virtual_f32(&scores)?;
@@ -317,13 +310,7 @@ fn backward(g: &mut GraphBuilder, p: &Problem) -> Result<(), GemmError> {
         packed_strides4([b, kvh, s, d]),
         dt,
     )?;
-    if grouped {
-        let full = g.virtual_of(&heads_full, dt)?;
-        g.matmul(&d_s_t, &q, &full)?;
-        g.reduction(ReduceOp::CUDNN_REDUCE_TENSOR_ADD, &full, &d_k)?;
-    } else {
-        g.matmul(&d_s_t, &q, &d_k)?;
-    }
+    head_summed_product(g, p, &d_s_t, &q, &d_k)?;
 
     // dQ = dS·K, accumulated in f32, then cast.
     let k = g.tensor(None, &[b, kvh, s, d], &p.k_strides, dt, Storage::Virtual)?;
@@ -346,6 +333,24 @@ fn backward(g: &mut GraphBuilder, p: &Problem) -> Result<(), GemmError> {
         &d_q,
         None,
     )
+}
+
+/// `out = a·b` where `a·b` has the query heads and `out` the KV heads: with grouped-query
+/// attention the product goes to a virtual per-query-head tensor (input dtype) summed over each
+/// group of heads; otherwise straight to `out`.
+fn head_summed_product(
+    g: &mut GraphBuilder,
+    p: &Problem,
+    a: &TensorRef,
+    b: &TensorRef,
+    out: &TensorRef,
+) -> Result<(), GemmError> {
+    if p.kv_heads == p.heads {
+        return g.matmul(a, b, out);
+    }
+    let full = g.virtual_of(&[p.batch, p.heads, p.seq, p.head_dim], p.dtype.cudnn())?;
+    g.matmul(a, b, &full)?;
+    g.reduction(ReduceOp::CUDNN_REDUCE_TENSOR_ADD, &full, out)
 }
 
 fn packed_strides4(dims: [i64; 4]) -> [i64; 4] {

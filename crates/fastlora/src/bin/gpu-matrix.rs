@@ -21,6 +21,10 @@
 //! - **f32, projection op** (`f32-linear`): the LoRA linear op on CUDA against
 //!   `LoraLinear::forward` on the CPU, q_proj/k_proj shapes with r {8, 16, 64} and an LM-head
 //!   shape without adapter: y, dx, dA, dB within 1e-4.
+//! - **f32, RMSNorm and RoPE ops** (`f32-norm-rope`): `fused_mlp::rms_norm` and
+//!   `fused_mlp::rope` on CUDA (their kernels) against the portable ops on the CPU, both shapes,
+//!   ragged token counts, RoPE on the projections' `[b, s, h, d]` view from a start offset: y and
+//!   dx within 1e-5.
 //!
 //! Token counts are ragged (not multiples of 8 or 64). Before each run the device memory pool is
 //! poisoned with NaN (a large NaN tensor is allocated and freed, so reused buffers start as NaN):
@@ -308,6 +312,56 @@ fn linear_op_once<B: burn::tensor::backend::AutodiffBackend>(
     out
 }
 
+/// RMSNorm over `[1, tokens, hidden]` and RoPE over the query view `[1, heads, tokens, d]` of a
+/// `[1, tokens, heads, d]` tensor (positions from 11) on backend `B`, through `fused_mlp`'s
+/// dispatch (kernels when `fused`): y and dx of each.
+fn norm_rope_once<B: burn::tensor::backend::AutodiffBackend>(
+    shape: &LayerShape,
+    tokens: usize,
+    fused: bool,
+    device: &B::Device,
+) -> Vec<(String, Vec<f32>)> {
+    set_fused_enabled(fused);
+    let poison = Tensor::<B, 2>::full([tokens, shape.hidden * 8], f32::NAN, device);
+    drop(poison);
+    let host = |dims: [usize; 3], seed, scale| {
+        let len = dims.iter().product();
+        Tensor::<B, 3>::from_data(TensorData::new(host_random(len, seed, scale), dims), device)
+    };
+    let mut out = Vec::new();
+
+    let x = host([1, tokens, shape.hidden], 90, 2.0).require_grad();
+    let weight = Tensor::<B, 1>::from_data(
+        TensorData::new(host_random(shape.hidden, 91, 1.0), [shape.hidden]),
+        device,
+    );
+    let y = fused_mlp::rms_norm(x.clone(), weight, 1e-5);
+    let grads = (y.clone() * host([1, tokens, shape.hidden], 92, 1.0))
+        .sum()
+        .backward();
+    out.push(("norm y".to_string(), to_f32(y.inner())));
+    out.push(("norm dx".to_string(), to_f32(x.grad(&grads).expect("dx"))));
+
+    let (h, d) = (shape.heads, shape.head_dim);
+    let rope = fastlora::llama::RotaryEmbedding::<B>::new(
+        &(0..d / 2)
+            .map(|i| 10_000f64.powf(-2.0 * i as f64 / d as f64))
+            .collect::<Vec<_>>(),
+        tokens + 11,
+        device,
+    );
+    let q = host([tokens, h, d], 93, 1.0)
+        .reshape([1, tokens, h, d])
+        .require_grad();
+    let y = rope.apply(q.clone().swap_dims(1, 2), 11);
+    let upstream = host([h, tokens, d], 94, 1.0).reshape([1, h, tokens, d]);
+    let grads = (y.clone() * upstream).sum().backward();
+    out.push(("rope y".to_string(), to_f32(y.inner())));
+    out.push(("rope dx".to_string(), to_f32(q.grad(&grads).expect("dq"))));
+    set_fused_enabled(true);
+    out
+}
+
 /// Token ids from a host RNG, so every backend sees the same batch.
 fn host_ids(tokens: (usize, usize), seed: u64) -> Vec<i64> {
     let mut state = seed
@@ -352,7 +406,7 @@ fn main() -> ExitCode {
     let Some(dtype) = dtype else {
         let exe = std::env::current_exe().expect("the running binary's path");
         let mut ok = true;
-        for dtype in ["bf16", "f32", "f32-linear"] {
+        for dtype in ["bf16", "f32", "f32-linear", "f32-norm-rope"] {
             let status = std::process::Command::new(&exe)
                 .arg(dtype)
                 .status()
@@ -537,7 +591,33 @@ fn main() -> ExitCode {
                 }
             }
         }
-        other => panic!("unknown dtype `{other}`: bf16, f32 or f32-linear"),
+        "f32-norm-rope" => {
+            for shape in &SHAPES {
+                for (batch, seq) in TOKENS {
+                    let tokens = batch * seq;
+                    let fused =
+                        norm_rope_once::<Autodiff<CudaBackend<f32>>>(shape, tokens, true, &device);
+                    let oracle =
+                        norm_rope_once::<Autodiff<NdArray<f32>>>(shape, tokens, false, &cpu);
+                    let result = compare(&fused, &oracle);
+                    report(
+                        format!(
+                            "{:<6} {:<13} {:>3} {:<6} {:<10} {:>9} {:>10.3e}  {}",
+                            "f32",
+                            shape.name,
+                            "-",
+                            "-",
+                            "norm+rope",
+                            tokens,
+                            result.worst,
+                            result.worst_what,
+                        ),
+                        !result.nan && result.worst <= 1e-5,
+                    );
+                }
+            }
+        }
+        other => panic!("unknown dtype `{other}`: bf16, f32, f32-linear or f32-norm-rope"),
     }
     println!("gpu-matrix {dtype}: {passed} passed, {failed} failed");
     if failed == 0 {

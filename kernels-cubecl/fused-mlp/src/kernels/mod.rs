@@ -4,6 +4,7 @@
 
 pub mod rms_norm_backward;
 pub mod rms_norm_forward;
+pub mod rope;
 pub mod swiglu_forward;
 pub mod swiglu_lora_backward;
 

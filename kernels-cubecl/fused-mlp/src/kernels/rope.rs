@@ -1,0 +1,104 @@
+//! Rotary position embedding in transformers' `rotate_half` convention over `[b, h, s, d]`
+//! (any strides), one unit per pair `(i, i + d/2)` of a row, math in f32 whatever the storage
+//! type `F` is, tables `cos`/`sin` `[s, d]` f32 (repeated over the two halves):
+//!
+//! ```text
+//! y_i       = x_i·cos_i       − σ·x_{i+d/2}·sin_i
+//! y_{i+d/2} = x_{i+d/2}·cos_i + σ·x_i·sin_i
+//! ```
+//!
+//! σ = +1 is the forward. The rotation is orthogonal per pair, so its transpose (σ = −1) maps
+//! the upstream gradient `dy` to `dx`: the backward is the same kernel.
+//!
+//! The output is written row-major in `[b, s, h, d]` order (returned as the `[b, h, s, d]` view
+//! of it): the layout the projections produce and the attention reads, with consecutive units
+//! writing consecutive elements.
+
+use burn_cubecl::CubeRuntime;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+
+use super::{address_type, check_matrix, elementwise_launch};
+
+#[cube(launch, address_type = "dynamic")]
+fn rope_kernel<F: Float>(
+    x: &Tensor<F>,
+    cos: &Tensor<f32>,
+    sin: &Tensor<f32>,
+    y: &mut Tensor<F>,
+    sign: f32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let heads = x.shape(1);
+    let seq = x.shape(2);
+    let half = x.shape(3) / 2;
+    if ABSOLUTE_POS >= x.shape(0) * seq * heads * half {
+        terminate!();
+    }
+    let i = ABSOLUTE_POS % half;
+    let row = ABSOLUTE_POS / half;
+    let head = row % heads;
+    let position = (row / heads) % seq;
+    let batch = row / (heads * seq);
+
+    let base = batch * x.stride(0) + head * x.stride(1) + position * x.stride(2);
+    let first = f32::cast_from(x[base + i * x.stride(3)]);
+    let second = f32::cast_from(x[base + (i + half) * x.stride(3)]);
+    let table = position * cos.stride(0) + i * cos.stride(1);
+    let c = cos[table];
+    let s = sign * sin[position * sin.stride(0) + i * sin.stride(1)];
+
+    let out = ((batch * seq + position) * heads + head) * (2 * half);
+    y[out + i] = F::cast_from(first * c - second * s);
+    y[out + i + half] = F::cast_from(second * c + first * s);
+}
+
+/// Launches the rotation of `x` (`σ = sign`, see the module docs): returns a new row-major
+/// `[b, s, h, d]` tensor in `x`'s dtype (the caller views it as `[b, h, s, d]`).
+///
+/// # Panics
+/// If `x` is not rank 4 with an even last dimension, or the tables are not f32 `[s, d]` on
+/// `x`'s device.
+pub fn launch<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    cos: &CubeTensor<R>,
+    sin: &CubeTensor<R>,
+    sign: f32,
+) -> CubeTensor<R> {
+    let dims = x.meta.shape().as_slice();
+    let &[b, h, s, d] = dims else {
+        panic!("rope: x must be [b, h, s, d], got shape {dims:?}");
+    };
+    assert!(d % 2 == 0, "rope: the head width {d} is odd");
+    for (name, table) in [("cos", cos), ("sin", sin)] {
+        check_matrix(name, table, Some(s), Some(d));
+        assert_eq!(
+            table.dtype,
+            burn::tensor::DType::F32,
+            "rope: the {name} table must be f32"
+        );
+        x.assert_is_on_same_device(table);
+    }
+    let y = empty_device_contiguous_dtype::<R>(
+        x.client.clone(),
+        x.device.clone(),
+        vec![b, s, h, d].into(),
+        x.dtype,
+    );
+    if let Some((client, cube_count, cube_dim)) = elementwise_launch(&y, b * s * h * (d / 2)) {
+        rope_kernel::launch::<R>(
+            &client,
+            cube_count,
+            cube_dim,
+            address_type(&[x, cos, sin, &y]),
+            x.clone().into_tensor_arg(),
+            cos.clone().into_tensor_arg(),
+            sin.clone().into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            sign,
+            x.dtype.into(),
+        );
+    }
+    y
+}
