@@ -138,6 +138,9 @@ static PLANS: Mutex<Option<PlanCache>> = Mutex::new(None);
 static CALLS: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 /// Workspace bytes per (device, problem), so that a cached plan needs one trip to the server.
 static WORKSPACE: Mutex<Option<HashMap<(usize, Problem), usize>>> = Mutex::new(None);
+/// Problems cuDNN declined, with the reason: asked again, they are declined at once instead of
+/// running the heuristics again on every call.
+static DECLINED: Mutex<Option<HashMap<(usize, Problem), String>>> = Mutex::new(None);
 
 fn strides4(t: &CudaTensor, name: &str) -> Result<[i64; 4], GemmError> {
     let strides = t.meta.strides();
@@ -371,6 +374,17 @@ fn run(
     bound: Vec<(i64, Binding)>,
 ) -> Result<(), GemmError> {
     let device_index = device.index;
+    {
+        let declined = DECLINED.lock().map_err(|_| GemmError::Poisoned)?;
+        if let Some(reason) = prepare
+            .iter()
+            .find_map(|p| declined.as_ref()?.get(&(device_index, p.clone())))
+        {
+            return Err(GemmError::CudnnUnavailable {
+                reason: reason.clone(),
+            });
+        }
+    }
     let known = WORKSPACE
         .lock()
         .map_err(|_| GemmError::Poisoned)?
@@ -379,7 +393,24 @@ fn run(
     let workspace_bytes = match known {
         Some(bytes) => bytes,
         None => {
-            let bytes = submit(device, prepare.to_vec(), exec.clone(), None, bound.clone())?;
+            let bytes = match submit(device, prepare.to_vec(), exec.clone(), None, bound.clone()) {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    // A problem cuDNN cannot plan (no engine, or a descriptor it rejects) is
+                    // remembered; other failures (the server, the driver) are not.
+                    if matches!(
+                        error,
+                        GemmError::CudnnUnavailable { .. } | GemmError::Cudnn { .. }
+                    ) {
+                        let mut declined = DECLINED.lock().map_err(|_| GemmError::Poisoned)?;
+                        let declined = declined.get_or_insert_with(HashMap::new);
+                        for p in prepare {
+                            declined.insert((device_index, p.clone()), error.to_string());
+                        }
+                    }
+                    return Err(error);
+                }
+            };
             WORKSPACE
                 .lock()
                 .map_err(|_| GemmError::Poisoned)?
