@@ -7,11 +7,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
-use fastlora_llama::{LlamaConfig, ModelError, WeightSource};
+use fastlora_llama::{LlamaConfig, ModelError, WeightSource, flash_attention};
 use serde::Serialize;
 
 use crate::data::Batch;
 use crate::error::{FastLoraError, Result};
+use crate::peft::AttentionPath;
 use crate::pretrained::FastLanguageModel;
 use crate::train::{StepTimes, TrainArgs, TrainConfig, TrainDevice, Trainer};
 
@@ -228,6 +229,9 @@ pub struct BenchResult {
     pub ckpt: String,
     /// `fused` or `portable`.
     pub path: &'static str,
+    /// The attention the timed steps ran: `cudnn` (cuDNN's fused kernel ran in them), `block`
+    /// (the block-wise op) or `materialised`.
+    pub attention: &'static str,
     /// Median step, milliseconds.
     pub step_ms: f64,
     /// Tokens per second at the median step.
@@ -335,7 +339,11 @@ fn bench_on<B: AutodiffBackend>(
     let total = args.warmup + args.steps;
     let mut steps: Vec<(f64, StepTimes)> = Vec::with_capacity(args.steps);
     let mut loss = f64::NAN;
+    let mut cudnn_before = flash_attention::cudnn_calls();
     for step in 0..total {
+        if step == args.warmup {
+            cudnn_before = flash_attention::cudnn_calls();
+        }
         let started = Instant::now();
         let record = trainer.step(std::slice::from_ref(&batch), total)?;
         let seconds = started.elapsed().as_secs_f64();
@@ -356,6 +364,11 @@ fn bench_on<B: AutodiffBackend>(
             steps.push((seconds, times));
         }
     }
+    let attention = match AttentionPath::of::<B>() {
+        AttentionPath::Materialised => "materialised",
+        _ if flash_attention::cudnn_calls() != cudnn_before => "cudnn",
+        _ => "block",
+    };
     if args.profile {
         print_block_profile(&mut trainer, &batch, total)?;
     }
@@ -382,6 +395,7 @@ fn bench_on<B: AutodiffBackend>(
         seq: args.seq,
         ckpt: args.use_gradient_checkpointing.clone(),
         path: if args.portable { "portable" } else { "fused" },
+        attention,
         step_ms: ms(step_s),
         tok_s: (tokens / step_s).round(),
         peak_reserved_gib: reserved_bytes(&device).map(gib),

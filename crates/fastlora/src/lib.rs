@@ -42,7 +42,7 @@ pub use data::{
 pub use error::{FastLoraError, Result};
 pub use generate::{GenerationConfig, GenerationError, eos_token_ids, generate};
 pub use logits::{logits_command, read_input_ids, write_logits};
-pub use peft::{ParameterCounts, PatchReport, PeftModel};
+pub use peft::{AttentionPath, ParameterCounts, PatchReport, PeftModel};
 pub use pretrained::{BaseMemoryReport, FastLanguageModel, LoadOptions};
 
 pub use checkpointing;

@@ -44,10 +44,38 @@ pub struct PatchReport {
     /// Whether this backend runs the fused MLP kernels (CUDA and wgpu `CubeBackend`s, when
     /// built with their feature; the portable path runs elsewhere).
     pub fused_kernels_active: bool,
+    /// Which attention the model's training and prompt passes run on this backend.
+    pub attention: AttentionPath,
     /// The checkpointing mode asked for.
     pub checkpointing: CheckpointMode,
     /// Notices raised while normalising and applying the configuration.
     pub notices: Vec<String>,
+}
+
+/// The attention a [`PatchReport`]'s backend runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// `[b, h, s, s]` scores kept for backward (backends without the fast op).
+    Materialised,
+    /// The block-wise op, memory linear in the sequence (`flash-attention`).
+    BlockWise,
+    /// cuDNN's fused flash attention where it takes the problem (f16/bf16, no padding), the
+    /// block-wise op elsewhere (`FASTLORA_CUDNN=1`).
+    CudnnThenBlockWise,
+}
+
+impl AttentionPath {
+    /// The path the model takes on `B` now.
+    pub fn of<B: burn::tensor::backend::Backend>() -> Self {
+        use fastlora_llama::flash_attention;
+        if !flash_attention::flash_available::<B>() {
+            Self::Materialised
+        } else if flash_attention::cudnn_enabled() {
+            Self::CudnnThenBlockWise
+        } else {
+            Self::BlockWise
+        }
+    }
 }
 
 impl fmt::Display for PatchReport {
@@ -62,11 +90,26 @@ impl fmt::Display for PatchReport {
                 f,
                 "Fused LoRA kernels: active for the SwiGLU MLP; each projection without LoRA \
                  dropout (q/k/v, o, LM head) runs as one LoRA linear op (no single fused QKV op \
-                 yet)."
+                 yet); RMSNorm, RoPE and the loss's per-chunk softmax run as kernels."
             )?,
             false => writeln!(
                 f,
                 "Fused LoRA kernels: not on this backend; the portable path runs (same math)."
+            )?,
+        }
+        match self.attention {
+            AttentionPath::Materialised => writeln!(
+                f,
+                "Attention: materialised ([b, h, s, s] scores kept for backward) on this backend."
+            )?,
+            AttentionPath::BlockWise => writeln!(
+                f,
+                "Attention: the block-wise op, memory linear in the sequence length."
+            )?,
+            AttentionPath::CudnnThenBlockWise => writeln!(
+                f,
+                "Attention: cuDNN's fused flash attention (FASTLORA_CUDNN=1) where cuDNN takes \
+                 the problem, else the block-wise op."
             )?,
         }
         match self.checkpointing {
@@ -418,6 +461,7 @@ fn patch_report<B: Backend>(
         fusable_o: o,
         fusable_mlp: mlp,
         fused_kernels_active: fused_mlp::fused_backend::<B>() && fused_mlp::fused_enabled(),
+        attention: AttentionPath::of::<B>(),
         checkpointing,
         notices,
     }

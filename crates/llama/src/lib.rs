@@ -20,6 +20,7 @@ pub use checkpoint::{
 pub use config::{LlamaConfig, ModelType, RopeScaling};
 pub use error::ModelError;
 pub use fastlora_gguf::{self, GgufFile};
+pub use flash_attention;
 pub use fused_ce::set_enabled as set_fused_cross_entropy;
 pub use gguf::{
     GgufWeights, gguf_config, gguf_config_json, is_gguf_path, open_gguf, unpermute_rope_rows,

@@ -102,6 +102,20 @@ pub fn cudnn_enabled() -> bool {
     }
 }
 
+/// How many cuDNN attention forwards and backwards this process has run (both 0 in a build
+/// without the `cuda` feature): tells a caller that the fused kernel ran rather than the
+/// block-wise op.
+pub fn cudnn_calls() -> (usize, usize) {
+    #[cfg(feature = "cuda")]
+    {
+        fastlora_cuda_gemm::sdpa_calls()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        (0, 0)
+    }
+}
+
 /// Whether backend `B` is one the op is compiled for in this build.
 pub fn fast_backend<B: Backend>() -> bool {
     let probe: Option<()> = for_fast_backends!(B, |_FB| Some(()));

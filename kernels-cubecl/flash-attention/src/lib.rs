@@ -74,8 +74,8 @@ mod op;
 mod reference;
 
 pub use dispatch::{
-    attention, cudnn_enabled, fast_backend, flash_available, flash_enabled, kernels_enabled,
-    set_cudnn_enabled, set_flash_enabled, set_kernels_enabled,
+    attention, cudnn_calls, cudnn_enabled, fast_backend, flash_available, flash_enabled,
+    kernels_enabled, set_cudnn_enabled, set_flash_enabled, set_kernels_enabled,
 };
 pub use op::{
     AttentionKernels, BlockAt, FlashAttentionBackend, FusedForward, FusedSaved, Geometry,

@@ -409,3 +409,81 @@ pub(crate) fn backward_from_fused<B: AttentionKernels>(
     let kv_shape = |t: FloatTensor<B>| prim(wrap::<B, 3>(t).reshape([b, kvh, s, d]));
     (prim(dq), kv_shape(dk), kv_shape(dv))
 }
+
+#[cfg(all(test, feature = "wgpu"))]
+mod tests {
+    use burn::backend::Autodiff;
+    use burn::prelude::*;
+    use burn::tensor::Distribution;
+    use fused_mlp::{WgpuBackend, vulkan_test_device};
+
+    use super::*;
+    use crate::materialised_attention;
+
+    type B = WgpuBackend;
+    type AB = Autodiff<B>;
+
+    fn values<BK: Backend, const R: usize>(t: Tensor<BK, R>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec().unwrap()
+    }
+
+    fn assert_close<const R: usize>(what: &str, got: Tensor<B, R>, want: Tensor<B, R>) {
+        assert_eq!(got.dims(), want.dims(), "{what}: shapes");
+        let (got, want) = (values(got), values(want));
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+        assert!(err <= 1e-4 * scale, "{what}: {err:e} of {scale:e}");
+    }
+
+    /// The fused node's fallback backward (the block-wise backward on the fused layouts,
+    /// converted) against the materialised attention's autodiff, from `o` and the LSE computed
+    /// independently in the fused layouts: the conversions of `q`, `o`, `dO`, the LSE and the
+    /// gradients are right.
+    #[test]
+    fn backward_from_fused_matches_the_materialised_gradients() {
+        let Some(device) = vulkan_test_device() else {
+            return;
+        };
+        let (b, kvh, g, s, d) = (2, 2, 3, 37, 16);
+        let h = kvh * g;
+        let geometry = Geometry::new(b, kvh, g, s, d, Some(10));
+        let normal = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<AB, 4>::random([b, h, s, d], normal, &device).require_grad();
+        let k = Tensor::<AB, 4>::random([b, kvh, s, d], normal, &device).require_grad();
+        let v = Tensor::<AB, 4>::random([b, kvh, s, d], normal, &device).require_grad();
+        let d_o = Tensor::<AB, 3>::random([b, s, h * d], normal, &device);
+
+        // Reference: o, gradients, and the LSE of the scaled causal scores, [b, h, s].
+        let o = materialised_attention(q.clone(), k.clone(), v.clone(), None);
+        let grads = (o.clone() * d_o.clone()).sum().backward();
+        let repeat = |t: Tensor<AB, 4>| {
+            t.unsqueeze_dim::<5>(2)
+                .repeat_dim(2, g)
+                .reshape([b, h, s, d])
+        };
+        let scores = q.clone().matmul(repeat(k.clone()).swap_dims(2, 3)) * geometry.scale();
+        let keep = Tensor::<AB, 2, Int>::arange(0..s as i64, &device)
+            .reshape([s, 1])
+            .greater_equal(Tensor::<AB, 2, Int>::arange(0..s as i64, &device).reshape([1, s]));
+        let scores = scores.mask_fill(keep.bool_not().unsqueeze::<4>(), f32::NEG_INFINITY);
+        let max = scores.clone().max_dim(3);
+        let lse = ((scores - max.clone()).exp().sum_dim(3).log() + max).reshape([b, h, s]);
+
+        let inner = |t: Tensor<AB, 4>| t.inner().into_primitive().tensor();
+        let fused = FusedSaved {
+            q: inner(q.clone()),
+            k: inner(k.clone()),
+            v: inner(v.clone()),
+            o: o.inner().into_primitive().tensor(),
+            lse: lse.inner().into_primitive().tensor(),
+            geometry,
+        };
+        let (dq, dk, dv) = backward_from_fused::<B>(fused, d_o.inner().into_primitive().tensor());
+        assert_close("dq", wrap::<B, 4>(dq), q.grad(&grads).expect("dq"));
+        assert_close("dk", wrap::<B, 4>(dk), k.grad(&grads).expect("dk"));
+        assert_close("dv", wrap::<B, 4>(dv), v.grad(&grads).expect("dv"));
+    }
+}

@@ -5,7 +5,7 @@
 //!
 //! - `check-f32`, `check-bf16`: fast vs materialised outputs and `dq`, `dk`, `dv` (relative
 //!   error `max|Δ| / max|ref|`, pass bar 1e-4 f32 / 2e-2 bf16) for GQA 1, 3, 4, 8, d 64 and
-//!   128, s 1000 and 2047, without and with padding (a left- and a right-padded row); unpadded
+//!   128, s 1000, 1024 and 2047, without and with padding (a left- and a right-padded row); unpadded
 //!   bf16 cells run cuDNN's fused kernel (`"cudnn"` says whether its forward and backward ran),
 //!   and run again with cuDNN off to check the block-wise op;
 //! - `time`: forward + backward (median of 10 after 3 warm-up, synced), bf16, at b4×32 heads
@@ -175,7 +175,7 @@ fn check<B: AutodiffBackend + FlashAttentionBackend>(
     let (b, kvh) = (2, 2);
     for g in [1, 3, 4, 8] {
         for d in [64, 128] {
-            for s in [1000, 2047] {
+            for s in [1000, 1024, 2047] {
                 for (padded, cudnn) in [(false, true), (false, false), (true, false)] {
                     set_cudnn_enabled(cudnn);
                     let h = kvh * g;
