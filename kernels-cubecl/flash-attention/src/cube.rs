@@ -4,9 +4,7 @@
 use burn::tensor::ops::FloatTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use crate::op::{
-    AttentionKernels, BlockAt, FlashAttentionBackend, FusedForward, FusedSaved, Geometry, forward,
-};
+use crate::op::{AttentionKernels, BlockAt, FlashAttentionBackend, Geometry, forward};
 use crate::{block, kernels, kernels_enabled};
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionKernels
@@ -40,36 +38,23 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionK
         }
     }
 
+    // Without CUDA the trait's defaults (no fused kernel) apply.
+    #[cfg(feature = "cuda")]
     fn fused_forward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         geometry: Geometry,
-    ) -> FusedForward<Self> {
-        #[cfg(feature = "cuda")]
-        {
-            crate::cudnn::forward::<Self>(q, k, v, geometry)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = geometry;
-            Err([q, k, v])
-        }
+    ) -> crate::op::FusedForward<Self> {
+        crate::cudnn::forward::<Self>(q, k, v, geometry)
     }
 
+    #[cfg(feature = "cuda")]
     fn fused_backward(
-        saved: &FusedSaved<FloatTensor<Self>>,
+        saved: &crate::op::FusedSaved<FloatTensor<Self>>,
         d_o: FloatTensor<Self>,
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>)> {
-        #[cfg(feature = "cuda")]
-        {
-            crate::cudnn::backward::<Self>(saved, d_o)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (saved, d_o);
-            None
-        }
+        crate::cudnn::backward::<Self>(saved, d_o)
     }
 }
 
