@@ -12,7 +12,9 @@
 //!
 //! The details (which intermediates are f32, which are in the input dtype, which buffers are
 //! real, the `1.0` scalar, the odd strides of `dO∘O`) follow the frontend exactly: cuDNN's
-//! engines match these graphs as patterns.
+//! engines match these graphs as patterns. `docs/cudnn-sdpa-graphs.md` (in this crate) lists
+//! every tensor and operation with the frontend source it comes from, the version limits, and
+//! cuDNN's logging switches for when a graph is declined.
 //!
 //! Grouped-query attention is expressed by K and V having fewer heads than Q (the matmuls
 //! broadcast over heads); in backward, dK and dV are computed per query head and summed over
