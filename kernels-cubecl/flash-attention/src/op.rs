@@ -465,9 +465,10 @@ mod tests {
                 .reshape([b, h, s, d])
         };
         let scores = q.clone().matmul(repeat(k.clone()).swap_dims(2, 3)) * geometry.scale();
-        let keep = Tensor::<AB, 2, Int>::arange(0..s as i64, &device)
+        let positions = || Tensor::<AB, 1, Int>::arange(0..s as i64, &device);
+        let keep = positions()
             .reshape([s, 1])
-            .greater_equal(Tensor::<AB, 2, Int>::arange(0..s as i64, &device).reshape([1, s]));
+            .greater_equal(positions().reshape([1, s]));
         let scores = scores.mask_fill(keep.bool_not().unsqueeze::<4>(), f32::NEG_INFINITY);
         let max = scores.clone().max_dim(3);
         let lse = ((scores - max.clone()).exp().sum_dim(3).log() + max).reshape([b, h, s]);
