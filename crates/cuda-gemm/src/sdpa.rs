@@ -168,7 +168,8 @@ fn packed_heads_view(_b: usize, h: usize, s: usize, d: usize) -> [i64; 4] {
     [s * h * d, d, h * d, 1]
 }
 
-fn dims4(t: &CudaTensor) -> Vec<usize> {
+/// `t`'s shape.
+fn shape_of(t: &CudaTensor) -> Vec<usize> {
     t.meta.shape().to_vec()
 }
 
@@ -179,7 +180,7 @@ fn problem(
     v: &CudaTensor,
     scale: f32,
 ) -> Result<Problem, GemmError> {
-    let (qd, kd, vd) = (dims4(q), dims4(k), dims4(v));
+    let (qd, kd, vd) = (shape_of(q), shape_of(k), shape_of(v));
     let shape_err = |reason: String| GemmError::Shape {
         desc: format!("sdpa q {qd:?} k {kd:?} v {vd:?}"),
         reason,
@@ -291,10 +292,10 @@ pub fn sdpa_backward(
         ("d_o", &d_o, vec![b, s, h * d]),
         ("lse", &lse, vec![b, h, s]),
     ] {
-        if dims4_any(t) != want {
+        if shape_of(t) != want {
             return Err(GemmError::Shape {
                 desc: format!("sdpa backward {}", p.describe()),
-                reason: format!("{name} has shape {:?}; expected {want:?}", dims4_any(t)),
+                reason: format!("{name} has shape {:?}; expected {want:?}", shape_of(t)),
             });
         }
     }
@@ -316,9 +317,9 @@ pub fn sdpa_backward(
     // memory): the per-row Σ dO∘O and the dQ accumulator.
     let row_dot = new_tensor(&q, vec![b, h, s], DType::F32);
     let dq_accum = new_tensor(&q, vec![b, h, s, d], DType::F32);
-    let dq = new_tensor(&q, dims4(&q), q.dtype);
-    let dk = new_tensor(&q, dims4(&k), q.dtype);
-    let dv = new_tensor(&q, dims4(&v), q.dtype);
+    let dq = new_tensor(&q, shape_of(&q), q.dtype);
+    let dk = new_tensor(&q, shape_of(&k), q.dtype);
+    let dv = new_tensor(&q, shape_of(&v), q.dtype);
     run(
         &q.device,
         std::slice::from_ref(&p),
@@ -346,10 +347,6 @@ fn bindings(tensors: &[(i64, &CudaTensor)]) -> Vec<(i64, Binding)> {
         .iter()
         .map(|(uid, t)| (*uid, t.handle.clone().binding()))
         .collect()
-}
-
-fn dims4_any(t: &CudaTensor) -> Vec<usize> {
-    t.meta.shape().to_vec()
 }
 
 /// A new row-major tensor on `like`'s device (contents undefined until the plan writes it).
