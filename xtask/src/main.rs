@@ -105,7 +105,8 @@ const GPU_TESTS: &[GpuTestBinary] = &[
         package: "flash-attention",
         features: "cuda",
         bin: "attention-bench",
-        args: "all",
+        // No argument: every mode runs; `run-attention-bench.sh MODE` runs one.
+        args: "",
     },
     GpuTestBinary {
         package: "fastlora",

@@ -35,12 +35,13 @@
 //! Recompute and host offload work and are tested on the CPU (gradients and losses bitwise equal
 //! to `Off`, with and without dropout) and run on CUDA (`fastlora bench`). On CUDA (feature
 //! `cuda`) the offload copies the layer input into pinned host memory and back with
-//! `cuMemcpy*Async` on the compute stream (`fastlora_cuda_gemm::copy_to_host` /
-//! `copy_to_device`): no host waits, but the copies run in line with the kernels rather than
-//! overlapped on a second stream. Elsewhere it is Burn's `into_data` / `from_data` round trip,
-//! which blocks (on the CPU the tensor simply stays in host memory). The last decoder layer
-//! ([`CheckpointMode::for_last_layer`]) and inputs under [`OFFLOAD_MIN_BYTES`] are not
-//! offloaded. Not done: a copy stream with double-buffered prefetch of the next layer's input.
+//! `cuMemcpy*Async` on a copy stream beside the compute stream, ordered with it by events
+//! (`fastlora_cuda_gemm::copy_to_host` / `copy_to_device`): no host waits, the copies overlap
+//! the kernels, and each layer's backward starts bringing back the previous layer's input
+//! (double buffering: one layer input ahead). Elsewhere it is Burn's `into_data` / `from_data`
+//! round trip, which blocks (on the CPU the tensor simply stays in host memory). The last
+//! decoder layer ([`CheckpointMode::for_last_layer`]) and inputs under [`OFFLOAD_MIN_BYTES`] are
+//! not offloaded.
 //! The recompute runs on a helper thread that issues its work on the caller's CubeCL stream.
 //! Parameters shared between layers get correct but not bitwise-identical gradients (their
 //! contributions are summed in another order).

@@ -191,8 +191,8 @@ enum Saved<I: Backend> {
     Device(FloatTensor<I>),
     /// Read back to host memory (pinned where the runtime stages it), the device copy freed.
     Host { data: TensorData, device: I::Device },
-    /// On CUDA: in pinned host memory, copied on the compute stream without a host wait (the
-    /// copy may still be in flight), the device copy freed.
+    /// On CUDA: in pinned host memory, copied on a copy stream beside the compute stream (the
+    /// copy may still be in flight; the device copy is freed once it is done).
     #[cfg(feature = "cuda")]
     Pinned {
         copy: fastlora_cuda_gemm::HostCopy,
@@ -236,10 +236,22 @@ impl<I: Backend> Saved<I> {
         })
     }
 
-    /// The input on its device again.
+    /// The input on its device again. On CUDA this also starts bringing back the newest input
+    /// still in host memory: backward visits layers in reverse, so that is the next layer's,
+    /// and its copy overlaps this layer's recompute and backward.
     fn restore(self) -> FloatTensor<I> {
         match self {
-            Self::Device(x) => x,
+            Self::Device(x) => {
+                // The last layer keeps its input on the device; the layer before it was
+                // offloaded (`copy_to_device` starts the prefetch itself for offloaded inputs).
+                #[cfg(feature = "cuda")]
+                if is_cuda::<I>() {
+                    fastlora_cuda_gemm::prefetch_latest_offload().unwrap_or_else(|e| {
+                        panic!("checkpoint: prefetching an offloaded layer input: {e}")
+                    });
+                }
+                x
+            }
             Self::Host { data, device } => {
                 phase_timing::phase::<I, _>("checkpoint restore (host → device)", &device, || {
                     I::float_from_data(data, &device)

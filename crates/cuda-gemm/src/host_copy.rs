@@ -1,26 +1,36 @@
-//! Copies of Burn's CUDA tensors to pinned host memory and back, enqueued on CubeCL's own
-//! stream: the host offload of gradient checkpointing (`use_gradient_checkpointing="unsloth"`).
+//! Copies of Burn's CUDA tensors to pinned host memory and back, overlapped with compute: the
+//! host offload of gradient checkpointing (`use_gradient_checkpointing="unsloth"`).
 //!
 //! Burn 0.21's `into_data` / `float_from_data` round trip blocks the host on every read, and its
 //! upload copies the bytes twice on the host and then from pageable memory (measured on the
-//! H200: 51 ms to bring back one 32 MiB layer input). Here both directions are one
-//! `cuMemcpy*Async` between the tensor's device memory and a pinned block, on the same
-//! `CUstream` CubeCL issues the caller's kernels on (found as for the GEMMs, see the crate
-//! docs), so neither copy waits on the host:
+//! H200: 51 ms to bring back one 32 MiB layer input). Here each direction is one
+//! `cuMemcpy*Async` between the tensor's device memory and a pinned block, enqueued on a copy
+//! stream of our own beside the `CUstream` CubeCL issues the caller's kernels on (found as for
+//! the GEMMs, see the crate docs), ordered with it by events, so the copies run while the
+//! kernels do and neither direction waits on the host:
 //!
-//! - [`copy_to_host`] enqueues device → host after the kernels that wrote the tensor and drops
-//!   the device tensor at once; CubeCL may hand its memory to a later allocation, whose kernels
-//!   are issued on the same stream, after the copy.
-//! - [`copy_to_device`] allocates a device tensor and enqueues host → device before any kernel
-//!   that reads it, then returns the block to the pool: the block's next user is another copy
-//!   on that stream, ordered after this one.
+//! - [`copy_to_host`]: the copy stream waits for the kernels enqueued so far on the compute
+//!   stream (those that wrote the tensor), then copies device → host. The device tensor is kept
+//!   until the copy's event has completed (checked on every later copy call), then released to
+//!   CubeCL's pool; the compute stream never waits for it.
+//! - [`copy_to_device`]: returns the input brought back by an earlier prefetch (the compute
+//!   stream waits on that copy's event, which has usually long completed), or copies it now on
+//!   the copy stream with the compute stream waiting for it. Then it **prefetches** the newest
+//!   input still on the host: backward visits checkpointed layers in reverse, so that is the
+//!   input the next layer's backward asks for, and its copy runs during this layer's recompute
+//!   and backward (double buffering: at most one layer input ahead on the device).
+//!   [`prefetch_latest_offload`] starts the same prefetch from a layer that kept its input on the
+//!   device (the last one).
 //!
-//! Pinned blocks come from a process-wide pool and are never freed (`cuMemFreeHost`
-//! synchronises the whole device): a training step offloads the same layer sizes every step.
-//! When CubeCL's stream cannot be identified, or the tensor was produced on another thread's
-//! stream, each copy waits for its stream before returning (correct, not overlapped).
+//! Every copy that touches a pinned block runs on the copy stream, so a block handed back to the
+//! pool is next used by a copy ordered after the last one that used it. Blocks come from a
+//! process-wide pool and are never freed (`cuMemFreeHost` synchronises the whole device): a
+//! training step offloads the same layer sizes every step. When CubeCL's stream cannot be
+//! identified each copy runs on the fallback stream and waits for it before returning (correct,
+//! not overlapped, no prefetch); a tensor produced on another thread's stream is copied and
+//! then waited for.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
@@ -31,10 +41,11 @@ use cubecl::device::Device;
 use cubecl::device_handle::DeviceHandle;
 use cubecl::server::{Binding, ComputeServer};
 use cubecl::stream_id::StreamId;
+use cudarc::driver::sys as drv;
 
 use crate::error::GemmError;
 use crate::gemm::CudaTensor;
-use crate::stream::{self, CudaServer, StreamOrdering};
+use crate::stream::{self, CudaServer, StreamOrdering, StreamState};
 
 /// A page-locked host allocation (`cuMemHostAlloc`).
 struct PinnedBlock {
@@ -83,30 +94,126 @@ impl PinnedBlock {
     }
 }
 
-/// A CUDA tensor's contents in pinned host memory, made by [`copy_to_host`]. The copy may still
-/// be in flight; only [`copy_to_device`] (on the same stream) reads it.
-pub struct HostCopy {
-    block: Option<PinnedBlock>,
+/// A CUDA event without timing, created and destroyed with CubeCL's context current (inside
+/// the server closure).
+struct Event(drv::CUevent);
+
+// SAFETY: a CUDA event handle may be used from any thread; we use it only inside the server
+// closure, one thread at a time.
+unsafe impl Send for Event {}
+
+impl Event {
+    /// A new event recorded on `stream`: it completes when the work enqueued there so far does.
+    fn record(stream: drv::CUstream) -> Result<Self, GemmError> {
+        let event =
+            cudarc::driver::result::event::create(drv::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(|e| GemmError::driver("cuEventCreate", e))?;
+        let event = Self(event);
+        // SAFETY: both handles are live (the stream for the process, the event just created).
+        unsafe { cudarc::driver::result::event::record(event.0, stream) }
+            .map_err(|e| GemmError::driver("cuEventRecord", e))?;
+        Ok(event)
+    }
+
+    /// Makes `stream` wait (on the device) until the event completes.
+    fn make_wait(&self, stream: drv::CUstream) -> Result<(), GemmError> {
+        // SAFETY: both handles are live.
+        unsafe {
+            cudarc::driver::result::stream::wait_event(
+                stream,
+                self.0,
+                drv::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| GemmError::driver("cuStreamWaitEvent", e))
+    }
+
+    /// Whether the work before the event has finished.
+    fn completed(&self) -> bool {
+        // SAFETY: the event is live.
+        unsafe { cudarc::driver::result::event::query(self.0) }.is_ok()
+    }
+
+    /// Frees the event; waits already enqueued on it still hold (CUDA defers the release).
+    fn destroy(self) {
+        // SAFETY: the event is live and not used again.
+        let _ = unsafe { cudarc::driver::result::event::destroy(self.0) };
+    }
+}
+
+/// Where an offloaded tensor's contents are.
+enum Placement {
+    /// In a pinned block (the copy into it may still run on the copy stream).
+    Host(PinnedBlock),
+    /// Back on the device by a prefetch; `ready` (absent when the copy was waited for) completes
+    /// with that copy.
+    Prefetched {
+        tensor: CudaTensor,
+        ready: Option<Event>,
+    },
+    /// Handed out by [`copy_to_device`], or lost to a failed copy.
+    Taken,
+}
+
+/// One offloaded tensor: what it was and where it is.
+struct Offload {
     bytes: usize,
     shape: Shape,
     dtype: DType,
     device: CudaDevice,
+    placement: Mutex<Placement>,
+}
+
+/// Process-wide bookkeeping of the overlapped copies.
+struct Offloads {
+    /// Offloaded tensors in the order they left the device; entries that were brought back or
+    /// dropped are skipped and pruned.
+    on_host: Vec<Weak<Offload>>,
+    /// Device tensors whose copy to the host may still run, with the event that ends it.
+    draining: Vec<(Event, CudaTensor)>,
+}
+
+static OFFLOADS: Mutex<Offloads> = Mutex::new(Offloads {
+    on_host: Vec::new(),
+    draining: Vec::new(),
+});
+
+/// A CUDA tensor's contents in pinned host memory, made by [`copy_to_host`]. The copy may still
+/// be in flight; only [`copy_to_device`] (ordered after it) reads it.
+pub struct HostCopy {
+    offload: Arc<Offload>,
 }
 
 impl std::fmt::Debug for HostCopy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostCopy")
-            .field("shape", &self.shape)
-            .field("dtype", &self.dtype)
-            .field("bytes", &self.bytes)
+            .field("shape", &self.offload.shape)
+            .field("dtype", &self.offload.dtype)
+            .field("bytes", &self.offload.bytes)
             .finish_non_exhaustive()
     }
 }
 
 impl Drop for HostCopy {
     fn drop(&mut self) {
-        if let Some(block) = self.block.take() {
-            block.give_back();
+        // The placement's lock is released before the registry's is taken (lock order:
+        // placement, then registry — never the reverse).
+        let placement = match self.offload.placement.lock() {
+            Ok(mut placement) => std::mem::replace(&mut *placement, Placement::Taken),
+            Err(_) => return,
+        };
+        match placement {
+            Placement::Host(block) => block.give_back(),
+            // The prefetch may still be writing into the tensor: keep it until its copy is done.
+            Placement::Prefetched {
+                tensor,
+                ready: Some(ready),
+            } => {
+                if let Ok(mut offloads) = OFFLOADS.lock() {
+                    offloads.draining.push((ready, tensor));
+                }
+            }
+            Placement::Prefetched { ready: None, .. } | Placement::Taken => {}
         }
     }
 }
@@ -118,12 +225,13 @@ enum Direction {
     ToDevice,
 }
 
-/// Enqueues a copy of `tensor` into pinned host memory on CubeCL's stream for this thread and
-/// releases the device tensor (strided tensors are made row-major first, on the device).
+/// Enqueues a copy of `tensor` into pinned host memory (on the copy stream, after the kernels
+/// enqueued so far on CubeCL's stream for this thread) and releases the device tensor once that
+/// copy is done (strided tensors are made row-major first, on the device).
 ///
 /// # Errors
-/// A CUDA driver failure (allocating pinned memory, enqueuing the copy) or CubeCL's server
-/// refusing the buffer.
+/// A CUDA driver failure (allocating pinned memory, events, enqueuing the copy) or CubeCL's
+/// server refusing the buffer.
 pub fn copy_to_host(tensor: CudaTensor) -> Result<HostCopy, GemmError> {
     let tensor = if tensor.is_contiguous() {
         tensor
@@ -134,58 +242,191 @@ pub fn copy_to_host(tensor: CudaTensor) -> Result<HostCopy, GemmError> {
     let bytes = shape.num_elements() * tensor.dtype.size();
     let device = tensor.device.clone();
     let binding = tensor.handle.clone().binding();
-    let block = enqueue(&device, binding, bytes, None, Direction::ToHost)?;
-    Ok(HostCopy {
-        block: Some(block),
+    let (block, copied) = on_device(&device, binding, bytes, move |streams, device_ptr| {
+        let block = PinnedBlock::take(bytes)?;
+        let copied = streams.copy(block.ptr, device_ptr, bytes, Direction::ToHost)?;
+        Ok((block, copied))
+    })?;
+    let offload = Arc::new(Offload {
         bytes,
         shape,
         dtype: tensor.dtype,
         device,
-    })
+        placement: Mutex::new(Placement::Host(block)),
+    });
+    let mut offloads = OFFLOADS.lock().map_err(|_| GemmError::Poisoned)?;
+    if let Some(copied) = copied {
+        offloads.draining.push((copied, tensor));
+        offloads.on_host.retain(|entry| entry.strong_count() > 0);
+        offloads.on_host.push(Arc::downgrade(&offload));
+    }
+    Ok(HostCopy { offload })
 }
 
-/// Enqueues the copy of `copy` into a new device tensor on CubeCL's stream for this thread and
-/// returns that tensor (row-major, the shape and dtype of the original).
+/// Returns `copy` as a device tensor (row-major, the shape and dtype of the original) on CubeCL's
+/// stream for this thread — from an earlier prefetch, or copied now — and starts the prefetch
+/// of the newest tensor still on the host (see the module docs).
 ///
 /// # Errors
-/// A CUDA driver failure enqueuing the copy or CubeCL's server refusing the new buffer.
-pub fn copy_to_device(mut copy: HostCopy) -> Result<CudaTensor, GemmError> {
-    let client = CudaRuntime::client(&copy.device);
-    let handle = client.empty(copy.bytes);
-    let tensor = CubeTensor::new_contiguous(
-        client,
-        copy.device.clone(),
-        copy.shape.clone(),
-        handle,
-        copy.dtype,
-    );
-    let block = copy
-        .block
-        .take()
-        .expect("a host copy holds its block until restored");
-    let binding = tensor.handle.clone().binding();
-    // The block's next user is a copy on the same stream, ordered after this one (module docs).
-    enqueue(
-        &copy.device,
-        binding,
-        copy.bytes,
-        Some(block),
-        Direction::ToDevice,
-    )?
-    .give_back();
+/// A CUDA driver failure enqueuing a copy or an event, or CubeCL's server refusing a buffer.
+pub fn copy_to_device(copy: HostCopy) -> Result<CudaTensor, GemmError> {
+    let offload = Arc::clone(&copy.offload);
+    let placement = {
+        let mut placement = offload.placement.lock().map_err(|_| GemmError::Poisoned)?;
+        std::mem::replace(&mut *placement, Placement::Taken)
+    };
+    drop(copy);
+    let tensor = match placement {
+        Placement::Prefetched { tensor, ready } => {
+            if let Some(ready) = ready {
+                let binding = tensor.handle.clone().binding();
+                on_device(&offload.device, binding, offload.bytes, move |streams, _| {
+                    ready.make_wait(streams.compute)?;
+                    ready.destroy();
+                    Ok(())
+                })?;
+            }
+            tensor
+        }
+        Placement::Host(block) => bring_back(&offload, block, true)?.0,
+        Placement::Taken => unreachable!("a HostCopy is brought back once, by value"),
+    };
+    prefetch_latest_offload()?;
     Ok(tensor)
 }
 
-/// Runs one copy between `binding` and `block` (a new pooled one when `None`) inside CubeCL's
-/// device runner, on the caller's stream (see [`crate::gemm`] for how the stream is found), and
-/// returns the block.
-fn enqueue(
+/// Starts copying back the newest offloaded tensor still on the host, on the copy stream, so
+/// that a later [`copy_to_device`] of it finds it on the device (see the module docs). Does
+/// nothing when every offloaded tensor is on the device already or copies are not overlapped.
+///
+/// # Errors
+/// As [`copy_to_device`].
+pub fn prefetch_latest_offload() -> Result<(), GemmError> {
+    loop {
+        let newest = {
+            let mut offloads = OFFLOADS.lock().map_err(|_| GemmError::Poisoned)?;
+            offloads.on_host.pop()
+        };
+        let Some(newest) = newest else {
+            return Ok(());
+        };
+        // Entries dropped or already brought back are discarded on the way.
+        let Some(offload) = newest.upgrade() else {
+            continue;
+        };
+        let mut placement = offload.placement.lock().map_err(|_| GemmError::Poisoned)?;
+        let Placement::Host(block) = std::mem::replace(&mut *placement, Placement::Taken) else {
+            continue;
+        };
+        let (tensor, ready) = bring_back(&offload, block, false)?;
+        *placement = Placement::Prefetched { tensor, ready };
+        return Ok(());
+    }
+}
+
+/// Allocates a device tensor for `offload` and enqueues the copy of `block` into it on the copy
+/// stream; returns the tensor and the event ending the copy, or, with `wait`, makes CubeCL's
+/// stream wait for the copy and returns no event (so does a copy that was waited for on the
+/// host).
+fn bring_back(
+    offload: &Offload,
+    block: PinnedBlock,
+    wait: bool,
+) -> Result<(CudaTensor, Option<Event>), GemmError> {
+    let client = CudaRuntime::client(&offload.device);
+    let handle = client.empty(offload.bytes);
+    let tensor = CubeTensor::new_contiguous(
+        client,
+        offload.device.clone(),
+        offload.shape.clone(),
+        handle,
+        offload.dtype,
+    );
+    let binding = tensor.handle.clone().binding();
+    let bytes = offload.bytes;
+    let ready = on_device(&offload.device, binding, bytes, move |streams, device_ptr| {
+        let ready = streams.copy(block.ptr, device_ptr, bytes, Direction::ToDevice)?;
+        // The block's next user is a copy ordered after this one (module docs).
+        block.give_back();
+        match ready {
+            Some(ready) if wait => {
+                ready.make_wait(streams.compute)?;
+                ready.destroy();
+                Ok(None)
+            }
+            ready => Ok(ready),
+        }
+    })?;
+    Ok((tensor, ready))
+}
+
+/// The streams a copy is ordered with, inside the server closure.
+struct Streams<'a> {
+    /// CubeCL's stream for the caller (or the fallback stream).
+    compute: drv::CUstream,
+    state: &'a mut StreamState,
+    /// The tensor was produced on another thread's stream.
+    foreign: bool,
+}
+
+impl Streams<'_> {
+    /// Enqueues one copy of `bytes` between `host` and `device_ptr`: on the copy stream after the
+    /// work enqueued so far on the compute stream, returning the event that ends it; or, when the
+    /// compute stream is the host-synchronised fallback, on it and waited for (`None`).
+    fn copy(
+        &mut self,
+        host: *mut u8,
+        device_ptr: u64,
+        bytes: usize,
+        direction: Direction,
+    ) -> Result<Option<Event>, GemmError> {
+        let overlapped = matches!(self.state.ordering, StreamOrdering::CubeclStream);
+        let stream = if overlapped {
+            let copy_stream = self.state.copy_stream()?;
+            let after = Event::record(self.compute)?;
+            after.make_wait(copy_stream)?;
+            after.destroy();
+            copy_stream
+        } else {
+            self.compute
+        };
+        // SAFETY: `host` holds at least `bytes` bytes and stays alive (pooled, never freed);
+        // `device_ptr` is a buffer of at least `bytes` bytes that its owner keeps until the copy
+        // has completed (module docs); the stream waits for the compute stream's earlier work.
+        unsafe {
+            let host = std::slice::from_raw_parts_mut(host, bytes);
+            match direction {
+                Direction::ToHost => {
+                    cudarc::driver::result::memcpy_dtoh_async(host, device_ptr, stream)
+                        .map_err(|e| GemmError::driver("cuMemcpyDtoHAsync", e))?
+                }
+                Direction::ToDevice => {
+                    cudarc::driver::result::memcpy_htod_async(device_ptr, host, stream)
+                        .map_err(|e| GemmError::driver("cuMemcpyHtoDAsync", e))?
+                }
+            }
+            if !overlapped || self.foreign {
+                cudarc::driver::result::stream::synchronize(stream)
+                    .map_err(|e| GemmError::driver("cuStreamSynchronize", e))?;
+            }
+        }
+        if overlapped {
+            Event::record(stream).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Runs `f` inside CubeCL's device runner with the streams of the caller's CubeCL stream and the
+/// device pointer of `binding` (checked to hold `bytes`), after releasing the device tensors
+/// whose copies to the host have completed.
+fn on_device<R: Send + 'static>(
     device: &CudaDevice,
     binding: Binding,
     bytes: usize,
-    block: Option<PinnedBlock>,
-    direction: Direction,
-) -> Result<PinnedBlock, GemmError> {
+    f: impl FnOnce(&mut Streams<'_>, u64) -> Result<R, GemmError> + Send + 'static,
+) -> Result<R, GemmError> {
     let stream_id = StreamId::current();
     let device_index = device.index;
     let handle = DeviceHandle::<CudaServer>::new(device.to_id());
@@ -208,43 +449,44 @@ fn enqueue(
             });
         }
         let device_ptr = resource.resource().ptr;
-        let block = match block {
-            Some(block) => block,
-            None => PinnedBlock::take(bytes)?,
-        };
-        stream::with_stream(server, device_index, stream_id, |state, server| {
-            let host_sync = matches!(state.ordering, StreamOrdering::HostSync { .. });
-            if host_sync {
+        let output = stream::with_stream(server, device_index, stream_id, |state, server| {
+            if matches!(state.ordering, StreamOrdering::HostSync { .. }) {
                 cubecl::future::block_on(server.sync(stream_id)).map_err(server_err)?;
             }
-            // SAFETY: `block` holds at least `bytes` bytes and stays alive (pooled, never freed)
-            // until a later copy on this stream; `device_ptr` is pinned by `resource` until the
-            // copy is enqueued, and CubeCL reuses the memory only for work issued after it on
-            // this stream (or we wait below).
-            unsafe {
-                let host = std::slice::from_raw_parts_mut(block.ptr, bytes);
-                match direction {
-                    Direction::ToHost => {
-                        cudarc::driver::result::memcpy_dtoh_async(host, device_ptr, state.stream)
-                            .map_err(|e| GemmError::driver("cuMemcpyDtoHAsync", e))?
-                    }
-                    Direction::ToDevice => {
-                        cudarc::driver::result::memcpy_htod_async(device_ptr, host, state.stream)
-                            .map_err(|e| GemmError::driver("cuMemcpyHtoDAsync", e))?
-                    }
-                }
-                if host_sync || foreign {
-                    cudarc::driver::result::stream::synchronize(state.stream)
-                        .map_err(|e| GemmError::driver("cuStreamSynchronize", e))?;
-                }
-            }
-            Ok(())
-        })?;
+            let mut streams = Streams {
+                compute: state.stream,
+                state,
+                foreign,
+            };
+            f(&mut streams, device_ptr)
+        });
         drop(resource);
-        Ok(block)
+        // Dropped outside the runner: a tensor's release goes back through CubeCL.
+        let released = drained();
+        output.map(|output| (output, released))
     });
-    result.map_err(|e| GemmError::Server {
+    let (output, released) = result.map_err(|e| GemmError::Server {
         desc: "host copy".to_string(),
         reason: format!("device channel: {e:?}"),
-    })?
+    })??;
+    drop(released);
+    Ok(output)
+}
+
+/// Takes the device tensors whose copies to the host have completed off the draining list.
+/// Runs with CubeCL's context current.
+fn drained() -> Vec<CudaTensor> {
+    let Ok(mut offloads) = OFFLOADS.lock() else {
+        return Vec::new();
+    };
+    let (done, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut offloads.draining)
+        .into_iter()
+        .partition(|(event, _)| event.completed());
+    offloads.draining = pending;
+    done.into_iter()
+        .map(|(event, tensor)| {
+            event.destroy();
+            tensor
+        })
+        .collect()
 }

@@ -20,8 +20,9 @@
 //! - [`matmul_nt`]`(x, w)`: `x·wᵀ` with `w: [N, K]`, the `nn.Linear` / LoRA layout.
 //! - [`gemm_tensor`], [`matmul_nt_tensor`]: the same on `burn::Tensor<CubeBackend<CudaRuntime, F,
 //!   I, BT>, D>` (via `into_primitive` / `from_primitive`).
-//! - [`copy_to_host`], [`copy_to_device`]: a tensor to pinned host memory and back, on the same
-//!   stream and with the same machinery (the checkpoint offload; module `host_copy`).
+//! - [`copy_to_host`], [`copy_to_device`], [`prefetch_latest_offload`]: a tensor to pinned host
+//!   memory and back on a copy stream beside CubeCL's, ordered with it by events, the way back
+//!   prefetched (the checkpoint offload; module `host_copy`).
 //! - [`sdpa_forward`], [`sdpa_backward`]: cuDNN's fused causal flash attention (f16/bf16,
 //!   grouped-query), on the same stream and with the same machinery (module `sdpa`, on a small
 //!   builder over cuDNN's backend graph API, module `cudnn`; `libcudnn.so.9` is loaded at run
@@ -134,7 +135,7 @@ pub use gemm::{
     stream_ordering,
 };
 #[cfg(feature = "cuda")]
-pub use host_copy::{HostCopy, copy_to_device, copy_to_host};
+pub use host_copy::{HostCopy, copy_to_device, copy_to_host, prefetch_latest_offload};
 #[cfg(feature = "cuda")]
 pub use sdpa::{SdpaSaved, cudnn_version, sdpa_backward, sdpa_calls, sdpa_forward};
 #[cfg(feature = "cuda")]

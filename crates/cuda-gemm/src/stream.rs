@@ -76,6 +76,8 @@ pub(crate) struct StreamState {
     pub algos: HashMap<AlgoKey, CachedAlgo>,
     /// cuDNN handle bound to `stream`, created on the first fused attention.
     pub cudnn: Option<crate::cudnn::Handle>,
+    /// The stream host offload copies run on beside `stream`, created on the first one.
+    copy: Option<drv::CUstream>,
 }
 
 // SAFETY: the raw pointers are CUDA handles (stream, cuBLAS handles, device memory) that CUDA
@@ -102,7 +104,22 @@ impl StreamState {
             workspace_size,
             algos: HashMap::new(),
             cudnn: None,
+            copy: None,
         })
+    }
+
+    /// The copy stream paired with this stream (non-blocking, created on first use, kept for the
+    /// process like CubeCL's own streams). Must run with CubeCL's context current.
+    pub fn copy_stream(&mut self) -> Result<drv::CUstream, GemmError> {
+        if let Some(stream) = self.copy {
+            return Ok(stream);
+        }
+        let stream = cudarc::driver::result::stream::create(
+            cudarc::driver::result::stream::StreamKind::NonBlocking,
+        )
+        .map_err(|e| GemmError::driver("cuStreamCreate", e))?;
+        self.copy = Some(stream);
+        Ok(stream)
     }
 
     /// The cuBLAS (legacy API) handle bound to this stream and workspace.

@@ -59,8 +59,8 @@ pub enum AttentionPath {
     Materialised,
     /// The block-wise op, memory linear in the sequence (`flash-attention`).
     BlockWise,
-    /// cuDNN's fused flash attention where it takes the problem (f16/bf16, no padding), the
-    /// block-wise op elsewhere (`FASTLORA_CUDNN=1`).
+    /// cuDNN's fused flash attention where it takes the problem (f16/bf16, no key mask), the
+    /// block-wise op elsewhere (CUDA's default; `FASTLORA_CUDNN=0` turns cuDNN off).
     CudnnThenBlockWise,
 }
 
@@ -108,8 +108,8 @@ impl fmt::Display for PatchReport {
             )?,
             AttentionPath::CudnnThenBlockWise => writeln!(
                 f,
-                "Attention: cuDNN's fused flash attention (FASTLORA_CUDNN=1) where cuDNN takes \
-                 the problem, else the block-wise op."
+                "Attention: cuDNN's fused flash attention where cuDNN takes the problem \
+                 (bf16/f16, no key mask: right-padded batches need none), else the block-wise op."
             )?,
         }
         match self.checkpointing {
@@ -120,7 +120,7 @@ impl fmt::Display for PatchReport {
             )?,
             CheckpointMode::HostOffload => writeln!(
                 f,
-                "Gradient checkpointing: unsloth; each decoder layer but the last keeps only its input, in host memory, and is recomputed in backward (on CUDA the copies are asynchronous on the compute stream, not yet on a copy stream of their own)."
+                "Gradient checkpointing: unsloth; each decoder layer but the last keeps only its input, in host memory, and is recomputed in backward (on CUDA the copies run on a copy stream beside the compute stream, the way back prefetched one layer ahead)."
             )?,
         }
         for notice in &self.notices {

@@ -5,7 +5,7 @@
 //! where the block-wise op writes every score block to memory between cuBLAS GEMMs and the
 //! softmax kernels. Anything cuDNN declines (f32, a head width it has no kernel for, no
 //! `libcudnn` on the machine, no engine for the graph) falls back to the block-wise op, with one
-//! warning per process. Runs only when [`crate::cudnn_enabled`] (opt-in for now).
+//! warning per process. Runs when [`crate::cudnn_enabled`] (by default).
 
 use std::any::{Any, TypeId};
 use std::sync::Once;

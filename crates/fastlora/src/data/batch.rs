@@ -114,6 +114,28 @@ impl Batch {
             .sum()
     }
 
+    /// The key-padding mask a causal training forward needs, or `None` when it can go without
+    /// one: every row is its tokens followed only by padding, and no padded position has a
+    /// label (what [`collate`] makes). Under causal attention a real token never sees a later
+    /// key, so no real token sees padding, and the loss reads no padded position: the loss
+    /// and every gradient are those of the masked forward. Without a mask the forward can take
+    /// the fused attention kernels, which have no mask input (cuDNN's on CUDA).
+    pub fn training_key_mask(&self) -> Option<&[i64]> {
+        if self.seq == 0 {
+            return None;
+        }
+        let suffix_padding = self
+            .attention_mask
+            .chunks(self.seq)
+            .zip(self.labels.chunks(self.seq))
+            .all(|(mask, labels)| {
+                let real = mask.iter().take_while(|&&m| m != 0).count();
+                mask[real..].iter().all(|&m| m == 0)
+                    && labels[real..].iter().all(|&label| label == IGNORE_INDEX)
+            });
+        (!suffix_padding).then_some(self.attention_mask.as_slice())
+    }
+
     /// Number of real (unpadded) tokens.
     pub fn num_tokens(&self) -> usize {
         self.attention_mask
@@ -220,6 +242,24 @@ mod tests {
             (empty.batch, empty.seq, empty.num_trained_tokens()),
             (0, 0, 0)
         );
+    }
+
+    #[test]
+    fn training_key_mask_only_where_padding_is_seen() {
+        let a = Example::new(vec![5, 6, 7], vec![I, 6, 7]).unwrap();
+        let b = Example::fully_trained(vec![8]);
+        let right_padded = collate(&[&a, &b], 3);
+        assert_eq!(right_padded.training_key_mask(), None);
+        let mut left_padded = right_padded.clone();
+        left_padded.attention_mask = vec![1, 1, 1, 0, 0, 1];
+        left_padded.labels = vec![I, 6, 7, I, I, 8];
+        assert_eq!(
+            left_padded.training_key_mask(),
+            Some(&[1, 1, 1, 0, 0, 1][..])
+        );
+        let mut labelled_padding = right_padded.clone();
+        labelled_padding.labels[5] = 3;
+        assert!(labelled_padding.training_key_mask().is_some());
     }
 
     #[test]

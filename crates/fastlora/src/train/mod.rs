@@ -342,9 +342,11 @@ fn step_gradients_timed<B: AutodiffBackend>(
     for batch in micro_batches {
         let ids = int_tensor::<B>(&batch.input_ids, [batch.batch, batch.seq], &device);
         let labels = int_tensor::<B>(&batch.labels, [batch.batch, batch.seq], &device);
-        let mask = int_tensor::<B>(&batch.attention_mask, [batch.batch, batch.seq], &device);
+        let mask = batch
+            .training_key_mask()
+            .map(|mask| int_tensor::<B>(mask, [batch.batch, batch.seq], &device));
         // The head and loss run chunk by chunk: [tokens, vocab] f32 logits never exist whole.
-        let hidden = model.hidden_states(ids, Some(mask));
+        let hidden = model.hidden_states(ids, mask);
         let (sum, _) = phase_timing::phase::<B, _>("loss (chunked head + CE)", &device, || {
             causal_lm_fused_loss_sum(model, hidden, labels, chunk_tokens)
         });
@@ -503,4 +505,90 @@ pub fn run<B: AutodiffBackend>(
         }
     }
     Ok(RunEnd::Finished)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::activation::log_softmax;
+    use fastlora_llama::IGNORE_INDEX;
+    use lora_config::InitLoraWeights;
+
+    use super::*;
+    use crate::data::{Example, collate};
+    use crate::{CpuBackend, FastLanguageModel, LoraConfig, materialize_builtin_model};
+
+    type B = CpuBackend;
+
+    /// A right-padded batch trains without a key mask (so the fused attention can run); its loss
+    /// and LoRA gradients must be those of the forward that masks the padding, computed here the
+    /// plain way: full logits, log-softmax, mean NLL over the labelled positions.
+    #[test]
+    fn right_padded_batch_trains_as_if_masked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = materialize_builtin_model(dir.path()).unwrap();
+        let device = Default::default();
+        let model = FastLanguageModel::<B>::from_pretrained(path.to_str().unwrap(), &device)
+            .unwrap()
+            .get_peft_model(
+                LoraConfig::builder()
+                    .r(8)
+                    .lora_alpha(16.0)
+                    .target_modules(["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+                    .init_lora_weights(InitLoraWeights::Random)
+                    .random_state(3407)
+                    .build()
+                    .unwrap(),
+            )
+            .unwrap();
+        let short = Example::fully_trained(vec![5, 17, 42, 99]);
+        let long = Example::fully_trained(vec![11, 12, 13, 14, 15, 16, 17, 18]);
+        let batch = collate(&[&short, &long], 3);
+        assert_eq!(batch.training_key_mask(), None);
+        let got = step_gradients(model.model(), std::slice::from_ref(&batch));
+
+        let [rows, seq] = [batch.batch, batch.seq];
+        let ids = int_tensor::<B>(&batch.input_ids, [rows, seq], &device);
+        let mask = int_tensor::<B>(&batch.attention_mask, [rows, seq], &device);
+        let labels = int_tensor::<B>(&batch.labels, [rows, seq], &device).slice([0..rows, 1..seq]);
+        let logits = model.model().forward(ids, Some(mask));
+        let vocab = logits.dims()[2];
+        let logp = log_softmax(logits.slice([0..rows, 0..seq - 1, 0..vocab]), 2);
+        let keep = labels.clone().not_equal_elem(IGNORE_INDEX);
+        let targets = labels.mask_fill(keep.clone().bool_not(), 0);
+        let picked = logp.gather(2, targets.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2);
+        let keep = keep.float();
+        let loss = (picked * keep.clone()).sum().neg() / keep.sum();
+        let want_loss = f64::from(loss.clone().into_scalar());
+        assert!(
+            (got.loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
+            "loss {} vs masked {want_loss}",
+            got.loss
+        );
+        let want = loss.backward();
+        let mut compared = 0;
+        for (name, proj) in model.model().projections() {
+            let Some(adapter) = proj.adapter.as_ref() else {
+                continue;
+            };
+            for param in [&adapter.lora_a, &adapter.lora_b] {
+                let want = param.grad(&want).expect("masked gradient").into_data();
+                let got = got
+                    .grads
+                    .get::<<B as AutodiffBackend>::InnerBackend, 2>(param.id)
+                    .expect("unmasked gradient")
+                    .into_data();
+                let want = want.to_vec::<f32>().unwrap();
+                let got = got.to_vec::<f32>().unwrap();
+                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+                assert!(scale > 0.0, "{name}: zero gradient");
+                assert!(err <= 1e-4 * scale, "{name}: {err} over {scale}");
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 2 * 5 * 2, "2 layers × 5 adapted projections × 2 factors");
+    }
 }
