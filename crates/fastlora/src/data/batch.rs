@@ -136,6 +136,49 @@ impl Batch {
         (!suffix_padding).then_some(self.attention_mask.as_slice())
     }
 
+    /// This batch with every row right-padded further, to a length that is a multiple of
+    /// `multiple` (new positions: `pad_id`, label [`IGNORE_INDEX`], mask 0); unchanged when the
+    /// length already is one, when `multiple` ≤ 1, or when the padded length would exceed
+    /// `max_seq`. On CUDA the trainer pads to the length cuDNN's attention takes
+    /// (`flash_attention::fused_sequence_multiple`); like the padding [`collate`] adds, the new
+    /// positions change neither the loss nor any gradient.
+    pub fn padded_to_multiple_of(self, multiple: usize, pad_id: u32, max_seq: usize) -> Batch {
+        if multiple <= 1 || self.seq % multiple == 0 {
+            return self;
+        }
+        let seq = self.seq.next_multiple_of(multiple);
+        if seq > max_seq {
+            return self;
+        }
+        let extra = seq - self.seq;
+        let cells = self.batch * seq;
+        let mut padded = Batch {
+            input_ids: Vec::with_capacity(cells),
+            labels: Vec::with_capacity(cells),
+            attention_mask: Vec::with_capacity(cells),
+            batch: self.batch,
+            seq,
+        };
+        for row in 0..self.batch {
+            let cells = row * self.seq..(row + 1) * self.seq;
+            padded
+                .input_ids
+                .extend_from_slice(&self.input_ids[cells.clone()]);
+            padded
+                .input_ids
+                .extend(std::iter::repeat_n(i64::from(pad_id), extra));
+            padded.labels.extend_from_slice(&self.labels[cells.clone()]);
+            padded
+                .labels
+                .extend(std::iter::repeat_n(IGNORE_INDEX, extra));
+            padded
+                .attention_mask
+                .extend_from_slice(&self.attention_mask[cells]);
+            padded.attention_mask.extend(std::iter::repeat_n(0, extra));
+        }
+        padded
+    }
+
     /// Number of real (unpadded) tokens.
     pub fn num_tokens(&self) -> usize {
         self.attention_mask
@@ -260,6 +303,24 @@ mod tests {
         let mut labelled_padding = right_padded.clone();
         labelled_padding.labels[5] = 3;
         assert!(labelled_padding.training_key_mask().is_some());
+    }
+
+    #[test]
+    fn padding_to_a_multiple_keeps_rows_and_stays_maskless() {
+        let a = Example::new(vec![5, 6, 7], vec![I, 6, 7]).unwrap();
+        let b = Example::fully_trained(vec![8]);
+        let batch = collate(&[&a, &b], 3);
+        let padded = batch.clone().padded_to_multiple_of(4, 9, 16);
+        assert_eq!((padded.batch, padded.seq), (2, 4));
+        assert_eq!(padded.input_ids, [5, 6, 7, 9, 8, 3, 3, 9]);
+        assert_eq!(padded.labels, [I, 6, 7, I, 8, I, I, I]);
+        assert_eq!(padded.attention_mask, [1, 1, 1, 0, 1, 0, 0, 0]);
+        assert_eq!(padded.num_trained_tokens(), batch.num_trained_tokens());
+        assert_eq!(padded.training_key_mask(), None);
+        // Already a multiple, no multiple, or past the model's length: unchanged.
+        assert_eq!(batch.clone().padded_to_multiple_of(3, 9, 16), batch);
+        assert_eq!(batch.clone().padded_to_multiple_of(1, 9, 16), batch);
+        assert_eq!(batch.clone().padded_to_multiple_of(4, 9, 3), batch);
     }
 
     #[test]

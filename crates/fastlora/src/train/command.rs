@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::backend::AutodiffBackend;
-use fastlora_llama::ModelError;
+use fastlora_llama::{ModelError, flash_attention};
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_config::{GradientCheckpointing, InitLoraWeights, LoraConfig, TargetModules};
 use serde::Deserialize;
@@ -493,6 +493,9 @@ fn train_on<B: AutodiffBackend>(
     };
     println!("{}", dataset.report());
     let pad_id = dataset.pad_id();
+    // Longer rows that keep the attention on cuDNN (see `Batch::padded_to_multiple_of`).
+    let row_multiple = flash_attention::fused_sequence_multiple::<B>();
+    let max_positions = base.config.max_position_embeddings;
 
     let mut trainer = match &args.resume {
         Some(dir) => {
@@ -519,7 +522,11 @@ fn train_on<B: AutodiffBackend>(
                 let indices: Vec<usize> = (first..first + config.batch_size)
                     .map(|i| dataset.example_at(i, config.seed))
                     .collect();
-                dataset.collate(&indices, pad_id)
+                dataset.collate(&indices, pad_id).padded_to_multiple_of(
+                    row_multiple,
+                    pad_id,
+                    max_positions,
+                )
             })
             .collect()
     };

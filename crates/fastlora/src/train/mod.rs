@@ -519,9 +519,10 @@ mod tests {
 
     type B = CpuBackend;
 
-    /// A right-padded batch trains without a key mask (so the fused attention can run); its loss
-    /// and LoRA gradients must be those of the forward that masks the padding, computed here the
-    /// plain way: full logits, log-softmax, mean NLL over the labelled positions.
+    /// A right-padded batch trains without a key mask (so the fused attention can run), also
+    /// when padded further to a longer row (as for cuDNN); its loss and LoRA gradients must be
+    /// those of the forward that masks the padding, computed here the plain way: full logits,
+    /// log-softmax, mean NLL over the labelled positions.
     #[test]
     fn right_padded_batch_trains_as_if_masked() {
         let dir = tempfile::tempdir().unwrap();
@@ -544,7 +545,12 @@ mod tests {
         let long = Example::fully_trained(vec![11, 12, 13, 14, 15, 16, 17, 18]);
         let batch = collate(&[&short, &long], 3);
         assert_eq!(batch.training_key_mask(), None);
-        let got = step_gradients(model.model(), std::slice::from_ref(&batch));
+        let longer = batch.clone().padded_to_multiple_of(16, 3, 64);
+        assert_eq!(longer.seq, 16);
+        let runs = [
+            step_gradients(model.model(), std::slice::from_ref(&batch)),
+            step_gradients(model.model(), std::slice::from_ref(&longer)),
+        ];
 
         let [rows, seq] = [batch.batch, batch.seq];
         let ids = int_tensor::<B>(&batch.input_ids, [rows, seq], &device);
@@ -559,18 +565,23 @@ mod tests {
         let keep = keep.float();
         let loss = (picked * keep.clone()).sum().neg() / keep.sum();
         let want_loss = f64::from(loss.clone().into_scalar());
-        assert!(
-            (got.loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
-            "loss {} vs masked {want_loss}",
-            got.loss
-        );
         let want = loss.backward();
         let mut compared = 0;
+        for got in &runs {
+            assert!(
+                (got.loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
+                "loss {} vs masked {want_loss}",
+                got.loss
+            );
+        }
         for (name, proj) in model.model().projections() {
             let Some(adapter) = proj.adapter.as_ref() else {
                 continue;
             };
-            for param in [&adapter.lora_a, &adapter.lora_b] {
+            for (param, got) in [&adapter.lora_a, &adapter.lora_b]
+                .into_iter()
+                .flat_map(|param| runs.iter().map(move |got| (param, got)))
+            {
                 let want = param.grad(&want).expect("masked gradient").into_data();
                 let got = got
                     .grads
@@ -589,6 +600,10 @@ mod tests {
                 compared += 1;
             }
         }
-        assert_eq!(compared, 2 * 5 * 2, "2 layers × 5 adapted projections × 2 factors");
+        assert_eq!(
+            compared,
+            2 * 5 * 2 * 2,
+            "2 layers × 5 adapted projections × 2 factors × 2 row lengths"
+        );
     }
 }
