@@ -148,7 +148,7 @@ enum Placement {
     /// Back on the device by a prefetch; `ready` (absent when the copy was waited for) completes
     /// with that copy.
     Prefetched {
-        tensor: CudaTensor,
+        tensor: Box<CudaTensor>,
         ready: Option<Event>,
     },
     /// Handed out by [`copy_to_device`], or lost to a failed copy.
@@ -210,7 +210,7 @@ impl Drop for HostCopy {
                 ready: Some(ready),
             } => {
                 if let Ok(mut offloads) = OFFLOADS.lock() {
-                    offloads.draining.push((ready, tensor));
+                    offloads.draining.push((ready, *tensor));
                 }
             }
             Placement::Prefetched { ready: None, .. } | Placement::Taken => {}
@@ -286,7 +286,7 @@ pub fn copy_to_device(copy: HostCopy) -> Result<CudaTensor, GemmError> {
                     Ok(())
                 })?;
             }
-            tensor
+            *tensor
         }
         Placement::Host(block) => bring_back(&offload, block, true)?.0,
         Placement::Taken => unreachable!("a HostCopy is brought back once, by value"),
@@ -319,7 +319,10 @@ pub fn prefetch_latest_offload() -> Result<(), GemmError> {
             continue;
         };
         let (tensor, ready) = bring_back(&offload, block, false)?;
-        *placement = Placement::Prefetched { tensor, ready };
+        *placement = Placement::Prefetched {
+            tensor: Box::new(tensor),
+            ready,
+        };
         return Ok(());
     }
 }

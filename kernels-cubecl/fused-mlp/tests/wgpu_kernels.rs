@@ -80,7 +80,8 @@ fn silu<BK: Backend, const R: usize>(t: Tensor<BK, R>) -> Tensor<BK, R> {
 }
 
 /// Kernel 1 (`h = silu(e)·g`) against plain Burn, with `g` arriving transposed (strided: the
-/// kernel indexes through strides) and a NaN-poisoned output buffer.
+/// scalar kernel indexes through strides), then stored row by row (the vector kernel), into a
+/// NaN-poisoned output buffer.
 #[test]
 fn kernel1_matches_plain_burn() {
     let Some(device) = vulkan_test_device() else {
@@ -96,10 +97,16 @@ fn kernel1_matches_plain_burn() {
         &prim(g_t.clone().transpose()),
         prim(poison),
     );
-    assert_close("kernel 1 h", tensor2(got), h);
+    assert_close("kernel 1 h", tensor2(got), h.clone());
     // e and g are read, never written.
-    assert_eq!(values(e), e_before);
-    assert_eq!(values(g_t), g_before);
+    assert_eq!(values(e.clone()), e_before);
+    assert_eq!(values(g_t.clone()), g_before);
+
+    // Both stored row by row: the vector form of the kernel (4 f32 per load on lavapipe).
+    let g = fresh(&g_t.transpose());
+    let poison = Tensor::<B, 2>::full([N, I], f32::NAN, &device);
+    let got = swiglu_forward::launch(&prim(e), &prim(g), prim(poison));
+    assert_close("kernel 1 h (rows)", tensor2(got), h);
 }
 
 #[test]
@@ -122,14 +129,22 @@ fn kernel2_matches_plain_burn() {
     // All three buffers handed over alone: written in place.
     let SwigluLoraBackward { h, de, dg } =
         swiglu_lora_backward::launch(prim(fresh(&dh)), prim(fresh(&e)), prim(fresh(&g)));
-    assert_close("kernel 2 h", tensor2(h), want_h);
-    assert_close("kernel 2 δe", tensor2(de), want_de);
-    assert_close("kernel 2 δg", tensor2(dg), want_dg);
+    assert_close("kernel 2 h", tensor2(h), want_h.clone());
+    assert_close("kernel 2 δe", tensor2(de), want_de.clone());
+    assert_close("kernel 2 δg", tensor2(dg), want_dg.clone());
 
     // Shared buffers are copied, never written.
     let before = values(e.clone());
-    let _ = swiglu_lora_backward::launch(prim(dh), prim(e.clone()), prim(g));
-    assert_eq!(values(e), before);
+    let _ = swiglu_lora_backward::launch(prim(dh.clone()), prim(e.clone()), prim(g.clone()));
+    assert_eq!(values(e.clone()), before);
+
+    // δh arriving transposed (strided): the scalar kernel.
+    let dh_t = fresh(&dh.clone().transpose()).transpose();
+    let SwigluLoraBackward { h, de, dg } =
+        swiglu_lora_backward::launch(prim(dh_t), prim(fresh(&e)), prim(fresh(&g)));
+    assert_close("kernel 2 h (strided)", tensor2(h), want_h);
+    assert_close("kernel 2 δe (strided)", tensor2(de), want_de);
+    assert_close("kernel 2 δg (strided)", tensor2(dg), want_dg);
 }
 
 /// gate, up, down on the autodiff backend, PEFT-style: frozen base, random nonzero A and B.

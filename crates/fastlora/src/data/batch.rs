@@ -143,7 +143,7 @@ impl Batch {
     /// (`flash_attention::fused_sequence_multiple`); like the padding [`collate`] adds, the new
     /// positions change neither the loss nor any gradient.
     pub fn padded_to_multiple_of(self, multiple: usize, pad_id: u32, max_seq: usize) -> Batch {
-        if multiple <= 1 || self.seq % multiple == 0 {
+        if multiple <= 1 || self.seq.is_multiple_of(multiple) {
             return self;
         }
         let seq = self.seq.next_multiple_of(multiple);

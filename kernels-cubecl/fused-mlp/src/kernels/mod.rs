@@ -51,6 +51,27 @@ fn address_type<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> AddressType {
         .unwrap_or_default()
 }
 
+/// The widest vector (elements per load) the row-wise kernels can use on all of `tensors`, or
+/// `None` when one of them is not stored row by row (a column stride other than 1): then they
+/// take their strided kernel. Rows must start on a vector boundary, so it is the largest width
+/// the device loads at once that divides every tensor's row length and row stride.
+fn row_vector_size<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> Option<VectorSize> {
+    let mut size = VectorSize::MAX;
+    for tensor in tensors {
+        if tensor.meta.strides().get(1) != Some(&1) {
+            return None;
+        }
+        let widths = tensor.client.io_optimized_vector_sizes(tensor.dtype.size());
+        size = size.min(cubecl::tensor_vector_size_parallel(
+            widths,
+            tensor.meta.shape(),
+            tensor.meta.strides(),
+            1,
+        ));
+    }
+    Some(size)
+}
+
 /// Client, cube count and cube dim for `units` one-element units; `None` when there is no work.
 fn elementwise_launch<R: CubeRuntime>(
     reference: &CubeTensor<R>,

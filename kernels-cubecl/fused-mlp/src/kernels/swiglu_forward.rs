@@ -15,7 +15,7 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{address_type, check_matrix, elementwise_launch};
+use super::{address_type, check_matrix, elementwise_launch, row_vector_size};
 
 /// One unit per `(n, i)`, bounds-checked against `h`'s shape (ragged `N` and `I` are fine).
 /// Every tensor is indexed through its own strides.
@@ -36,6 +36,30 @@ fn swiglu_forward_kernel<F: Float>(
     let gf = f32::cast_from(g[n * g.stride(0) + i * g.stride(1)]);
     let silu = ef / (1.0f32 + f32::exp(-ef));
     h[n * h.stride(0) + i * h.stride(1)] = F::cast_from(silu * gf);
+}
+
+/// The same math for tensors stored row by row (column stride 1), one unit per vector of `N`
+/// elements of a row: a bf16 unit loads 16 bytes at once where the scalar kernel above loads 2
+/// (that kernel moved ≈ 1 TB/s on the H200: 0.40 ms at 8192 × 8192 in bf16).
+#[cube(launch, address_type = "dynamic")]
+fn swiglu_forward_rows_kernel<F: Float, N: Size>(
+    e: &Tensor<Vector<F, N>>,
+    g: &Tensor<Vector<F, N>>,
+    h: &mut Tensor<Vector<F, N>>,
+    #[define(F)] _dtype: StorageType,
+) {
+    let width = h.vector_size();
+    let row_vectors = h.shape(1) / width;
+    if ABSOLUTE_POS >= h.shape(0) * row_vectors {
+        terminate!();
+    }
+    let n = ABSOLUTE_POS / row_vectors;
+    let j = ABSOLUTE_POS % row_vectors;
+    let ef: Vector<f32, N> = Vector::cast_from(e[n * e.stride(0) / width + j]);
+    let gf: Vector<f32, N> = Vector::cast_from(g[n * g.stride(0) / width + j]);
+    let one = Vector::new(1.0f32);
+    let silu = ef / (one + Vector::exp(Vector::new(0.0f32) - ef));
+    h[n * h.stride(0) / width + j] = Vector::cast_from(silu * gf);
 }
 
 /// Launches kernel 1: `h = silu(e)·g` into `h`.
@@ -62,7 +86,21 @@ pub fn launch<R: CubeRuntime>(
         );
         e.assert_is_on_same_device(t);
     }
-    if let Some((client, cube_count, cube_dim)) = elementwise_launch(&h, n * i) {
+    if let Some(width) = row_vector_size(&[e, g, &h]) {
+        if let Some((client, cube_count, cube_dim)) = elementwise_launch(&h, n * i / width) {
+            swiglu_forward_rows_kernel::launch::<R>(
+                &client,
+                cube_count,
+                cube_dim,
+                address_type(&[e, g, &h]),
+                width,
+                e.clone().into_tensor_arg(),
+                g.clone().into_tensor_arg(),
+                h.clone().into_tensor_arg(),
+                e.dtype.into(),
+            );
+        }
+    } else if let Some((client, cube_count, cube_dim)) = elementwise_launch(&h, n * i) {
         swiglu_forward_kernel::launch::<R>(
             &client,
             cube_count,

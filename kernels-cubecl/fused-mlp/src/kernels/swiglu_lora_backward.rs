@@ -17,7 +17,7 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{address_type, check_matrix, elementwise_launch, exclusive};
+use super::{address_type, check_matrix, elementwise_launch, exclusive, row_vector_size};
 use crate::SwigluLoraBackward;
 
 /// One unit per `(n, i)`, bounds-checked against `dh`'s shape (ragged `N` and `I` are fine).
@@ -50,6 +50,38 @@ fn swiglu_lora_backward_kernel<F: Float>(
     e[e_at] = F::cast_from(dhf * gf * sig * (1.0f32 + ef * (1.0f32 - sig)));
 }
 
+/// The same math for tensors stored row by row (column stride 1), one unit per vector of `N`
+/// elements of a row (see kernel 1's vector form for why).
+#[cube(launch, address_type = "dynamic")]
+fn swiglu_lora_backward_rows_kernel<F: Float, N: Size>(
+    dh: &mut Tensor<Vector<F, N>>,
+    e: &mut Tensor<Vector<F, N>>,
+    g: &mut Tensor<Vector<F, N>>,
+    #[define(F)] _dtype: StorageType,
+) {
+    let width = dh.vector_size();
+    let row_vectors = dh.shape(1) / width;
+    if ABSOLUTE_POS >= dh.shape(0) * row_vectors {
+        terminate!();
+    }
+    let n = ABSOLUTE_POS / row_vectors;
+    let j = ABSOLUTE_POS % row_vectors;
+
+    let dh_at = n * dh.stride(0) / width + j;
+    let e_at = n * e.stride(0) / width + j;
+    let g_at = n * g.stride(0) / width + j;
+    let dhf: Vector<f32, N> = Vector::cast_from(dh[dh_at]);
+    let ef: Vector<f32, N> = Vector::cast_from(e[e_at]);
+    let gf: Vector<f32, N> = Vector::cast_from(g[g_at]);
+
+    let one = Vector::new(1.0f32);
+    let sig = one / (one + Vector::exp(Vector::new(0.0f32) - ef));
+    let silu = ef * sig;
+    dh[dh_at] = Vector::cast_from(silu * gf);
+    g[g_at] = Vector::cast_from(dhf * silu);
+    e[e_at] = Vector::cast_from(dhf * gf * sig * (one + ef * (one - sig)));
+}
+
 /// Launches kernel 2 (see the module docs for the math).
 ///
 /// - `dh`: `[N, I]`, `δh`; overwritten with `h`.
@@ -77,7 +109,21 @@ pub fn launch<R: CubeRuntime>(
     }
 
     let (dh, e, g) = (exclusive(dh), exclusive(e), exclusive(g));
-    if let Some((client, cube_count, cube_dim)) = elementwise_launch(&dh, n * i) {
+    if let Some(width) = row_vector_size(&[&dh, &e, &g]) {
+        if let Some((client, cube_count, cube_dim)) = elementwise_launch(&dh, n * i / width) {
+            swiglu_lora_backward_rows_kernel::launch::<R>(
+                &client,
+                cube_count,
+                cube_dim,
+                address_type(&[&dh, &e, &g]),
+                width,
+                dh.clone().into_tensor_arg(),
+                e.clone().into_tensor_arg(),
+                g.clone().into_tensor_arg(),
+                dh.dtype.into(),
+            );
+        }
+    } else if let Some((client, cube_count, cube_dim)) = elementwise_launch(&dh, n * i) {
         swiglu_lora_backward_kernel::launch::<R>(
             &client,
             cube_count,
