@@ -280,11 +280,16 @@ pub fn copy_to_device(copy: HostCopy) -> Result<CudaTensor, GemmError> {
         Placement::Prefetched { tensor, ready } => {
             if let Some(ready) = ready {
                 let binding = tensor.handle.clone().binding();
-                on_device(&offload.device, binding, offload.bytes, move |streams, _| {
-                    ready.make_wait(streams.compute)?;
-                    ready.destroy();
-                    Ok(())
-                })?;
+                on_device(
+                    &offload.device,
+                    binding,
+                    offload.bytes,
+                    move |streams, _| {
+                        ready.make_wait(streams.compute)?;
+                        ready.destroy();
+                        Ok(())
+                    },
+                )?;
             }
             *tensor
         }
@@ -347,19 +352,24 @@ fn bring_back(
     );
     let binding = tensor.handle.clone().binding();
     let bytes = offload.bytes;
-    let ready = on_device(&offload.device, binding, bytes, move |streams, device_ptr| {
-        let ready = streams.copy(block.ptr, device_ptr, bytes, Direction::ToDevice)?;
-        // The block's next user is a copy ordered after this one (module docs).
-        block.give_back();
-        match ready {
-            Some(ready) if wait => {
-                ready.make_wait(streams.compute)?;
-                ready.destroy();
-                Ok(None)
+    let ready = on_device(
+        &offload.device,
+        binding,
+        bytes,
+        move |streams, device_ptr| {
+            let ready = streams.copy(block.ptr, device_ptr, bytes, Direction::ToDevice)?;
+            // The block's next user is a copy ordered after this one (module docs).
+            block.give_back();
+            match ready {
+                Some(ready) if wait => {
+                    ready.make_wait(streams.compute)?;
+                    ready.destroy();
+                    Ok(None)
+                }
+                ready => Ok(ready),
             }
-            ready => Ok(ready),
-        }
-    })?;
+        },
+    )?;
     Ok((tensor, ready))
 }
 

@@ -70,7 +70,7 @@ impl AttentionPath {
         use fastlora_llama::flash_attention;
         if !flash_attention::flash_available::<B>() {
             Self::Materialised
-        } else if flash_attention::cudnn_enabled() {
+        } else if flash_attention::cudnn_first::<B>() {
             Self::CudnnThenBlockWise
         } else {
             Self::BlockWise

@@ -126,17 +126,22 @@ pub fn cudnn_calls() -> (usize, usize) {
 /// later than every real token, so under causal attention no real token sees them, and the loss
 /// reads none of them.
 pub fn fused_sequence_multiple<B: Backend>() -> usize {
+    if cudnn_first::<B>() { 128 } else { 1 }
+}
+
+/// Whether [`attention`] on `B` offers unmasked problems to cuDNN's fused attention first: a
+/// CUDA backend in bf16 (cuDNN has no f32 kernel), [`flash_available`], and [`cudnn_enabled`].
+pub fn cudnn_first<B: Backend>() -> bool {
     #[cfg(feature = "cuda")]
     {
         type Cuda16 = fused_mlp::CudaBackend<burn::tensor::bf16>;
         let id = std::any::TypeId::of::<B>();
-        let cudnn_dtype = id == std::any::TypeId::of::<Cuda16>()
+        let cuda_bf16 = id == std::any::TypeId::of::<Cuda16>()
             || id == std::any::TypeId::of::<burn::backend::Autodiff<Cuda16>>();
-        if cudnn_dtype && cudnn_enabled() && flash_available::<B>() {
-            return 128;
-        }
+        cuda_bf16 && cudnn_enabled() && flash_available::<B>()
     }
-    1
+    #[cfg(not(feature = "cuda"))]
+    false
 }
 
 /// Whether backend `B` is one the op is compiled for in this build.

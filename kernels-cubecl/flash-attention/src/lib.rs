@@ -74,8 +74,8 @@ mod op;
 mod reference;
 
 pub use dispatch::{
-    attention, cudnn_calls, cudnn_enabled, fast_backend, flash_available, flash_enabled,
-    fused_sequence_multiple, kernels_enabled, set_cudnn_enabled, set_flash_enabled,
+    attention, cudnn_calls, cudnn_enabled, cudnn_first, fast_backend, flash_available,
+    flash_enabled, fused_sequence_multiple, kernels_enabled, set_cudnn_enabled, set_flash_enabled,
     set_kernels_enabled,
 };
 pub use op::{

@@ -758,7 +758,11 @@ fn host_copies(checks: &mut Checks, device: &CudaDevice) {
             .count();
         let name = format!(
             "offload {i} ({} from {}): {mismatches} of {} values differ",
-            if k == 0 { "copied on demand" } else { "prefetched" },
+            if k == 0 {
+                "copied on demand"
+            } else {
+                "prefetched"
+            },
             dtype_name(DType::BF16),
             got.len()
         );
@@ -788,7 +792,9 @@ fn host_copies(checks: &mut Checks, device: &CudaDevice) {
         .iter()
         .zip(values(&c))
         .zip(&base_values)
-        .all(|((b, c), v)| b.to_bits() == (v * 4.0).to_bits() && c.to_bits() == (v * 8.0).to_bits());
+        .all(|((b, c), v)| {
+            b.to_bits() == (v * 4.0).to_bits() && c.to_bits() == (v * 8.0).to_bits()
+        });
     let name = "a prefetched copy dropped unused; later copies intact".to_string();
     if ok {
         checks.count += 1;

@@ -136,8 +136,9 @@ fn run_once<B: burn::tensor::backend::AutodiffBackend>(
         device,
     );
     drop(poison);
-    let config = LlamaConfig::from_json_str(&config_json(shape, layers), "gpu-matrix.json".as_ref())
-        .expect("a valid config");
+    let config =
+        LlamaConfig::from_json_str(&config_json(shape, layers), "gpu-matrix.json".as_ref())
+            .expect("a valid config");
     let base =
         FastLanguageModel::<B>::from_source(config, &mut RandomWeights::new(7, 0.02), None, device)
             .expect("random weights");

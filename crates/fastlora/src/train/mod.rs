@@ -561,7 +561,9 @@ mod tests {
         let logp = log_softmax(logits.slice([0..rows, 0..seq - 1, 0..vocab]), 2);
         let keep = labels.clone().not_equal_elem(IGNORE_INDEX);
         let targets = labels.mask_fill(keep.clone().bool_not(), 0);
-        let picked = logp.gather(2, targets.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2);
+        let picked = logp
+            .gather(2, targets.unsqueeze_dim::<3>(2))
+            .squeeze_dim::<2>(2);
         let keep = keep.float();
         let loss = (picked * keep.clone()).sum().neg() / keep.sum();
         let want_loss = f64::from(loss.clone().into_scalar());
