@@ -285,7 +285,7 @@ pub fn copy_to_device(copy: HostCopy) -> Result<CudaTensor, GemmError> {
                     binding,
                     offload.bytes,
                     move |streams, _| {
-                        ready.make_wait(streams.compute)?;
+                        ready.make_wait(streams.compute())?;
                         ready.destroy();
                         Ok(())
                     },
@@ -362,7 +362,7 @@ fn bring_back(
             block.give_back();
             match ready {
                 Some(ready) if wait => {
-                    ready.make_wait(streams.compute)?;
+                    ready.make_wait(streams.compute())?;
                     ready.destroy();
                     Ok(None)
                 }
@@ -375,14 +375,18 @@ fn bring_back(
 
 /// The streams a copy is ordered with, inside the server closure.
 struct Streams<'a> {
-    /// CubeCL's stream for the caller (or the fallback stream).
-    compute: drv::CUstream,
+    /// The caller's CubeCL stream (or the fallback stream) with its copy stream.
     state: &'a mut StreamState,
     /// The tensor was produced on another thread's stream.
     foreign: bool,
 }
 
 impl Streams<'_> {
+    /// The caller's CubeCL stream (or the fallback stream).
+    fn compute(&self) -> drv::CUstream {
+        self.state.stream
+    }
+
     /// Enqueues one copy of `bytes` between `host` and `device_ptr`: on the copy stream after the
     /// work enqueued so far on the compute stream, returning the event that ends it; or, when the
     /// compute stream is the host-synchronised fallback, on it and waited for (`None`).
@@ -396,12 +400,12 @@ impl Streams<'_> {
         let overlapped = matches!(self.state.ordering, StreamOrdering::CubeclStream);
         let stream = if overlapped {
             let copy_stream = self.state.copy_stream()?;
-            let after = Event::record(self.compute)?;
+            let after = Event::record(self.compute())?;
             after.make_wait(copy_stream)?;
             after.destroy();
             copy_stream
         } else {
-            self.compute
+            self.compute()
         };
         // SAFETY: `host` holds at least `bytes` bytes and stays alive (pooled, never freed);
         // `device_ptr` is a buffer of at least `bytes` bytes that its owner keeps until the copy
@@ -466,11 +470,7 @@ fn on_device<R: Send + 'static>(
             if matches!(state.ordering, StreamOrdering::HostSync { .. }) {
                 cubecl::future::block_on(server.sync(stream_id)).map_err(server_err)?;
             }
-            let mut streams = Streams {
-                compute: state.stream,
-                state,
-                foreign,
-            };
+            let mut streams = Streams { state, foreign };
             f(&mut streams, device_ptr)
         });
         drop(resource);
