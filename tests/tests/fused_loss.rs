@@ -27,6 +27,7 @@ fn micro_batches(vocab: i64) -> Vec<Batch> {
             .map(|k| if k % 5 == 2 { IGNORE_INDEX } else { id(k) })
             .collect(),
         attention_mask: vec![1; 18],
+        documents: None,
         batch: 2,
         seq: 9,
     };
@@ -38,6 +39,7 @@ fn micro_batches(vocab: i64) -> Vec<Batch> {
         input_ids: (100..118).map(id).collect(),
         labels,
         attention_mask: [[1; 9], [1; 9]].concat(),
+        documents: None,
         batch: 2,
         seq: 9,
     };
@@ -47,6 +49,7 @@ fn micro_batches(vocab: i64) -> Vec<Batch> {
             .map(|k| if k >= 213 { IGNORE_INDEX } else { id(k) })
             .collect(),
         attention_mask: (0..18).map(|k| i64::from(k < 13)).collect(),
+        documents: None,
         batch: 2,
         seq: 9,
     };

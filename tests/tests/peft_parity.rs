@@ -49,7 +49,7 @@ fn llama_hidden_states_match_layer_by_layer() {
         &reference.f32("hidden.0").0,
         1e-6,
     );
-    let ctx = model.model.context(&x, None, 0);
+    let ctx = model.model.context(&x, None, None, 0);
     for (i, layer) in model.model.layers.iter().enumerate() {
         x = layer.forward(x, &model.model.rope, &ctx);
         assert_close(

@@ -450,6 +450,7 @@ fn random_batch(batch: usize, seq: usize, vocab: usize) -> Batch {
     Batch {
         labels: input_ids.clone(),
         attention_mask: vec![1; batch * seq],
+        documents: None,
         input_ids,
         batch,
         seq,

@@ -137,7 +137,7 @@ mod tests {
     fn mask_after_cached_tokens_lets_query_i_see_keys_up_to_start_plus_i() {
         let (config, model) = llama_tiny();
         let x = Tensor::<B, 3>::zeros([1, 2, config.hidden_size], &Default::default());
-        let ctx = model.context(&x, None, 3);
+        let ctx = model.context(&x, None, None, 3);
         let blocked: Vec<bool> = ctx
             .mask
             .expect("a cached pass builds the materialised mask")

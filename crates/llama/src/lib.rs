@@ -3,6 +3,7 @@
 mod cache;
 mod checkpoint;
 mod config;
+mod documents;
 mod error;
 mod gguf;
 mod hub;
@@ -18,6 +19,7 @@ pub use checkpoint::{
     write_safetensors,
 };
 pub use config::{LlamaConfig, ModelType, RopeScaling};
+pub use documents::{PackedDocuments, document_runs};
 pub use error::ModelError;
 pub use fastlora_gguf::{self, GgufFile};
 pub use flash_attention;

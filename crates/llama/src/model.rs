@@ -18,6 +18,7 @@ use std::sync::Arc;
 use crate::cache::{KvCache, LayerKv};
 use crate::checkpoint::Checkpoint;
 use crate::config::LlamaConfig;
+use crate::documents::PackedDocuments;
 use crate::error::ModelError;
 
 /// Added to masked attention scores: finite, so a fully masked row (a left-padding query)
@@ -107,9 +108,43 @@ impl<B: Backend> RotaryEmbedding<B> {
     /// - x: `[batch, heads, seq, head_dim]`
     pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
         let [_, _, seq, _] = x.dims();
-        let cos = self.cos.clone().narrow(0, start, seq);
-        let sin = self.sin.clone().narrow(0, start, seq);
+        let cos = self.cos.clone().narrow(0, start, seq).unsqueeze::<3>();
+        let sin = self.sin.clone().narrow(0, start, seq).unsqueeze::<3>();
         fused_mlp::rope(x, cos, sin)
+    }
+
+    /// The `(cos, sin)` rows of each token's own position, for rows whose positions do not run
+    /// `0, 1, ..` (packed documents, each from 0): what [`Self::apply_tables`] takes.
+    ///
+    /// # Shapes
+    /// - positions: `[batch, seq]`
+    /// - cos, sin: `[batch, seq, head_dim]`
+    ///
+    /// # Panics
+    /// If a position is beyond the tables (checked by the gather).
+    pub fn tables_at(&self, positions: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let [batch, seq] = positions.dims();
+        let head_dim = self.cos.dims()[1];
+        let flat = positions.reshape([batch * seq]);
+        let rows = |table: &Tensor<B, 2>| {
+            table
+                .clone()
+                .select(0, flat.clone())
+                .reshape([batch, seq, head_dim])
+        };
+        (rows(&self.cos), rows(&self.sin))
+    }
+
+    /// Rotates `x` with per-token tables from [`Self::tables_at`].
+    ///
+    /// # Shapes
+    /// - x: `[batch, heads, seq, head_dim]`; cos, sin: `[batch, seq, head_dim]`
+    pub fn apply_tables(
+        &self,
+        x: Tensor<B, 4>,
+        (cos, sin): &(Tensor<B, 3>, Tensor<B, 3>),
+    ) -> Tensor<B, 4> {
+        fused_mlp::rope(x, cos.clone(), sin.clone())
     }
 
     /// Positions the tables cover.
@@ -118,8 +153,8 @@ impl<B: Backend> RotaryEmbedding<B> {
     }
 }
 
-/// What every decoder layer of one forward pass shares: the start position and the attention
-/// mask, in the form the chosen attention path takes.
+/// What every decoder layer of one forward pass shares: the positions and the attention mask,
+/// in the form the chosen attention path takes.
 #[derive(Debug, Clone)]
 pub struct LayerContext<B: Backend> {
     /// Position of the first token of this pass (non-zero when decoding with a cache).
@@ -130,9 +165,14 @@ pub struct LayerContext<B: Backend> {
     /// ([`flash_attention::attention`]), which masks causally itself: this mask is quadratic in
     /// the sequence length, so it is not built then.
     pub mask: Option<Tensor<B, 4>>,
-    /// The key-padding mask `[batch, seq]` (1 = token, 0 = padding) for the linear-memory
-    /// attention; `None` without padding or on the materialised path.
-    pub key_padding: Option<Tensor<B, 2>>,
+    /// The segments `[batch, seq]` for the linear-memory attention
+    /// ([`flash_attention::attention_segments`]: padding and packed documents); `None` without
+    /// either, or on the materialised path.
+    pub segments: Option<Tensor<B, 2>>,
+    /// RoPE tables `(cos, sin)` `[batch, seq, head_dim]` at each token's position, when packed
+    /// documents restart positions ([`RotaryEmbedding::tables_at`]); `None`: positions
+    /// `start_pos..start_pos + seq` in every row.
+    pub rope_tables: Option<(Tensor<B, 3>, Tensor<B, 3>)>,
 }
 
 /// Multi-head attention with grouped K/V heads (GQA) and RoPE.
@@ -166,13 +206,13 @@ impl<B: Backend> Attention<B> {
         rope: &RotaryEmbedding<B>,
         ctx: &LayerContext<B>,
     ) -> Tensor<B, 3> {
-        let (q, k, v) = self.rotated_qkv(x, rope, ctx.start_pos);
+        let (q, k, v) = self.rotated_qkv(x, rope, ctx);
         match &ctx.mask {
             Some(mask) => self.attend(q, k, v, mask),
             None => {
                 // `LlamaForCausalLm::context` leaves the mask out only where the fast op runs
                 // (a backend it is compiled for, start_pos 0, fusing allowed).
-                let out = flash_attention::attention(q, k, v, ctx.key_padding.clone())
+                let out = flash_attention::attention(q, k, v, ctx.segments.clone())
                     .expect("the context chose the linear-memory attention for this backend");
                 fused_mlp::linear(out, &self.o_proj)
             }
@@ -188,7 +228,7 @@ impl<B: Backend> Attention<B> {
         ctx: &LayerContext<B>,
         past: &mut LayerKv<B>,
     ) -> Tensor<B, 3> {
-        let (q, k, v) = self.rotated_qkv(x, rope, ctx.start_pos);
+        let (q, k, v) = self.rotated_qkv(x, rope, ctx);
         let (k, v) = past.append(k, v);
         let mask = ctx
             .mask
@@ -197,7 +237,7 @@ impl<B: Backend> Attention<B> {
         self.attend(q, k, v, mask)
     }
 
-    /// Projects `x` to per-head queries, keys and values, with RoPE at positions from `start`
+    /// Projects `x` to per-head queries, keys and values, with RoPE at the context's positions
     /// on queries and keys.
     ///
     /// # Shapes
@@ -207,7 +247,7 @@ impl<B: Backend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RotaryEmbedding<B>,
-        start: usize,
+        ctx: &LayerContext<B>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [batch, seq, _] = x.dims();
         let heads =
@@ -218,7 +258,18 @@ impl<B: Backend> Attention<B> {
             self.num_kv_heads,
         );
         let v = heads(fused_mlp::linear(x, &self.v_proj), self.num_kv_heads);
-        (rope.apply(q, start), rope.apply(k, start), v)
+        match &ctx.rope_tables {
+            Some(tables) => (
+                rope.apply_tables(q, tables),
+                rope.apply_tables(k, tables),
+                v,
+            ),
+            None => (
+                rope.apply(q, ctx.start_pos),
+                rope.apply(k, ctx.start_pos),
+                v,
+            ),
+        }
     }
 
     /// Softmax attention of `q` over `k`/`v` under the additive `mask`, then `o_proj`.
@@ -416,8 +467,27 @@ impl<B: Backend> LlamaForCausalLm<B> {
         input_ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2, Int>>,
     ) -> Tensor<B, 3> {
+        self.hidden_states_packed(input_ids, attention_mask, None)
+    }
+
+    /// [`Self::hidden_states`] of rows that may pack several documents: with `documents`, each
+    /// token attends only to the earlier tokens of its own document and takes RoPE's position
+    /// within it, so every document's hidden states are those it would have alone.
+    ///
+    /// # Shapes
+    /// - input_ids, attention_mask: `[batch, seq]`; documents: `[batch, seq]` each
+    /// - output: `[batch, seq, hidden]`
+    ///
+    /// # Panics
+    /// As [`Self::forward`], and if the documents' shape is not the ids'.
+    pub fn hidden_states_packed(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        documents: Option<&PackedDocuments<B>>,
+    ) -> Tensor<B, 3> {
         let mut x = self.embed_tokens.forward(input_ids);
-        let ctx = self.context(&x, attention_mask, 0);
+        let ctx = self.context(&x, attention_mask, documents, 0);
         let last = self.layers.len().saturating_sub(1);
         for (index, layer) in self.layers.iter().enumerate() {
             let mode = match index == last {
@@ -495,7 +565,7 @@ impl<B: Backend> LlamaForCausalLm<B> {
             self.layers.len()
         );
         let mut x = self.embed_tokens.forward(input_ids);
-        let ctx = self.layer_context(&x, None, cache.len(), false);
+        let ctx = self.layer_context(&x, None, None, cache.len(), false);
         for (layer, past) in self.layers.iter().zip(cache.layers_mut()) {
             x = layer.forward_cached(x, &self.rope, &ctx, past);
         }
@@ -504,26 +574,31 @@ impl<B: Backend> LlamaForCausalLm<B> {
 
     /// The mask and positions every layer of a pass over `x` shares, `x` being the tokens at
     /// positions `start_pos..start_pos + seq`; `attention_mask` (1 = token, 0 = padding) covers
-    /// every key, the `start_pos` earlier ones (from a cache) included.
+    /// every key, the `start_pos` earlier ones (from a cache) included. With `documents` (packed
+    /// rows; `start_pos` 0), a query sees only keys of its own document, and positions are those
+    /// within each document.
     ///
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
-    /// - attention_mask: `[batch, start_pos + seq]`
+    /// - attention_mask: `[batch, start_pos + seq]`; documents: `[batch, seq]` each
     /// - mask of the context: `[batch, 1, seq, start_pos + seq]`
     ///
     /// With `start_pos` 0 on a backend where the linear-memory attention is compiled and
     /// allowed ([`flash_attention::flash_available`]), the context holds the `[batch, seq]`
-    /// key-padding mask instead, and [`Attention::forward`] takes that op.
+    /// segments ([`flash_attention::attention_segments`]) instead, and [`Attention::forward`]
+    /// takes that op.
     ///
     /// # Panics
-    /// If `start_pos + seq` exceeds `max_position_embeddings`.
+    /// If `start_pos + seq` exceeds `max_position_embeddings`, or documents come with a
+    /// `start_pos` other than 0 or in another shape than `[batch, seq]`.
     pub fn context(
         &self,
         x: &Tensor<B, 3>,
         attention_mask: Option<Tensor<B, 2, Int>>,
+        documents: Option<&PackedDocuments<B>>,
         start_pos: usize,
     ) -> LayerContext<B> {
-        self.layer_context(x, attention_mask, start_pos, true)
+        self.layer_context(x, attention_mask, documents, start_pos, true)
     }
 
     /// [`Self::context`], the linear-memory attention allowed or not (the cached pass, whose
@@ -532,6 +607,7 @@ impl<B: Backend> LlamaForCausalLm<B> {
         &self,
         x: &Tensor<B, 3>,
         attention_mask: Option<Tensor<B, 2, Int>>,
+        documents: Option<&PackedDocuments<B>>,
         start_pos: usize,
         allow_flash: bool,
     ) -> LayerContext<B> {
@@ -543,11 +619,27 @@ impl<B: Backend> LlamaForCausalLm<B> {
             "sequence of {keys} tokens exceeds max_position_embeddings = {}",
             self.rope.max_positions()
         );
+        if let Some(documents) = documents {
+            assert!(
+                start_pos == 0,
+                "packed documents in a pass from position {start_pos}"
+            );
+            assert_eq!(
+                documents.ids.dims(),
+                [batch, seq],
+                "packed documents' shape against the batch"
+            );
+        }
+        let rope_tables = documents.map(|d| self.rope.tables_at(d.positions.clone()));
         if allow_flash && start_pos == 0 && flash_attention::flash_available::<B>() {
             return LayerContext {
                 start_pos,
                 mask: None,
-                key_padding: attention_mask.map(|mask| mask.float()),
+                segments: flash_attention::attention_segments(
+                    attention_mask,
+                    documents.map(|d| d.ids.clone()),
+                ),
+                rope_tables,
             };
         }
         // Query i (at position start_pos + i) may see key j iff j ≤ start_pos + i (causal) and
@@ -562,12 +654,21 @@ impl<B: Backend> LlamaForCausalLm<B> {
                 .expand([batch, 1, seq, keys]);
             blocked = blocked.bool_or(padding);
         }
+        if let Some(documents) = documents {
+            // Another document's key: its id differs from the query's (start_pos is 0 here).
+            let ids = |shape: [usize; 4]| documents.ids.clone().reshape(shape);
+            let elsewhere = ids([batch, 1, 1, seq])
+                .expand([batch, 1, seq, seq])
+                .not_equal(ids([batch, 1, seq, 1]).expand([batch, 1, seq, seq]));
+            blocked = blocked.bool_or(elsewhere);
+        }
         let mask = Tensor::<B, 4>::zeros([batch, 1, seq, keys], (&device, x.dtype()))
             .mask_fill(blocked, masked_score(x.dtype()));
         LayerContext {
             start_pos,
             mask: Some(mask),
-            key_padding: None,
+            segments: None,
+            rope_tables,
         }
     }
 

@@ -59,12 +59,12 @@ impl<B: AttentionKernels, C: CheckpointStrategy> FlashAttentionBackend for Autod
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        key_mask: Option<FloatTensor<Self>>,
+        segments: Option<FloatTensor<Self>>,
         geometry: Geometry,
     ) -> FloatTensor<Self> {
         let nodes = [&q, &k, &v].map(|t| t.node.clone());
-        // The mask is data, not a parent: no gradient flows to it.
-        let key_mask = key_mask.map(|m| m.primitive);
+        // The segments are data, not a parent: no gradient flows to it.
+        let segments = segments.map(|m| m.primitive);
         let (q, k, v) = (q.primitive, k.primitive, v.primitive);
         match FlashAttentionBackward
             .prepare::<C>(nodes)
@@ -72,10 +72,10 @@ impl<B: AttentionKernels, C: CheckpointStrategy> FlashAttentionBackend for Autod
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (o, saved) = forward::<B>(q, k, v, key_mask, geometry);
+                let (o, saved) = forward::<B>(q, k, v, segments, geometry);
                 prep.finish(saved, o)
             }
-            OpsKind::UnTracked(prep) => prep.finish(forward::<B>(q, k, v, key_mask, geometry).0),
+            OpsKind::UnTracked(prep) => prep.finish(forward::<B>(q, k, v, segments, geometry).0),
         }
     }
 

@@ -12,13 +12,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionK
 {
     fn softmax_forward(
         s: FloatTensor<Self>,
-        key_mask: Option<FloatTensor<Self>>,
+        segments: Option<FloatTensor<Self>>,
         at: BlockAt,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         if kernels_enabled() {
-            kernels::softmax_forward::launch(s, key_mask, at)
+            kernels::softmax_forward::launch(s, segments, at)
         } else {
-            block::softmax_forward::<Self>(s, key_mask, at)
+            block::softmax_forward::<Self>(s, segments, at)
         }
     }
 
@@ -27,14 +27,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionK
         dp: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         delta: FloatTensor<Self>,
-        key_mask: Option<FloatTensor<Self>>,
+        segments: Option<FloatTensor<Self>>,
         at: BlockAt,
         scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         if kernels_enabled() {
-            kernels::softmax_backward::launch(s, dp, lse, delta, key_mask, at, scale)
+            kernels::softmax_backward::launch(s, dp, lse, delta, segments, at, scale)
         } else {
-            block::softmax_backward::<Self>(s, dp, lse, delta, key_mask, at, scale)
+            block::softmax_backward::<Self>(s, dp, lse, delta, segments, at, scale)
         }
     }
 
@@ -65,10 +65,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FlashAtten
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        key_mask: Option<FloatTensor<Self>>,
+        segments: Option<FloatTensor<Self>>,
         geometry: Geometry,
     ) -> FloatTensor<Self> {
-        forward::<Self>(q, k, v, key_mask, geometry).0
+        forward::<Self>(q, k, v, segments, geometry).0
     }
 
     fn fused_attention(

@@ -161,7 +161,8 @@ pub fn flash_available<B: Backend>() -> bool {
 /// [`flash_available`] first and run the materialised attention instead).
 ///
 /// # Shapes
-/// - q: `[b, h, s, d]`; k, v: `[b, kvh, s, d]`; key_mask: `[b, s]` (1 = token, 0 = padding)
+/// - q: `[b, h, s, d]`; k, v: `[b, kvh, s, d]`; segments: `[b, s]` f32
+///   ([`crate::attention_segments`])
 /// - output: `[b, s, h·d]`
 #[cfg_attr(
     not(any(feature = "cuda", feature = "wgpu")),
@@ -171,19 +172,19 @@ pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    key_mask: Option<Tensor<B, 2>>,
+    segments: Option<Tensor<B, 2>>,
 ) -> Option<Tensor<B, 3>> {
     if !flash_enabled() || !fused_mlp::fused_enabled() {
         return None;
     }
-    let mut inputs = Some((q, k, v, key_mask));
+    let mut inputs = Some((q, k, v, segments));
     for_fast_backends!(B, |FB| {
-        let (q, k, v, key_mask) = inputs.take().expect("taken once");
+        let (q, k, v, segments) = inputs.take().expect("taken once");
         let out = crate::flash_attention::<FB>(
             cast(q),
             cast(k),
             cast(v),
-            key_mask.map(cast::<Tensor<B, 2>, Tensor<FB, 2>>),
+            segments.map(cast::<Tensor<B, 2>, Tensor<FB, 2>>),
             None,
         );
         Some(cast::<Tensor<FB, 3>, Tensor<B, 3>>(out))

@@ -27,12 +27,13 @@
 //!   dQ_blk = dS·K[:i1]                                          GEMM
 //! ```
 //!
-//! Masks: key `j` is visible from query position `i` iff `j ≤ i` and, with a key-padding mask
-//! `[b, s]` (1 = token, 0 = padding), `mask[j] ≠ 0`. A query row with no visible key (a
-//! left-padding position) gets `O = 0` and no gradient; the materialised path instead gives
-//! such rows a uniform mix over every key (its additive mask is finite). Those rows are padding:
-//! a loss never reads them, and no other row reads their keys, so every unpadded output, every
-//! loss and every gradient agree.
+//! Masks: key `j` is visible from query position `i` iff `j ≤ i` and, with segments `[b, s]`,
+//! `seg[j] = seg[i]` ([`attention_segments`]). Segments express both a key-padding mask and the
+//! documents of packed rows: a document's tokens share its index (≥ 0), and padding position
+//! `j` gets a segment of its own (`−1 − j`). So a token sees the earlier tokens of its own
+//! document and never padding, and a padding query sees only itself: every row has a visible
+//! key, and nothing reads the outputs of padding rows (a loss ignores them, and their keys are
+//! in no other segment).
 //!
 //! # Paths
 //!
@@ -42,8 +43,8 @@
 //! - cuDNN's fused flash attention (feature `cuda`, module `cudnn`, through
 //!   `fastlora_cuda_gemm::sdpa_forward` / `sdpa_backward`): without a key mask, in f16/bf16, the
 //!   whole forward and the whole backward each as one cuDNN kernel, its own autodiff node
-//!   ([`FlashAttentionBackend::fused_attention`]); anything cuDNN declines runs the block-wise
-//!   op. On by default ([`cudnn_enabled`]; `FASTLORA_CUDNN=0` or [`set_cudnn_enabled`] turn it
+//!   ([`FlashAttentionBackend::fused_attention`]); anything cuDNN declines, and every problem
+//!   with segments (padding or packed documents), runs the block-wise op. On by default ([`cudnn_enabled`]; `FASTLORA_CUDNN=0` or [`set_cudnn_enabled`] turn it
 //!   off); checked on the H200 against the materialised attention by `attention-bench
 //!   check-bf16`.
 //! - [`materialised_attention`]: the `[b, h, s, s]` reference, every backend (the model's
@@ -58,7 +59,7 @@
 //! is the kernels' oracle in the tests.
 
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
+use burn::tensor::{DType, FloatDType, TensorPrimitive};
 
 #[cfg(feature = "cubecl")]
 mod autodiff;
@@ -86,9 +87,9 @@ pub use reference::materialised_attention;
 
 /// Causal GQA attention through [`FlashAttentionBackend`], with memory linear in `s`.
 ///
-/// Without a key mask, the backend's fused kernel runs where it has one
+/// Without segments, the backend's fused kernel runs where it has one
 /// ([`FlashAttentionBackend::fused_attention`]: cuDNN's flash attention on CUDA for f16/bf16,
-/// when [`cudnn_enabled`]); otherwise, and with a mask, the block-wise op.
+/// when [`cudnn_enabled`]); otherwise, and with segments, the block-wise op.
 ///
 /// `block_q`: query positions per block; `None` picks the largest block whose score tile
 /// `b·kvh·(block_q·g)·s` f32 values fits [`SCORE_BUDGET_BYTES`] (tests pass a small one to run
@@ -96,7 +97,8 @@ pub use reference::materialised_attention;
 ///
 /// # Shapes
 /// - q: `[b, h, s, d]`; k, v: `[b, kvh, s, d]` (`h` a multiple of `kvh`)
-/// - key_mask: `[b, s]`, 1 = token, 0 = padding (any float dtype)
+/// - segments: `[b, s]` f32 ([`attention_segments`]): query `i` sees key `j ≤ i` iff
+///   `seg[j] = seg[i]`
 /// - output: `[b, s, h·d]` (ready for `o_proj`), in `q`'s dtype
 ///
 /// # Panics
@@ -105,7 +107,7 @@ pub fn flash_attention<B: FlashAttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    key_mask: Option<Tensor<B, 2>>,
+    segments: Option<Tensor<B, 2>>,
     block_q: Option<usize>,
 ) -> Tensor<B, 3> {
     let [b, h, s, d] = q.dims();
@@ -127,7 +129,7 @@ pub fn flash_attention<B: FlashAttentionBackend>(
     let same = |t: Tensor<B, 4>| if t.dtype() == dtype { t } else { t.cast(dtype) };
     let (k, v) = (same(k), same(v));
     let geometry = Geometry::new(b, kvh, g, s, d, block_q);
-    let (q, k, v) = if key_mask.is_none() {
+    let (q, k, v) = if segments.is_none() {
         match B::fused_attention(
             q.into_primitive().tensor(),
             k.into_primitive().tensor(),
@@ -151,15 +153,20 @@ pub fn flash_attention<B: FlashAttentionBackend>(
         .reshape([b * kvh, s * g, d]);
     let k = k.reshape([b * kvh, s, d]);
     let v = v.reshape([b * kvh, s, d]);
-    let key_mask = key_mask.map(|m| {
-        assert_eq!(m.dims(), [b, s], "flash attention: key mask shape");
-        m.cast(burn::tensor::DType::F32).into_primitive().tensor()
+    let segments = segments.map(|m| {
+        assert_eq!(m.dims(), [b, s], "flash attention: segments shape");
+        assert_eq!(
+            m.dtype(),
+            DType::F32,
+            "flash attention: segments must be f32"
+        );
+        m.into_primitive().tensor()
     });
     let o = B::flash_attention(
         q.into_primitive().tensor(),
         k.into_primitive().tensor(),
         v.into_primitive().tensor(),
-        key_mask,
+        segments,
         geometry,
     );
     // [b·kvh, s·g, d] = [b, kvh, s, g, d] -> [b, s, kvh, g, d] -> [b, s, h·d].
@@ -167,4 +174,58 @@ pub fn flash_attention<B: FlashAttentionBackend>(
         .reshape([b, kvh, s, g, d])
         .swap_dims(1, 2)
         .reshape([b, s, h * d])
+}
+
+/// The segments `[b, s]` (f32) that [`flash_attention`] and [`materialised_attention`] take, from
+/// a key-padding mask (1 = token, 0 = padding) and the documents of packed rows (an integer per
+/// token, equal within a document and different between the documents of a row, below 2²⁴ in
+/// magnitude so that f32 holds it exactly; row-local indices `0, 1, ..` are): a token's segment
+/// is its document's value (0 without documents), a padding position `j`'s is `−1 − j`, alone in
+/// its segment. `None` when neither is given: plain causal attention.
+///
+/// # Shapes
+/// - key_mask, documents: `[b, s]`
+/// - output: `[b, s]` f32
+///
+/// # Panics
+/// If the two shapes differ, or `s` ≥ 2²⁴.
+pub fn attention_segments<B: Backend>(
+    key_mask: Option<Tensor<B, 2, Int>>,
+    documents: Option<Tensor<B, 2, Int>>,
+) -> Option<Tensor<B, 2>> {
+    let exact_f32 = |t: Tensor<B, 2, Int>| -> Tensor<B, 2> {
+        let [_, s] = t.dims();
+        assert!(
+            s < 1 << 24,
+            "attention segments: {s} positions exceed f32's integers"
+        );
+        Tensor::from_primitive(TensorPrimitive::Float(B::int_into_float(
+            t.into_primitive(),
+            FloatDType::F32,
+        )))
+    };
+    let documents = documents.map(exact_f32);
+    let Some(mask) = key_mask else {
+        return documents;
+    };
+    let [b, s] = mask.dims();
+    let device = mask.device();
+    let documents = match documents {
+        Some(documents) => {
+            assert_eq!(
+                documents.dims(),
+                [b, s],
+                "attention segments: key mask and documents differ"
+            );
+            documents
+        }
+        None => Tensor::zeros([b, s], (&device, DType::F32)),
+    };
+    let alone = exact_f32(
+        Tensor::<B, 1, Int>::arange(1..s as i64 + 1, &device)
+            .neg()
+            .reshape([1, s])
+            .expand([b, s]),
+    );
+    Some(documents.mask_where(mask.equal_elem(0), alone))
 }

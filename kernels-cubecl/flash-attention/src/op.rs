@@ -89,15 +89,16 @@ pub struct BlockAt {
 /// The softmax steps of the op on a backend; with `FusedMlpKernels::gemm`, all the op needs.
 ///
 /// Shapes: a score block is `[b·kvh, R, i1]` (`R = (i1 − q0)·g` rows, keys `[0, i1)`), in the
-/// activation dtype; LSE and D blocks are `[b·kvh, R]` f32; the key mask is `[b, s]` f32.
-/// Masked scores (key after the row's query position, or a padding key) count as absent.
+/// activation dtype; LSE and D blocks are `[b·kvh, R]` f32; the segments are `[b, s]` f32.
+/// Masked scores (key after the row's query position, or a key in another segment than the
+/// query's: see [`crate::attention_segments`]) count as absent.
 pub trait AttentionKernels: FusedMlpKernels {
     /// From scores `S` (scale applied): `(P, LSE)` with `LSE = log Σ_unmasked exp(S)` (f32;
-    /// a row with no unmasked key gets `+∞`-like `1e30`) and `P = exp(S − LSE)`, 0 where masked,
+    /// a row's own key is never masked) and `P = exp(S − LSE)`, 0 where masked,
     /// in `S`'s dtype (may reuse `S`'s buffer).
     fn softmax_forward(
         s: FloatTensor<Self>,
-        key_mask: Option<FloatTensor<Self>>,
+        segments: Option<FloatTensor<Self>>,
         at: BlockAt,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
@@ -109,12 +110,12 @@ pub trait AttentionKernels: FusedMlpKernels {
         dp: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         delta: FloatTensor<Self>,
-        key_mask: Option<FloatTensor<Self>>,
+        segments: Option<FloatTensor<Self>>,
         at: BlockAt,
         scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// The whole unmasked causal attention as one fused kernel (cuDNN's flash attention on
+    /// The whole causal attention over whole rows (no segments) as one fused kernel (cuDNN's flash attention on
     /// CUDA, f16/bf16): `(o, lse)` from `q` `[b, h, s, d]` and `k`, `v` `[b, kvh, s, d]`, with
     /// `o` `[b, s, h·d]` and `lse` `[b, h, s]` f32. `Err` gives the inputs back where the backend
     /// has no such kernel for them (the default); the caller then runs the block-wise op.
@@ -166,17 +167,18 @@ pub struct FusedSaved<T> {
 /// Implemented for `CubeBackend<R, ..>` (feature `cubecl`; forward only) and for `Autodiff`
 /// over any [`AttentionKernels`] backend (the hand-written backward).
 pub trait FlashAttentionBackend: Backend {
-    /// `q` `[b·kvh, s·g, d]`, `k`, `v` `[b·kvh, s, d]` (same dtype), `key_mask` `[b, s]` f32;
+    /// `q` `[b·kvh, s·g, d]`, `k`, `v` `[b·kvh, s, d]` (same dtype), `segments` `[b, s]` f32
+    /// (query `i` sees key `j ≤ i` only in its own segment; [`crate::attention_segments`]);
     /// returns `o` `[b·kvh, s·g, d]`. Gradients flow to `q`, `k`, `v`.
     fn flash_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        key_mask: Option<FloatTensor<Self>>,
+        segments: Option<FloatTensor<Self>>,
         geometry: Geometry,
     ) -> FloatTensor<Self>;
 
-    /// Unmasked causal attention through [`AttentionKernels::fused_forward`] where the backend
+    /// Causal attention over whole rows (no segments) through [`AttentionKernels::fused_forward`] where the backend
     /// has that kernel: `q` `[b, h, s, d]`, `k`, `v` `[b, kvh, s, d]` → `o` `[b, s, h·d]`;
     /// gradients flow to `q`, `k`, `v`. `Err` gives the inputs back (no fused kernel for them).
     fn fused_attention(
@@ -195,7 +197,7 @@ pub(crate) struct Saved<T> {
     pub v: T,
     pub o: T,
     pub lse: T,
-    pub key_mask: Option<T>,
+    pub segments: Option<T>,
     pub geometry: Geometry,
 }
 
@@ -224,7 +226,7 @@ pub(crate) fn forward<B: AttentionKernels>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
-    key_mask: Option<FloatTensor<B>>,
+    segments: Option<FloatTensor<B>>,
     geometry: Geometry,
 ) -> (FloatTensor<B>, Saved<FloatTensor<B>>) {
     use Trans::{N, T};
@@ -240,7 +242,7 @@ pub(crate) fn forward<B: AttentionKernels>(
             groups: g,
             kv_heads: geometry.kv_heads,
         };
-        let (p, lse) = B::softmax_forward(s, key_mask.clone(), at);
+        let (p, lse) = B::softmax_forward(s, segments.clone(), at);
         o_blocks.push(wrap::<B, 3>(B::gemm(
             p,
             N,
@@ -259,7 +261,7 @@ pub(crate) fn forward<B: AttentionKernels>(
         v: prim(vt),
         o: o.clone(),
         lse,
-        key_mask,
+        segments,
         geometry,
     };
     (o, saved)
@@ -277,7 +279,7 @@ pub(crate) fn backward<B: AttentionKernels>(
         v,
         o,
         lse,
-        key_mask,
+        segments,
         geometry,
     } = saved;
     let g = geometry.groups;
@@ -326,7 +328,7 @@ pub(crate) fn backward<B: AttentionKernels>(
             dp,
             prim(cols(&lse, r0, r1)),
             prim(cols(&delta, r0, r1)),
-            key_mask.clone(),
+            segments.clone(),
             at,
             geometry.scale(),
         );
@@ -398,7 +400,7 @@ pub(crate) fn backward_from_fused<B: AttentionKernels>(
         v: prim(wrap::<B, 4>(saved.v).reshape([b * kvh, s, d])),
         o: prim(rows_layout(saved.o)),
         lse: prim(lse),
-        key_mask: None,
+        segments: None,
         geometry,
     };
     let (dq, dk, dv) = backward::<B>(prim(rows_layout(d_o)), block_saved);

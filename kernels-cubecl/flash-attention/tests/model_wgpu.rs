@@ -1,13 +1,16 @@
 //! The model's attention wiring on Burn's wgpu backend (f32, lavapipe in CPU CI): a small random
 //! GQA Llama gives the same hidden states and input gradients with the linear-memory attention
-//! as with the materialised one, with left and right padding; the cached (generation) pass keeps
-//! the materialised attention and agrees with the uncached logits.
+//! as with the materialised one, with left and right padding and with packed documents (which
+//! also compute what each document computes alone); the cached (generation) pass keeps the
+//! materialised attention and agrees with the uncached logits.
 
 use std::path::{Path, PathBuf};
 
 use burn::backend::Autodiff;
 use burn::prelude::*;
-use fastlora_llama::{KvCache, LlamaConfig, ModelError, WeightSource, build_model};
+use fastlora_llama::{
+    KvCache, LlamaConfig, ModelError, PackedDocuments, WeightSource, build_model,
+};
 use fused_mlp::{WgpuBackend, vulkan_test_device};
 
 type AB = Autodiff<WgpuBackend>;
@@ -95,24 +98,23 @@ fn model_attention_paths_agree() {
         TensorData::new(draw(b * s * hidden), [b, s, hidden]),
         &device,
     );
-    // Row 0: 4 left-padding tokens (those queries see no key); row 1: 3 right-padding tokens.
+    // Row 0: 4 left-padding tokens; row 1: 3 right-padding tokens. Outputs at padding positions
+    // differ by design (the fast op lets a padding query see only itself, the materialised path
+    // every unpadded earlier key, or all keys where there is none), and nothing reads them.
     let mask: Vec<i64> = (0..b * s)
         .map(|i| {
             let (row, j) = (i / s, i % s);
             i64::from(if row == 0 { j >= 4 } else { j < s - 3 })
         })
         .collect();
-    let live: Vec<f32> = (0..b * s)
-        .map(|i| f32::from(!(i / s == 0 && i % s < 4)))
-        .collect();
-    let live = Tensor::<AB, 3>::from_data(TensorData::new(live, [b, s, 1]), &device);
     let mask = Tensor::<AB, 2, Int>::from_data(TensorData::new(mask, [b, s]), &device);
+    let live = mask.clone().float().reshape([b, s, 1]);
     let cot = cot * live.clone();
 
     let run = |flash: bool| {
         flash_attention::set_flash_enabled(flash);
         let x = x.clone().require_grad();
-        let ctx = model.context(&x, Some(mask.clone()), 0);
+        let ctx = model.context(&x, Some(mask.clone()), None, 0);
         assert_eq!(ctx.mask.is_none(), flash, "the context picks the path");
         let mut h = x.clone();
         for layer in &model.layers {
@@ -139,4 +141,79 @@ fn model_attention_paths_agree() {
     let second = model.forward_cached(ids.slice([0..1, 10..s]), &mut cache);
     let pieces = Tensor::cat(vec![first.inner(), second.inner()], 1);
     assert!(rel_error("cached vs uncached logits", values(pieces), values(full)) <= 1e-4);
+}
+
+/// Two packed rows (documents of 9, 1 and 13 tokens; 15 tokens and 8 of right padding): the
+/// fast path's hidden states and input gradient match the materialised path's, and each
+/// document's hidden states are those of the document alone.
+#[test]
+fn packed_documents_agree_across_paths_and_with_each_alone() {
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
+    let config = LlamaConfig::from_json_str(CONFIG, Path::new("test-config.json")).unwrap();
+    let mut rng = Rng(12);
+    let model = build_model::<AB>(&config, &mut rng, &device).unwrap();
+    let (b, s, hidden) = (2, 23, config.hidden_size);
+    let ids: Vec<i64> = (0..(b * s) as i64).map(|i| (i * 11 + 5) % 50).collect();
+    let labels: Vec<i64> = (0..b * s)
+        .map(|i| match (i / s, i % s) {
+            (0, j) if j < 9 => 0,
+            (0, 9) => 1,
+            (0, _) => 2,
+            (_, j) if j < 15 => 3,
+            _ => 4,
+        })
+        .collect();
+    let mask: Vec<i64> = (0..b * s)
+        .map(|i| i64::from(i / s == 0 || i % s < 15))
+        .collect();
+    let int = |values: &[i64], shape: [usize; 2]| {
+        Tensor::<AB, 2, Int>::from_data(TensorData::new(values.to_vec(), shape), &device)
+    };
+    let documents = PackedDocuments::<AB>::from_labels(&labels, [b, s], &device);
+    let mask = int(&mask, [b, s]);
+    let live = mask.clone().float().reshape([b, s, 1]);
+
+    let x = model.embed_tokens.forward(int(&ids, [b, s])).detach();
+    let mut draw = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.next()).collect() };
+    let cot = Tensor::<AB, 3>::from_data(
+        TensorData::new(draw(b * s * hidden), [b, s, hidden]),
+        &device,
+    ) * live.clone();
+    let run = |flash: bool| {
+        flash_attention::set_flash_enabled(flash);
+        let x = x.clone().require_grad();
+        let ctx = model.context(&x, Some(mask.clone()), Some(&documents), 0);
+        assert_eq!(ctx.mask.is_none(), flash, "the context picks the path");
+        let mut h = x.clone();
+        for layer in &model.layers {
+            h = layer.forward(h, &model.rope, &ctx);
+        }
+        let h = model.norm.forward(h);
+        let grads = (h.clone() * cot.clone()).sum().backward();
+        let dx = x.grad(&grads).expect("dx");
+        ((h * live.clone()).inner(), values(dx))
+    };
+    let (h_fast, dx_fast) = run(true);
+    let (h_ref, dx_ref) = run(false);
+    assert!(
+        rel_error(
+            "packed hidden states",
+            values(h_fast.clone()),
+            values(h_ref)
+        ) <= 1e-4
+    );
+    assert!(rel_error("packed input gradient", dx_fast, dx_ref) <= 1e-4);
+
+    flash_attention::set_flash_enabled(true);
+    for (row, start, len) in [(0, 0, 9), (0, 9, 1), (0, 10, 13), (1, 0, 15)] {
+        let doc = &ids[row * s + start..row * s + start + len];
+        let alone = model.hidden_states(int(doc, [1, len]), None).inner();
+        let packed = h_fast
+            .clone()
+            .slice([row..row + 1, start..start + len, 0..hidden]);
+        let what = format!("document at row {row}, {start}..{}", start + len);
+        assert!(rel_error(&what, values(packed), values(alone)) <= 1e-4);
+    }
 }

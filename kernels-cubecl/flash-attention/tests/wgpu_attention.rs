@@ -9,7 +9,9 @@ use burn::backend::Autodiff;
 use burn::backend::wgpu::WgpuDevice;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
-use flash_attention::{BlockAt, Geometry, block, flash_attention, kernels, materialised_attention};
+use flash_attention::{
+    BlockAt, Geometry, attention_segments, block, flash_attention, kernels, materialised_attention,
+};
 use fused_mlp::{WgpuBackend, vulkan_test_device};
 
 type B = WgpuBackend;
@@ -89,38 +91,40 @@ struct Case {
     block_q: Option<usize>,
     /// One entry per batch row, or none for no key mask.
     padding: Vec<Pad>,
+    /// Lengths of the packed documents of each row (the rest of a row: one more document), or
+    /// none for rows of one document.
+    documents: Vec<Vec<usize>>,
 }
 
 impl Case {
     /// `[b, s]`: 1 = token, 0 = padding.
-    fn key_mask(&self) -> Option<Vec<f32>> {
+    fn key_mask(&self) -> Option<Vec<i64>> {
         (!self.padding.is_empty()).then(|| {
             self.padding
                 .iter()
                 .flat_map(|p| {
-                    (0..self.seq).map(move |j| f32::from(j >= p.left && j < self.seq - p.right))
+                    (0..self.seq).map(move |j| i64::from(j >= p.left && j < self.seq - p.right))
                 })
                 .collect()
         })
     }
 
-    /// `[b, s]`: 1 where query `i` sees at least one key (not a left-padding position).
-    fn live_rows(&self) -> Vec<f32> {
-        match self.key_mask() {
-            None => vec![1.0; self.batch * self.seq],
-            Some(mask) => mask
-                .chunks(self.seq)
-                .flat_map(|row| {
-                    let mut seen = false;
-                    row.iter()
-                        .map(|&m| {
-                            seen |= m != 0.0;
-                            f32::from(seen)
-                        })
-                        .collect::<Vec<_>>()
+    /// `[b, s]`: each token's document index in its row.
+    fn document_ids(&self) -> Option<Vec<i64>> {
+        (!self.documents.is_empty()).then(|| {
+            self.documents
+                .iter()
+                .flat_map(|lengths| {
+                    let mut ids = Vec::with_capacity(self.seq);
+                    for (id, &len) in lengths.iter().enumerate() {
+                        ids.extend(std::iter::repeat_n(id as i64, len));
+                    }
+                    let rest = self.seq - ids.len();
+                    ids.extend(std::iter::repeat_n(lengths.len() as i64, rest));
+                    ids
                 })
-                .collect(),
-        }
+                .collect()
+        })
     }
 
     fn run(&self, device: &WgpuDevice, seed: u64) {
@@ -134,10 +138,11 @@ impl Case {
         let h = kvh * g;
         let geometry = Geometry::new(b, kvh, g, s, d, self.block_q);
         let label = format!(
-            "b{b} h{h} kvh{kvh} s{s} d{d} block {} ({} blocks) pad {:?}",
+            "b{b} h{h} kvh{kvh} s{s} d{d} block {} ({} blocks) pad {:?} documents {:?}",
             geometry.block_q,
             geometry.blocks().len(),
-            self.padding
+            self.padding,
+            self.documents
         );
         eprintln!("case {label}");
         let mut rng = Rng(seed);
@@ -145,13 +150,15 @@ impl Case {
         let q = rng.tensor::<AB, 4>([b, h, s, d], 2.0, device);
         let k = rng.tensor::<AB, 4>([b, kvh, s, d], 2.0, device);
         let v = rng.tensor::<AB, 4>([b, kvh, s, d], 1.0, device);
-        let live = Tensor::<AB, 2>::from_data(TensorData::new(self.live_rows(), [b, s]), device)
-            .reshape([b, s, 1]);
-        // The cotangent: zero on rows that see no key (their outputs differ by design).
-        let cot = rng.tensor::<AB, 3>([b, s, h * d], 1.0, device) * live.clone();
-        let mask = self
-            .key_mask()
-            .map(|m| Tensor::<AB, 2>::from_data(TensorData::new(m, [b, s]), device));
+        let cot = rng.tensor::<AB, 3>([b, s, h * d], 1.0, device);
+        let int = |values: Vec<i64>| {
+            Tensor::<AB, 2, Int>::from_data(TensorData::new(values, [b, s]), device)
+        };
+        let segments = attention_segments(self.key_mask().map(int), self.document_ids().map(int));
+        assert_eq!(
+            segments.is_some(),
+            !self.padding.is_empty() || !self.documents.is_empty()
+        );
 
         let grads_of = |fast: bool| {
             let (q, k, v) = (
@@ -160,12 +167,17 @@ impl Case {
                 v.clone().require_grad(),
             );
             let out = if fast {
-                flash_attention(q.clone(), k.clone(), v.clone(), mask.clone(), self.block_q)
+                flash_attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    segments.clone(),
+                    self.block_q,
+                )
             } else {
-                materialised_attention(q.clone(), k.clone(), v.clone(), mask.clone())
+                materialised_attention(q.clone(), k.clone(), v.clone(), segments.clone())
             };
             let grads = (out.clone() * cot.clone()).sum().backward();
-            let out = out * live.clone();
             (
                 out.inner(),
                 q.grad(&grads).expect("dq"),
@@ -195,6 +207,7 @@ fn no_gqa_d64_ragged_several_blocks() {
         head_dim: 64,
         block_q: Some(16),
         padding: vec![],
+        documents: vec![],
     }
     .run(&device, 1);
 }
@@ -212,6 +225,7 @@ fn gqa3_d64_left_and_right_padding() {
         head_dim: 64,
         block_q: Some(8),
         padding: vec![Pad { left: 5, right: 0 }, Pad { left: 0, right: 4 }],
+        documents: vec![],
     }
     .run(&device, 2);
 }
@@ -229,6 +243,7 @@ fn gqa4_d128_seq100() {
         head_dim: 128,
         block_q: Some(32),
         padding: vec![],
+        documents: vec![],
     }
     .run(&device, 3);
 }
@@ -246,6 +261,7 @@ fn gqa4_d64_seq100_padding_one_block() {
         head_dim: 64,
         block_q: None,
         padding: vec![Pad { left: 0, right: 0 }, Pad { left: 17, right: 3 }],
+        documents: vec![],
     }
     .run(&device, 4);
 }
@@ -263,8 +279,48 @@ fn gqa8_d128_left_padding() {
         head_dim: 128,
         block_q: Some(16),
         padding: vec![Pad { left: 9, right: 0 }, Pad { left: 1, right: 2 }],
+        documents: vec![],
     }
     .run(&device, 5);
+}
+
+/// Packed rows: documents of 1 to 30 tokens, boundaries inside and between query blocks.
+#[test]
+fn gqa3_d64_packed_documents_several_blocks() {
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
+    Case {
+        batch: 2,
+        kv_heads: 2,
+        groups: 3,
+        seq: 45,
+        head_dim: 64,
+        block_q: Some(16),
+        padding: vec![],
+        documents: vec![vec![7, 20, 1], vec![30]],
+    }
+    .run(&device, 6);
+}
+
+/// Packed documents in a right-padded row (the last packed row of an epoch) beside a
+/// left-padded one, GQA 4, d 128, one block.
+#[test]
+fn gqa4_d128_documents_and_padding() {
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
+    Case {
+        batch: 2,
+        kv_heads: 1,
+        groups: 4,
+        seq: 40,
+        head_dim: 128,
+        block_q: None,
+        padding: vec![Pad { left: 0, right: 6 }, Pad { left: 3, right: 0 }],
+        documents: vec![vec![10, 12], vec![5, 5]],
+    }
+    .run(&device, 7);
 }
 
 fn prim<const R: usize>(
@@ -280,8 +336,8 @@ fn wrap<const R: usize>(
 }
 
 /// Both kernels against their Burn-ops versions ([`block`]) on one block: a middle block
-/// (q0 > 0), GQA 3, a key mask with a fully masked row, scores large enough to need the max
-/// shift; then the backward from strided LSE/D views.
+/// (q0 > 0), GQA 3, segments with padding and packed documents, scores large enough to need the
+/// max shift; then the backward from strided LSE/D views.
 #[test]
 fn kernels_match_burn_ops() {
     let Some(device) = vulkan_test_device() else {
@@ -297,38 +353,42 @@ fn kernels_match_burn_ops() {
     };
     let mut rng = Rng(7);
     let s = rng.tensor::<B, 3>([n, rows, q1], 30.0, &device);
-    // Batch row 0: keys 0..12 padding (queries 10, 11 see nothing); row 1: a few holes.
-    let mask_values: Vec<f32> = (0..2 * seq)
+    // Batch row 0: keys 0..12 padding (queries 10, 11 see only themselves), then one document;
+    // row 1: documents starting at 0, 5, 14 and 17, and a padding hole at 20.
+    let mask: Vec<i64> = (0..2 * seq)
         .map(|i| {
             let (row, j) = (i / seq, i % seq);
-            f32::from(if row == 0 { j >= 12 } else { j % 7 != 3 })
+            i64::from(if row == 0 { j >= 12 } else { j != 20 })
         })
         .collect();
-    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask_values, [2, seq]), &device);
-    for mask in [None, Some(mask)] {
-        let what = if mask.is_some() { "masked" } else { "causal" };
+    let documents: Vec<i64> = (0..2 * seq)
+        .map(|i| {
+            let (row, j) = (i / seq, i % seq);
+            if row == 0 {
+                0
+            } else {
+                [0, 5, 14, 17].iter().filter(|&&start| j >= start).count() as i64
+            }
+        })
+        .collect();
+    let int = |values: Vec<i64>| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(values, [2, seq]), &device)
+    };
+    let segments = attention_segments(Some(int(mask)), Some(int(documents)));
+    for segments in [None, segments] {
+        let what = if segments.is_some() {
+            "segments"
+        } else {
+            "causal"
+        };
         let (p_ref, lse_ref) =
-            block::softmax_forward::<B>(prim(s.clone()), mask.clone().map(prim), at);
+            block::softmax_forward::<B>(prim(s.clone()), segments.clone().map(prim), at);
         let (p, lse) =
-            kernels::softmax_forward::launch(prim(s.clone()), mask.clone().map(prim), at);
+            kernels::softmax_forward::launch(prim(s.clone()), segments.clone().map(prim), at);
         assert_close(&format!("{what} forward P"), wrap::<3>(p), wrap::<3>(p_ref));
         let (lse, lse_ref) = (wrap::<2>(lse), wrap::<2>(lse_ref));
         assert_eq!(lse.dtype(), DType::F32);
-        // Rows that see no key carry the 1e30 marker in both; compare the others.
-        let empty = lse_ref.clone().greater_elem(1e29);
-        assert_eq!(
-            values(lse.clone().greater_elem(1e29).float()),
-            values(empty.clone().float())
-        );
-        assert_eq!(
-            mask.is_some(),
-            values(empty.clone().float()).iter().any(|&e| e != 0.0)
-        );
-        assert_close(
-            &format!("{what} forward LSE"),
-            lse.clone().mask_fill(empty.clone(), 0.0),
-            lse_ref.mask_fill(empty, 0.0),
-        );
+        assert_close(&format!("{what} forward LSE"), lse.clone(), lse_ref);
 
         // LSE and D as column views of wider [n, 2·rows] tensors, as the op passes them.
         let wide = Tensor::cat(vec![lse.clone(), lse], 1);
@@ -343,7 +403,7 @@ fn kernels_match_burn_ops() {
             prim(dp.clone()),
             prim(lse_view.clone()),
             prim(delta.clone()),
-            mask.clone().map(prim),
+            segments.clone().map(prim),
             at,
             scale,
         );
@@ -352,7 +412,7 @@ fn kernels_match_burn_ops() {
             prim(dp.clone()),
             prim(lse_view),
             prim(delta),
-            mask.map(prim),
+            segments.map(prim),
             at,
             scale,
         );

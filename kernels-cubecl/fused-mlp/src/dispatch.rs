@@ -201,23 +201,25 @@ pub fn rms_norm<B: Backend, const D: usize>(
     }
 }
 
-/// Rotary position embedding of `x` with the tables `cos`/`sin` (rows = positions of `x`):
-/// the fused op ([`crate::RopeBackend`], one kernel each way) on the backends it is compiled
-/// for while [`fused_enabled`], else [`crate::rope_portable`].
+/// Rotary position embedding of `x` with the tables `cos`/`sin` (rows = positions of `x`, one
+/// set shared by the batch or one per batch row): the fused op ([`crate::RopeBackend`], one
+/// kernel each way) on the backends it is compiled for while [`fused_enabled`], else
+/// [`crate::rope_portable`].
 ///
 /// # Shapes
-/// - x: `[b, h, s, d]`; cos, sin: `[s, d]` (any float dtype; the kernel reads them as f32)
+/// - x: `[b, h, s, d]`; cos, sin: `[1, s, d]` or `[b, s, d]` (any float dtype; the kernel reads
+///   them as f32)
 /// - returns `[b, h, s, d]`
 #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_mut))]
-pub fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
+pub fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 3>, sin: Tensor<B, 3>) -> Tensor<B, 4> {
     if !fused_enabled() {
         return crate::rope_portable(x, cos, sin);
     }
     let mut inputs = Some((x, cos, sin));
     let fused: Option<Tensor<B, 4>> = for_fused_backends!(B, |FB| {
         let (x, cos, sin) = inputs.take().expect("taken once");
-        let table = |t: Tensor<B, 2>| {
-            cast::<Tensor<B, 2>, Tensor<FB, 2>>(t.cast(burn::tensor::DType::F32))
+        let table = |t: Tensor<B, 3>| {
+            cast::<Tensor<B, 3>, Tensor<FB, 3>>(t.cast(burn::tensor::DType::F32))
                 .into_primitive()
                 .tensor()
         };

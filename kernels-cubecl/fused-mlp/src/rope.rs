@@ -16,7 +16,7 @@ pub trait RopeKernels: Backend {
     /// backward: `dx` from `dy`).
     ///
     /// # Shapes
-    /// - x: `[b, h, s, d]` (any strides); cos, sin: `[s, d]` f32
+    /// - x: `[b, h, s, d]` (any strides); cos, sin: `[1, s, d]` or `[b, s, d]` f32
     /// - returns `[b, h, s, d]` in `x`'s dtype
     fn rope_rotate(
         x: FloatTensor<Self>,
@@ -31,7 +31,7 @@ pub trait RopeBackend: Backend {
     /// `x·cos + rotate_half(x)·sin`.
     ///
     /// # Shapes
-    /// - x: `[b, h, s, d]`; cos, sin: `[s, d]` f32 (no gradient)
+    /// - x: `[b, h, s, d]`; cos, sin: `[1, s, d]` or `[b, s, d]` f32 (no gradient)
     /// - returns `[b, h, s, d]`
     fn rope(
         x: FloatTensor<Self>,
@@ -119,17 +119,18 @@ impl<B: RopeKernels, C: CheckpointStrategy> RopeBackend for Autodiff<B, C> {
 /// transformers does.
 ///
 /// # Shapes
-/// - x: `[b, h, s, d]`; cos, sin: `[s, d]`
+/// - x: `[b, h, s, d]`; cos, sin: `[1, s, d]` (every row at the same positions) or `[b, s, d]`
 /// - returns `[b, h, s, d]`
 pub fn rope_portable<B: Backend>(
     x: Tensor<B, 4>,
-    cos: Tensor<B, 2>,
-    sin: Tensor<B, 2>,
+    cos: Tensor<B, 3>,
+    sin: Tensor<B, 3>,
 ) -> Tensor<B, 4> {
     let [_, _, _, head_dim] = x.dims();
     let dtype = x.dtype();
-    let cos = cos.cast(dtype).unsqueeze::<4>();
-    let sin = sin.cast(dtype).unsqueeze::<4>();
+    // [tb, s, d] -> [tb, 1, s, d]: broadcast over the heads.
+    let cos = cos.cast(dtype).unsqueeze_dim::<4>(1);
+    let sin = sin.cast(dtype).unsqueeze_dim::<4>(1);
     let half = head_dim / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);

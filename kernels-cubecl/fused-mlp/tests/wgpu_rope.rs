@@ -26,17 +26,22 @@ fn values<BK: Backend, const R: usize>(t: Tensor<BK, R>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().unwrap()
 }
 
-/// Llama's tables for positions `start..start + seq`: `cos`/`sin` of `p·θ^(−2i/d)`, repeated over
-/// both halves; also the angles in f64 for the host reference.
+/// Llama's tables for one row of positions per table row (`[tb, s, d]`): `cos`/`sin` of
+/// `p·θ^(−2i/d)`, repeated over both halves; also the angles in f64 (`[tb, s, d/2]`) for the host
+/// reference.
 fn tables<BK: Backend>(
-    start: usize,
-    seq: usize,
+    positions: &[Vec<usize>],
     d: usize,
     device: &BK::Device,
-) -> (Tensor<BK, 2>, Tensor<BK, 2>, Vec<f64>) {
+) -> (Tensor<BK, 3>, Tensor<BK, 3>, Vec<f64>) {
     let half = d / 2;
-    let angles: Vec<f64> = (start..start + seq)
-        .flat_map(|p| (0..half).map(move |i| p as f64 * 10_000f64.powf(-2.0 * i as f64 / d as f64)))
+    let (rows, seq) = (positions.len(), positions[0].len());
+    let angles: Vec<f64> = positions
+        .iter()
+        .flatten()
+        .flat_map(|&p| {
+            (0..half).map(move |i| p as f64 * 10_000f64.powf(-2.0 * i as f64 / d as f64))
+        })
         .collect();
     let repeat = |f: fn(f64) -> f64| -> Vec<f32> {
         angles
@@ -47,19 +52,26 @@ fn tables<BK: Backend>(
             })
             .collect()
     };
-    let cos = Tensor::from_data(TensorData::new(repeat(f64::cos), [seq, d]), device);
-    let sin = Tensor::from_data(TensorData::new(repeat(f64::sin), [seq, d]), device);
+    let cos = Tensor::from_data(TensorData::new(repeat(f64::cos), [rows, seq, d]), device);
+    let sin = Tensor::from_data(TensorData::new(repeat(f64::sin), [rows, seq, d]), device);
     (cos, sin, angles)
 }
 
-/// The rotation in f64 on the host, `x` row-major `[b, h, s, d]`.
+/// Positions `start..start + seq`, shared by the batch.
+fn shared(start: usize, seq: usize) -> Vec<Vec<usize>> {
+    vec![(start..start + seq).collect()]
+}
+
+/// The rotation in f64 on the host, `x` row-major `[b, h, s, d]`, angles `[tb, s, d/2]`.
 fn host_rope(x: &[f32], [b, h, s, d]: [usize; 4], angles: &[f64]) -> Vec<f32> {
     let half = d / 2;
+    let per_row = angles.len() == b * s * half && b > 1;
     let mut y = vec![0f32; x.len()];
     for row in 0..b * h * s {
-        let p = row % s;
+        let table_row = if per_row { row / (h * s) } else { 0 };
+        let at = (table_row * s + row % s) * half;
         for i in 0..half {
-            let (a, c) = (angles[p * half + i].sin(), angles[p * half + i].cos());
+            let (a, c) = (angles[at + i].sin(), angles[at + i].cos());
             let (x1, x2) = (f64::from(x[row * d + i]), f64::from(x[row * d + i + half]));
             y[row * d + i] = (x1 * c - x2 * a) as f32;
             y[row * d + i + half] = (x2 * c + x1 * a) as f32;
@@ -70,17 +82,24 @@ fn host_rope(x: &[f32], [b, h, s, d]: [usize; 4], angles: &[f64]) -> Vec<f32> {
 
 /// Forward against f64 and the portable path, `dx` against the portable autodiff, for inputs
 /// laid out as the model makes them (`[b, s, h, d]` memory viewed as `[b, h, s, d]`) and
-/// row-major, with ragged sizes and a start offset.
+/// row-major, with ragged sizes, a start offset, and per-row positions that restart where a
+/// packed document starts.
 #[test]
 fn fused_rope_matches_f64_and_the_portable_autodiff() {
     let Some(device) = vulkan_test_device() else {
         return;
     };
-    for ([b, h, s, d], start, projected) in [
-        ([2, 3, 17, 8], 0, true),
-        ([1, 4, 33, 64], 5, true),
-        ([2, 2, 5, 128], 100, false),
-        ([3, 1, 1, 2], 7, false),
+    let packed = vec![
+        vec![0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+        (3..20).collect(),
+    ];
+    for ([b, h, s, d], positions, projected) in [
+        ([2, 3, 17, 8], shared(0, 17), true),
+        ([1, 4, 33, 64], shared(5, 33), true),
+        ([2, 2, 5, 128], shared(100, 5), false),
+        ([3, 1, 1, 2], shared(7, 1), false),
+        ([2, 3, 17, 64], packed.clone(), true),
+        ([2, 2, 17, 8], packed.clone(), false),
     ] {
         let x = if projected {
             Tensor::<AB, 4>::random([b, s, h, d], Distribution::Uniform(-2.0, 2.0), &device)
@@ -89,7 +108,7 @@ fn fused_rope_matches_f64_and_the_portable_autodiff() {
             Tensor::<AB, 4>::random([b, h, s, d], Distribution::Uniform(-2.0, 2.0), &device)
         };
         let upstream = Tensor::<AB, 4>::random([b, h, s, d], Distribution::Default, &device);
-        let (cos, sin, angles) = tables::<AB>(start, s, d, &device);
+        let (cos, sin, angles) = tables::<AB>(&positions, d, &device);
         let host = host_rope(&values(x.clone()), [b, h, s, d], &angles);
 
         let run = |fused: bool| {
@@ -105,7 +124,7 @@ fn fused_rope_matches_f64_and_the_portable_autodiff() {
         };
         let (y_fused, dx_fused) = run(true);
         let (y_portable, dx_portable) = run(false);
-        let what = format!("[{b}, {h}, {s}, {d}] from {start}");
+        let what = format!("[{b}, {h}, {s}, {d}] at {:?}", &positions[0][..2.min(s)]);
         let vs_host = relative(&y_fused, &host);
         let vs_portable = relative(&y_fused, &y_portable);
         let dx = relative(&dx_fused, &dx_portable);
@@ -125,7 +144,7 @@ fn the_gradient_of_half_the_squared_norm_is_the_input() {
     };
     let [b, h, s, d] = [2, 3, 9, 16];
     let x = Tensor::<AB, 4>::random([b, h, s, d], Distribution::Default, &device).require_grad();
-    let (cos, sin, _) = tables::<AB>(3, s, d, &device);
+    let (cos, sin, _) = tables::<AB>(&shared(3, s), d, &device);
     let y = rope(x.clone(), cos, sin);
     let grads = (y.clone() * y).sum().mul_scalar(0.5).backward();
     let got = values(x.grad(&grads).expect("x gets a gradient"));
@@ -141,7 +160,7 @@ fn inference_backend_runs_the_kernel() {
     };
     let [b, h, s, d] = [1, 5, 300, 64];
     let x = Tensor::<B, 4>::random([b, s, h, d], Distribution::Default, &device).swap_dims(1, 2);
-    let (cos, sin, _) = tables::<B>(0, s, d, &device);
+    let (cos, sin, _) = tables::<B>(&shared(0, s), d, &device);
     let fused = values(rope(x.clone(), cos.clone(), sin.clone()));
     let portable = values(rope_portable(x, cos, sin));
     let err = relative(&fused, &portable);

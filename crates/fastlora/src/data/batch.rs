@@ -8,11 +8,14 @@ use rand_chacha::ChaCha8Rng;
 use super::error::DataError;
 
 /// One tokenized training sequence: its token ids and, per token, the label the causal LM
-/// loss compares with (the id itself, or [`IGNORE_INDEX`] where nothing is learnt).
+/// loss compares with (the id itself, or [`IGNORE_INDEX`] where nothing is learnt). A packed
+/// row ([`pack`]) also says which document each token comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Example {
     input_ids: Vec<u32>,
     labels: Vec<i64>,
+    /// Per token, the index of its document within the row; empty: one document.
+    documents: Vec<u32>,
 }
 
 impl Example {
@@ -28,13 +31,21 @@ impl Example {
                 labels: labels.len(),
             });
         }
-        Ok(Self { input_ids, labels })
+        Ok(Self {
+            input_ids,
+            labels,
+            documents: Vec::new(),
+        })
     }
 
     /// An example trained on every token.
     pub fn fully_trained(input_ids: Vec<u32>) -> Self {
         let labels = input_ids.iter().map(|&id| i64::from(id)).collect();
-        Self { input_ids, labels }
+        Self {
+            input_ids,
+            labels,
+            documents: Vec::new(),
+        }
     }
 
     /// Appends `ids`, trained on or not.
@@ -50,6 +61,7 @@ impl Example {
     pub(crate) fn truncate(&mut self, len: usize) {
         self.input_ids.truncate(len);
         self.labels.truncate(len);
+        self.documents.truncate(len);
     }
 
     /// The token ids.
@@ -60,6 +72,12 @@ impl Example {
     /// The labels, one per token: the token's id, or [`IGNORE_INDEX`].
     pub fn labels(&self) -> &[i64] {
         &self.labels
+    }
+
+    /// For a packed row, the index of each token's document within the row (`0, 1, ..`);
+    /// `None` for a single example.
+    pub fn documents(&self) -> Option<&[u32]> {
+        (!self.documents.is_empty()).then_some(self.documents.as_slice())
     }
 
     /// Number of tokens.
@@ -95,6 +113,10 @@ pub struct Batch {
     pub labels: Vec<i64>,
     /// 1 on real tokens, 0 on padding.
     pub attention_mask: Vec<i64>,
+    /// For packed rows, per token the document it belongs to within its row (padding: −1);
+    /// the model keeps documents apart ([`fastlora_llama::PackedDocuments`]). `None` when every
+    /// row is one example.
+    pub documents: Option<Vec<i64>>,
     /// Number of rows.
     pub batch: usize,
     /// Length of every row: the longest example's.
@@ -156,6 +178,7 @@ impl Batch {
             input_ids: Vec::with_capacity(cells),
             labels: Vec::with_capacity(cells),
             attention_mask: Vec::with_capacity(cells),
+            documents: self.documents.as_ref().map(|_| Vec::with_capacity(cells)),
             batch: self.batch,
             seq,
         };
@@ -173,8 +196,12 @@ impl Batch {
                 .extend(std::iter::repeat_n(IGNORE_INDEX, extra));
             padded
                 .attention_mask
-                .extend_from_slice(&self.attention_mask[cells]);
+                .extend_from_slice(&self.attention_mask[cells.clone()]);
             padded.attention_mask.extend(std::iter::repeat_n(0, extra));
+            if let (Some(padded), Some(documents)) = (&mut padded.documents, &self.documents) {
+                padded.extend_from_slice(&documents[cells]);
+                padded.extend(std::iter::repeat_n(PADDING_DOCUMENT, extra));
+            }
         }
         padded
     }
@@ -188,15 +215,22 @@ impl Batch {
     }
 }
 
+/// The document of a padding position in [`Batch::documents`].
+const PADDING_DOCUMENT: i64 = -1;
+
 /// Right-pads `examples` with `pad_id` to the longest of them: padding gets label
-/// [`IGNORE_INDEX`] and attention mask 0. No examples give an empty `0 × 0` batch.
+/// [`IGNORE_INDEX`] and attention mask 0. When any example is a packed row, the batch carries
+/// the documents of every row (a single example is document 0). No examples give an empty
+/// `0 × 0` batch.
 pub fn collate(examples: &[&Example], pad_id: u32) -> Batch {
     let seq = examples.iter().map(|e| e.len()).max().unwrap_or(0);
     let cells = examples.len() * seq;
+    let packed = examples.iter().any(|e| e.documents().is_some());
     let mut batch = Batch {
         input_ids: Vec::with_capacity(cells),
         labels: Vec::with_capacity(cells),
         attention_mask: Vec::with_capacity(cells),
+        documents: packed.then(|| Vec::with_capacity(cells)),
         batch: examples.len(),
         seq,
     };
@@ -216,6 +250,19 @@ pub fn collate(examples: &[&Example], pad_id: u32) -> Batch {
             .attention_mask
             .extend(std::iter::repeat_n(1, example.len()));
         batch.attention_mask.extend(std::iter::repeat_n(0, padding));
+        if let Some(documents) = &mut batch.documents {
+            match example.documents() {
+                Some(own) => documents.extend(own.iter().map(|&d| i64::from(d))),
+                None => documents.extend(std::iter::repeat_n(0, example.len())),
+            }
+            documents.extend(std::iter::repeat_n(PADDING_DOCUMENT, padding));
+        }
+    }
+    // Rows that each hold one document need no boundaries (and keep the fused attention).
+    if let Some(documents) = &batch.documents
+        && documents.iter().all(|&d| d == 0 || d == PADDING_DOCUMENT)
+    {
+        batch.documents = None;
     }
     batch
 }
@@ -223,7 +270,12 @@ pub fn collate(examples: &[&Example], pad_id: u32) -> Batch {
 /// Concatenates `examples` into one stream and cuts it into rows of exactly `row_length`
 /// tokens, labels following their tokens; the last, shorter row is kept (collate pads it).
 /// Examples are cut at row boundaries wherever they fall: packing trades that for no padding.
-/// Each example should end with EOS so the model sees where one ends (the loader ensures it).
+///
+/// Each row records which example ("document") each token comes from, and the model keeps them
+/// apart: a token attends only to the earlier tokens of its own document, at RoPE positions
+/// counted from the document's start in the row. The first token of each example loses its
+/// label, which its own document gives it nothing to predict from (unpacked, position 0 is
+/// never predicted either): a packed row trains exactly as its pieces would alone.
 ///
 /// # Errors
 ///
@@ -240,14 +292,27 @@ pub fn pack(examples: &[Example], row_length: usize) -> Result<Vec<Example>, Dat
         .collect();
     let labels: Vec<i64> = examples
         .iter()
-        .flat_map(|e| e.labels.iter().copied())
+        .flat_map(|e| {
+            let first = e.labels.iter().take(1).map(|_| IGNORE_INDEX);
+            first.chain(e.labels.iter().skip(1).copied())
+        })
+        .collect();
+    let example_of: Vec<usize> = examples
+        .iter()
+        .enumerate()
+        .flat_map(|(index, e)| std::iter::repeat_n(index, e.len()))
         .collect();
     Ok(input_ids
         .chunks(row_length)
         .zip(labels.chunks(row_length))
-        .map(|(ids, labels)| Example {
+        .zip(example_of.chunks(row_length))
+        .map(|((ids, labels), example_of)| Example {
             input_ids: ids.to_vec(),
             labels: labels.to_vec(),
+            documents: example_of
+                .iter()
+                .map(|&index| (index - example_of[0]) as u32)
+                .collect(),
         })
         .collect())
 }
@@ -346,6 +411,21 @@ mod tests {
         assert_eq!(ids, [&[1, 2, 3][..], &[4, 5, 6], &[7]]);
         assert_eq!(rows[1].labels(), [I, I, 6]);
         assert!(pack(&examples, 0).is_err());
+        // Two examples in a row: the second's first token loses its label.
+        let rows = pack(&examples, 5).unwrap();
+        assert_eq!(rows[0].labels(), [I, 2, 3, I, I]);
+        assert_eq!(rows[0].documents(), Some(&[0, 0, 0, 1, 1][..]));
+        assert_eq!(rows[1].documents(), Some(&[0, 0][..]));
+        let batch = collate(&rows.iter().collect::<Vec<_>>(), 0);
+        assert_eq!(
+            batch.documents.as_deref(),
+            Some(&[0, 0, 0, 1, 1, 0, 0, -1, -1, -1][..])
+        );
+        let padded = batch.padded_to_multiple_of(3, 0, 8);
+        assert_eq!(
+            padded.documents.as_deref(),
+            Some(&[0, 0, 0, 1, 1, -1, 0, 0, -1, -1, -1, -1][..])
+        );
     }
 
     #[test]

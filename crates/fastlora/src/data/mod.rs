@@ -66,8 +66,9 @@ pub struct DataConfig {
     /// What to do with longer examples.
     pub on_overflow: OnOverflow,
     /// Concatenate examples and cut the stream into rows of `max_seq_length` (TRL's
-    /// `packing=True`, "wrapped" strategy): no padding, but examples are split across rows and
-    /// attend to the ones before them in their row.
+    /// `packing=True`, "wrapped" strategy): no padding, but examples are split across rows.
+    /// Within a row each example attends only to itself, at positions from 0 (as TRL's
+    /// padding-free packing does; see [`pack`]).
     pub packing: bool,
     /// Learn only responses (Alpaca `output`, chat assistant turns), as TRL's
     /// `completion_only_loss` / `assistant_only_loss`; `false` trains on every token.

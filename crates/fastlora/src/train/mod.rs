@@ -17,7 +17,9 @@ use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer, adaptor::Opt
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, TensorData};
-use fastlora_llama::{LlamaForCausalLm, causal_lm_fused_loss_sum, default_chunk_tokens};
+use fastlora_llama::{
+    LlamaForCausalLm, PackedDocuments, causal_lm_fused_loss_sum, default_chunk_tokens,
+};
 use fused_adamw::{FusedAdamW, FusedAdamWConfig};
 use serde::{Deserialize, Serialize};
 
@@ -345,8 +347,12 @@ fn step_gradients_timed<B: AutodiffBackend>(
         let mask = batch
             .training_key_mask()
             .map(|mask| int_tensor::<B>(mask, [batch.batch, batch.seq], &device));
+        let documents = batch
+            .documents
+            .as_ref()
+            .map(|d| PackedDocuments::from_labels(d, [batch.batch, batch.seq], &device));
         // The head and loss run chunk by chunk: [tokens, vocab] f32 logits never exist whole.
-        let hidden = model.hidden_states(ids, mask);
+        let hidden = model.hidden_states_packed(ids, mask, documents.as_ref());
         let (sum, _) = phase_timing::phase::<B, _>("loss (chunked head + CE)", &device, || {
             causal_lm_fused_loss_sum(model, hidden, labels, chunk_tokens)
         });
@@ -607,5 +613,85 @@ mod tests {
             2 * 5 * 2 * 2,
             "2 layers × 5 adapted projections × 2 factors × 2 row lengths"
         );
+    }
+
+    /// Three examples packed into two rows (none cut at a row boundary) give the loss and LoRA
+    /// gradients of the same three examples as an ordinary padded batch; the same rows without
+    /// their document boundaries do not.
+    #[test]
+    fn packed_rows_train_as_their_examples_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = materialize_builtin_model(dir.path()).unwrap();
+        let device = Default::default();
+        let model = FastLanguageModel::<B>::from_pretrained(path.to_str().unwrap(), &device)
+            .unwrap()
+            .get_peft_model(
+                LoraConfig::builder()
+                    .r(8)
+                    .lora_alpha(16.0)
+                    .init_lora_weights(InitLoraWeights::Random)
+                    .random_state(7)
+                    .build()
+                    .unwrap(),
+            )
+            .unwrap();
+        let examples = [
+            Example::fully_trained(vec![5, 17, 42, 99]),
+            Example::fully_trained(vec![11, 12, 13, 14, 15]),
+            Example::fully_trained(vec![7, 70, 77]),
+        ];
+        let rows = crate::data::pack(&examples, 9).unwrap();
+        assert_eq!(rows.len(), 2);
+        let packed = collate(&rows.iter().collect::<Vec<_>>(), 3);
+        assert_eq!(
+            packed.documents.as_deref(),
+            Some(&[0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, -1, -1, -1, -1, -1, -1][..])
+        );
+        let alone = collate(&examples.iter().collect::<Vec<_>>(), 3);
+        assert_eq!(alone.documents, None);
+        assert_eq!(packed.num_trained_tokens(), alone.num_trained_tokens());
+        let mut unbounded = packed.clone();
+        unbounded.documents = None;
+
+        let [got, want, crossed] = [&packed, &alone, &unbounded]
+            .map(|batch| step_gradients(model.model(), std::slice::from_ref(batch)));
+        assert!(
+            (got.loss - want.loss).abs() <= 1e-5 * want.loss.abs(),
+            "packed loss {} vs alone {}",
+            got.loss,
+            want.loss
+        );
+        assert!(
+            (crossed.loss - want.loss).abs() > 1e-3 * want.loss.abs(),
+            "the boundaries change nothing: {} vs {}",
+            crossed.loss,
+            want.loss
+        );
+        let mut compared = 0;
+        for (name, proj) in model.model().projections() {
+            let Some(adapter) = proj.adapter.as_ref() else {
+                continue;
+            };
+            for param in [&adapter.lora_a, &adapter.lora_b] {
+                let values = |run: &StepGradients| {
+                    run.grads
+                        .get::<<B as AutodiffBackend>::InnerBackend, 2>(param.id)
+                        .expect("gradient")
+                        .into_data()
+                        .to_vec::<f32>()
+                        .unwrap()
+                };
+                let (got, want) = (values(&got), values(&want));
+                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+                assert!(scale > 0.0, "{name}: zero gradient");
+                assert!(err <= 1e-4 * scale, "{name}: {err} over {scale}");
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 2 * 7 * 2, "2 layers × 7 projections × 2 factors");
     }
 }

@@ -5,9 +5,10 @@
 //!
 //! - `check-f32`, `check-bf16`: fast vs materialised outputs and `dq`, `dk`, `dv` (relative
 //!   error `max|Δ| / max|ref|`, pass bar 1e-4 f32 / 2e-2 bf16) for GQA 1, 3, 4, 8, d 64 and
-//!   128, s 1000, 1024 and 2047, without and with padding (a left- and a right-padded row); unpadded
-//!   bf16 cells run cuDNN's fused kernel (`"cudnn"` says whether its forward and backward ran),
-//!   and run again with cuDNN off to check the block-wise op;
+//!   128, s 1000, 1024 and 2047, plain, padded (a left- and a right-padded row) and packed (rows
+//!   of several documents, one right-padded); plain bf16 cells run cuDNN's fused kernel
+//!   (`"cudnn"` says whether its forward and backward ran), and run again with cuDNN off to
+//!   check the block-wise op;
 //! - `time`: forward + backward (median of 10 after 3 warm-up, synced), bf16, at b4×32 heads
 //!   ×2048×d64 and b2×32×2048×d128 (8 KV heads): cuDNN's fused kernel, the block-wise op, and
 //!   materialised;
@@ -31,7 +32,8 @@ use burn::tensor::{Distribution, bf16};
 use cubecl::Runtime;
 use cubecl::cuda::CudaRuntime;
 use flash_attention::{
-    FlashAttentionBackend, cudnn_calls, flash_attention, materialised_attention, set_cudnn_enabled,
+    FlashAttentionBackend, attention_segments, cudnn_calls, flash_attention,
+    materialised_attention, set_cudnn_enabled,
 };
 use fused_mlp::CudaBackend;
 
@@ -175,35 +177,45 @@ fn check<B: AutodiffBackend + FlashAttentionBackend>(
     for g in [1, 3, 4, 8] {
         for d in [64, 128] {
             for s in [1000, 1024, 2047] {
-                for (padded, cudnn) in [(false, true), (false, false), (true, false)] {
+                for (layout, cudnn) in [
+                    ("plain", true),
+                    ("plain", false),
+                    ("padded", false),
+                    ("packed", false),
+                ] {
                     set_cudnn_enabled(cudnn);
                     let h = kvh * g;
-                    // Row 0: 37 left-padding tokens (queries that see nothing); row 1: 50 right.
+                    // Padded: row 0 has 37 left-padding tokens, row 1 50 right. Packed: row 0
+                    // holds documents of 300, 1, 500 and the rest of the tokens, row 1 two halves
+                    // and 50 tokens of right padding.
                     let (left, right) = (37, 50);
-                    let mask_values: Vec<f32> = (0..b * s)
-                        .map(|i| {
-                            let (row, j) = (i / s, i % s);
-                            let token = !padded || if row == 0 { j >= left } else { j < s - right };
-                            f32::from(token)
-                        })
-                        .collect();
-                    let live_values: Vec<f32> = (0..b * s)
-                        .map(|i| f32::from(!(padded && i / s == 0 && i % s < left)))
-                        .collect();
-                    let mask = padded.then(|| {
-                        Tensor::<B, 2>::from_data(
-                            TensorData::new(mask_values.clone(), [b, s]),
-                            device,
-                        )
-                    });
-                    let live =
-                        Tensor::<B, 3>::from_data(TensorData::new(live_values, [b, s, 1]), device);
+                    let int = |f: &dyn Fn(usize, usize) -> i64| {
+                        let values: Vec<i64> = (0..b * s).map(|i| f(i / s, i % s)).collect();
+                        Tensor::<B, 2, Int>::from_data(TensorData::new(values, [b, s]), device)
+                    };
+                    let segments = match layout {
+                        "padded" => attention_segments(
+                            Some(int(&|row, j| {
+                                i64::from(if row == 0 { j >= left } else { j < s - right })
+                            })),
+                            None,
+                        ),
+                        "packed" => attention_segments(
+                            Some(int(&|row, j| i64::from(row == 0 || j < s - right))),
+                            Some(int(&|row, j| {
+                                let starts: &[usize] =
+                                    if row == 0 { &[300, 301, 801] } else { &[s / 2] };
+                                starts.iter().filter(|&&start| j >= start).count() as i64
+                            })),
+                        ),
+                        _ => None,
+                    };
                     let (q, k, v) = inputs::<B>(b, h, kvh, s, d, device);
                     let cot = Tensor::<B, 3>::random(
                         [b, s, h * d],
                         Distribution::Normal(0.0, 1.0),
                         device,
-                    ) * live.clone();
+                    );
                     let run = |fast: bool| {
                         let (q, k, v) = (
                             q.clone().require_grad(),
@@ -211,13 +223,18 @@ fn check<B: AutodiffBackend + FlashAttentionBackend>(
                             v.clone().require_grad(),
                         );
                         let o = if fast {
-                            flash_attention(q.clone(), k.clone(), v.clone(), mask.clone(), None)
+                            flash_attention(q.clone(), k.clone(), v.clone(), segments.clone(), None)
                         } else {
-                            materialised_attention(q.clone(), k.clone(), v.clone(), mask.clone())
+                            materialised_attention(
+                                q.clone(),
+                                k.clone(),
+                                v.clone(),
+                                segments.clone(),
+                            )
                         };
                         let grads = (o.clone() * cot.clone()).sum().backward();
                         (
-                            host((o * live.clone()).inner()),
+                            host(o.inner()),
                             host4(q.grad(&grads).expect("dq")),
                             host4(k.grad(&grads).expect("dk")),
                             host4(v.grad(&grads).expect("dv")),
@@ -238,7 +255,7 @@ fn check<B: AutodiffBackend + FlashAttentionBackend>(
                     let ok = errs.iter().all(|e| *e <= tol);
                     all_ok &= ok;
                     println!(
-                        "{{\"check\":\"attention\",\"dtype\":\"{dtype}\",\"b\":{b},\"heads\":{h},\"kv_heads\":{kvh},\"seq\":{s},\"head_dim\":{d},\"padded\":{padded},\"cudnn\":{fused},\"rel_o\":{:.3e},\"rel_dq\":{:.3e},\"rel_dk\":{:.3e},\"rel_dv\":{:.3e},\"tol\":{tol:e},\"ok\":{ok}}}",
+                        "{{\"check\":\"attention\",\"dtype\":\"{dtype}\",\"b\":{b},\"heads\":{h},\"kv_heads\":{kvh},\"seq\":{s},\"head_dim\":{d},\"layout\":\"{layout}\",\"cudnn\":{fused},\"rel_o\":{:.3e},\"rel_dq\":{:.3e},\"rel_dk\":{:.3e},\"rel_dv\":{:.3e},\"tol\":{tol:e},\"ok\":{ok}}}",
                         errs[0], errs[1], errs[2], errs[3]
                     );
                 }

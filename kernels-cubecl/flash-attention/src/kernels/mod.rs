@@ -48,15 +48,20 @@ fn check_rows<R: CubeRuntime>(name: &str, t: &CubeTensor<R>, n: usize, rows: usi
     assert_eq!(t.dtype, burn::tensor::DType::F32, "`{name}` must be f32");
 }
 
-/// Checks the `[b, s]` f32 key mask against a block at `at` with `n` entries and `keys` keys.
-fn check_mask<R: CubeRuntime>(mask: &CubeTensor<R>, n: usize, keys: usize, at: BlockAt) {
-    let dims = mask.meta.shape().as_slice();
+/// Checks the `[b, s]` f32 segments against a block at `at` with `n` entries and `keys` keys
+/// (the block's last query position is `keys − 1`).
+fn check_segments<R: CubeRuntime>(segments: &CubeTensor<R>, n: usize, keys: usize, at: BlockAt) {
+    let dims = segments.meta.shape().as_slice();
     assert!(
         dims.len() == 2 && dims[0] * at.kv_heads == n && dims[1] >= keys,
-        "key mask {dims:?} does not cover {n} entries ({} kv heads) × {keys} keys",
+        "segments {dims:?} do not cover {n} entries ({} kv heads) × {keys} keys",
         at.kv_heads
     );
-    assert_eq!(mask.dtype, burn::tensor::DType::F32, "key mask must be f32");
+    assert_eq!(
+        segments.dtype,
+        burn::tensor::DType::F32,
+        "segments must be f32"
+    );
 }
 
 /// `u32` kernel arguments.

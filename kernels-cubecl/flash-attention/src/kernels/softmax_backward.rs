@@ -1,7 +1,7 @@
 //! The backward softmax of one score block, elementwise over `[n, rows, keys]`:
 //!
 //! ```text
-//! visible(r, j) = j ≤ q0 + r/g  and  key_mask[e / kvh, j] ≠ 0          (e: batch entry)
+//! visible(r, j) = j ≤ i  and  seg[e / kvh, j] = seg[e / kvh, i],   i = q0 + r/g   (e: batch entry)
 //! P_rj  = exp(S_rj − LSE_r) if visible, else 0        (S recomputed; written over S)
 //! dS_rj = scale · P_rj · (dP_rj − D_r)                 (D = rowsum(dO∘O); written over dP)
 //! ```
@@ -14,23 +14,23 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
 
-use super::{address_type, arg, block_dims, check_mask, check_rows, exclusive};
+use super::{address_type, arg, block_dims, check_rows, check_segments, exclusive};
 use crate::op::BlockAt;
 
 #[cube(launch, address_type = "dynamic")]
-// `has_mask` is comptime, `visible` runtime: the two `if`s stay apart.
+// `has_segments` is comptime, `visible` runtime: the two `if`s stay apart.
 #[allow(clippy::too_many_arguments, clippy::collapsible_if)]
 fn softmax_backward_kernel<F: Float, L: Float>(
     s: &mut Tensor<F>,
     dp: &mut Tensor<F>,
     lse: &Tensor<L>,
     delta: &Tensor<L>,
-    key_mask: &Tensor<L>,
+    segments: &Tensor<L>,
     q0: u32,
     groups: u32,
     kv_heads: u32,
     scale: f32,
-    #[comptime] has_mask: bool,
+    #[comptime] has_segments: bool,
     #[define(F, L)] _dtypes: [StorageType; 2],
 ) {
     let rows = s.shape(1);
@@ -42,12 +42,14 @@ fn softmax_backward_kernel<F: Float, L: Float>(
     let row = ABSOLUTE_POS / keys;
     let r = row % rows;
     let e = row / rows;
-    let mut visible = j <= q0 as usize + r / groups as usize;
-    if has_mask {
+    let i = q0 as usize + r / groups as usize;
+    let mut visible = j <= i;
+    if has_segments {
         if visible {
-            let b = e / kv_heads as usize;
+            let at = (e / kv_heads as usize) * segments.stride(0);
+            let step = segments.stride(1);
             visible =
-                f32::cast_from(key_mask[b * key_mask.stride(0) + j * key_mask.stride(1)]) != 0.0f32;
+                f32::cast_from(segments[at + j * step]) == f32::cast_from(segments[at + i * step]);
         }
     }
     let s_at = e * s.stride(0) + r * s.stride(1) + j * s.stride(2);
@@ -75,7 +77,7 @@ pub fn launch<R: CubeRuntime>(
     dp: CubeTensor<R>,
     lse: CubeTensor<R>,
     delta: CubeTensor<R>,
-    key_mask: Option<CubeTensor<R>>,
+    segments: Option<CubeTensor<R>>,
     at: BlockAt,
     scale: f64,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
@@ -88,8 +90,8 @@ pub fn launch<R: CubeRuntime>(
     assert_eq!(dp.dtype, s.dtype, "dP and S dtypes differ");
     check_rows("lse", &lse, n, rows);
     check_rows("delta", &delta, n, rows);
-    if let Some(mask) = &key_mask {
-        check_mask(mask, n, keys, at);
+    if let Some(segments) = &segments {
+        check_segments(segments, n, keys, at);
     }
     let (s, dp) = (exclusive(s), exclusive(dp));
     let units = n * rows * keys;
@@ -97,23 +99,23 @@ pub fn launch<R: CubeRuntime>(
         let client = s.client.clone();
         let cube_dim = CubeDim::new(&client, units);
         let cube_count = calculate_cube_count_elemwise(&client, units, cube_dim);
-        let has_mask = key_mask.is_some();
-        let mask = key_mask.unwrap_or_else(|| lse.clone());
+        let has_segments = segments.is_some();
+        let segments = segments.unwrap_or_else(|| lse.clone());
         softmax_backward_kernel::launch::<R>(
             &client,
             cube_count,
             cube_dim,
-            address_type(&[&s, &dp, &lse, &delta, &mask]),
+            address_type(&[&s, &dp, &lse, &delta, &segments]),
             s.clone().into_tensor_arg(),
             dp.clone().into_tensor_arg(),
             lse.into_tensor_arg(),
             delta.into_tensor_arg(),
-            mask.into_tensor_arg(),
+            segments.into_tensor_arg(),
             arg(at.q0, "q0"),
             arg(at.groups, "groups"),
             arg(at.kv_heads, "kv_heads"),
             scale as f32,
-            has_mask,
+            has_segments,
             [s.dtype.into(), DType::F32.into()],
         );
     }

@@ -1,15 +1,15 @@
 //! The forward softmax of one score block, one cube per row (`R·n` rows of `keys` scores):
 //!
 //! ```text
-//! visible(r, j) = j ≤ q0 + r/g  and  key_mask[e / kvh, j] ≠ 0          (e: batch entry)
-//! LSE_r = m + ln Σ_visible exp(S_rj − m),   m = max_visible S_rj       (1e30 if none visible)
+//! visible(r, j) = j ≤ i  and  seg[e / kvh, j] = seg[e / kvh, i],   i = q0 + r/g   (e: batch entry)
+//! LSE_r = m + ln Σ_visible exp(S_rj − m),   m = max_visible S_rj   (key i is always visible)
 //! P_rj  = exp(S_rj − LSE_r) if visible, else 0                         (written over S)
 //! ```
 //!
 //! Each unit runs an online max/sum over a strided share of the row, the cube combines the
 //! `(m, l)` pairs in shared memory (tree of halvings), then every unit writes its share of `P`.
-//! Masked scores stand at `-1e30` and an empty row's LSE at `1e30` ([`crate::block::NEG`],
-//! [`crate::block::EMPTY_ROW_LSE`]). f32 throughout whatever the storage type `F` of `S`/`P` (bf16 on GPUs); LSE is f32.
+//! The running max starts at `-1e30` ([`crate::block::NEG`]). f32 throughout whatever the
+//! storage type `F` of `S`/`P` (bf16 on GPUs); LSE is f32.
 
 use burn::tensor::DType;
 use burn_cubecl::CubeRuntime;
@@ -17,7 +17,7 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{address_type, arg, block_dims, check_mask, exclusive};
+use super::{address_type, arg, block_dims, check_segments, exclusive};
 use crate::op::BlockAt;
 
 /// Units per cube (a power of two): long rows are shared by many units.
@@ -28,11 +28,11 @@ const CUBE: u32 = 128;
 fn softmax_forward_kernel<F: Float, L: Float>(
     s: &mut Tensor<F>,
     lse: &mut Tensor<L>,
-    key_mask: &Tensor<L>,
+    segments: &Tensor<L>,
     q0: u32,
     groups: u32,
     kv_heads: u32,
-    #[comptime] has_mask: bool,
+    #[comptime] has_segments: bool,
     #[comptime] cube: u32,
     #[define(F, L)] _dtypes: [StorageType; 2],
 ) {
@@ -44,12 +44,19 @@ fn softmax_forward_kernel<F: Float, L: Float>(
     }
     let e = row / rows;
     let r = row % rows;
-    // Keys [0, end) may be visible: causal, the row's query position is q0 + r / g.
-    let mut end = q0 as usize + r / groups as usize + 1;
+    // Keys [0, end) may be visible: causal, the row's query position is i = q0 + r / g.
+    let i = q0 as usize + r / groups as usize;
+    let mut end = i + 1;
     if end > keys {
         end = keys;
     }
     let b = e / kv_heads as usize;
+    let seg_row = b * segments.stride(0);
+    let seg_step = segments.stride(1);
+    let mut own = 0.0f32;
+    if has_segments {
+        own = f32::cast_from(segments[seg_row + i * seg_step]);
+    }
     let base = e * s.stride(0) + r * s.stride(1);
     let ks = s.stride(2);
     let unit = UNIT_POS_X as usize;
@@ -62,9 +69,8 @@ fn softmax_forward_kernel<F: Float, L: Float>(
     let mut j = unit;
     while j < end {
         let mut visible = true;
-        if has_mask {
-            visible =
-                f32::cast_from(key_mask[b * key_mask.stride(0) + j * key_mask.stride(1)]) != 0.0f32;
+        if has_segments {
+            visible = f32::cast_from(segments[seg_row + j * seg_step]) == own;
         }
         if visible {
             let x = f32::cast_from(s[base + j * ks]);
@@ -95,11 +101,8 @@ fn softmax_forward_kernel<F: Float, L: Float>(
         sync_cube();
         half /= 2;
     }
-    let total = sl[0];
-    let mut row_lse = 1.0e30f32;
-    if total > 0.0f32 {
-        row_lse = sm[0] + f32::ln(total);
-    }
+    // The row's own key is visible, so the sum is at least 1.
+    let row_lse = sm[0] + f32::ln(sl[0]);
     if unit == 0 {
         lse[e * lse.stride(0) + r * lse.stride(1)] = L::cast_from(row_lse);
     }
@@ -109,9 +112,8 @@ fn softmax_forward_kernel<F: Float, L: Float>(
         let mut p = 0.0f32;
         if j < end {
             let mut visible = true;
-            if has_mask {
-                visible = f32::cast_from(key_mask[b * key_mask.stride(0) + j * key_mask.stride(1)])
-                    != 0.0f32;
+            if has_segments {
+                visible = f32::cast_from(segments[seg_row + j * seg_step]) == own;
             }
             if visible {
                 p = f32::exp(f32::cast_from(s[base + j * ks]) - row_lse);
@@ -126,16 +128,16 @@ fn softmax_forward_kernel<F: Float, L: Float>(
 /// copied first if shared); returns `(P, LSE)`, LSE a new `[n, rows]` f32 tensor.
 ///
 /// # Panics
-/// On a malformed block or mask.
+/// On a malformed block or malformed segments.
 pub fn launch<R: CubeRuntime>(
     s: CubeTensor<R>,
-    key_mask: Option<CubeTensor<R>>,
+    segments: Option<CubeTensor<R>>,
     at: BlockAt,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let [n, rows, keys] = block_dims(&s);
-    if let Some(mask) = &key_mask {
-        check_mask(mask, n, keys, at);
-        s.assert_is_on_same_device(mask);
+    if let Some(segments) = &segments {
+        check_segments(segments, n, keys, at);
+        s.assert_is_on_same_device(segments);
     }
     let s = exclusive(s);
     let lse = empty_device_dtype::<R>(
@@ -150,20 +152,20 @@ pub fn launch<R: CubeRuntime>(
         let x = total.min(65_535);
         let y = total.div_ceil(x);
         let cube_count = CubeCount::Static(arg(x, "cubes"), arg(y, "cubes"), 1);
-        let has_mask = key_mask.is_some();
-        let mask = key_mask.unwrap_or_else(|| lse.clone());
+        let has_segments = segments.is_some();
+        let segments = segments.unwrap_or_else(|| lse.clone());
         softmax_forward_kernel::launch::<R>(
             &client,
             cube_count,
             CubeDim::new_1d(CUBE),
-            address_type(&[&s, &lse, &mask]),
+            address_type(&[&s, &lse, &segments]),
             s.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
-            mask.into_tensor_arg(),
+            segments.into_tensor_arg(),
             arg(at.q0, "q0"),
             arg(at.groups, "groups"),
             arg(at.kv_heads, "kv_heads"),
-            has_mask,
+            has_segments,
             CUBE,
             [s.dtype.into(), DType::F32.into()],
         );

@@ -1,6 +1,8 @@
 //! Rotary position embedding in transformers' `rotate_half` convention over `[b, h, s, d]`
 //! (any strides), one unit per pair `(i, i + d/2)` of a row, math in f32 whatever the storage
-//! type `F` is, tables `cos`/`sin` `[s, d]` f32 (repeated over the two halves):
+//! type `F` is, tables `cos`/`sin` `[tb, s, d]` f32 (repeated over the two halves; `tb = 1`:
+//! every batch row at the same positions, `tb = b`: one row of positions per batch row, as
+//! packed documents that each start at position 0 need):
 //!
 //! ```text
 //! y_i       = x_i·cos_i       − σ·x_{i+d/2}·sin_i
@@ -19,7 +21,7 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{address_type, check_matrix, elementwise_launch};
+use super::{address_type, elementwise_launch};
 
 #[cube(launch, address_type = "dynamic")]
 fn rope_kernel<F: Float>(
@@ -45,9 +47,12 @@ fn rope_kernel<F: Float>(
     let base = batch * x.stride(0) + head * x.stride(1) + position * x.stride(2);
     let first = f32::cast_from(x[base + i * x.stride(3)]);
     let second = f32::cast_from(x[base + (i + half) * x.stride(3)]);
-    let table = position * cos.stride(0) + i * cos.stride(1);
-    let c = cos[table];
-    let s = sign * sin[position * sin.stride(0) + i * sin.stride(1)];
+    let mut table_row = 0;
+    if cos.shape(0) > 1 {
+        table_row = batch;
+    }
+    let c = cos[table_row * cos.stride(0) + position * cos.stride(1) + i * cos.stride(2)];
+    let s = sign * sin[table_row * sin.stride(0) + position * sin.stride(1) + i * sin.stride(2)];
 
     let out = ((batch * seq + position) * heads + head) * (2 * half);
     y[out + i] = F::cast_from(first * c - second * s);
@@ -58,8 +63,8 @@ fn rope_kernel<F: Float>(
 /// `[b, s, h, d]` tensor in `x`'s dtype (the caller views it as `[b, h, s, d]`).
 ///
 /// # Panics
-/// If `x` is not rank 4 with an even last dimension, or the tables are not f32 `[s, d]` on
-/// `x`'s device.
+/// If `x` is not rank 4 with an even last dimension, or the tables are not f32 `[1, s, d]` or
+/// `[b, s, d]` on `x`'s device.
 pub fn launch<R: CubeRuntime>(
     x: &CubeTensor<R>,
     cos: &CubeTensor<R>,
@@ -72,7 +77,11 @@ pub fn launch<R: CubeRuntime>(
     };
     assert!(d % 2 == 0, "rope: the head width {d} is odd");
     for (name, table) in [("cos", cos), ("sin", sin)] {
-        check_matrix(name, table, Some(s), Some(d));
+        let dims = table.meta.shape().as_slice();
+        assert!(
+            matches!(dims, &[tb, ts, td] if (tb == 1 || tb == b) && ts == s && td == d),
+            "rope: the {name} table must be [1 or {b}, {s}, {d}], got {dims:?}"
+        );
         assert_eq!(
             table.dtype,
             burn::tensor::DType::F32,
