@@ -27,6 +27,8 @@
 //!   grouped-query), on the same stream and with the same machinery (module `sdpa`, on a small
 //!   builder over cuDNN's backend graph API, module `cudnn`; `libcudnn.so.9` is loaded at run
 //!   time).
+//! - [`with_persistent_allocation`]: a scope whose buffers CubeCL allocates at their exact
+//!   size (a model's frozen weights).
 //!
 //! Row-major ↔ column-major: `D = op(A)·op(B)` is computed as the column-major `Dᵀ =
 //! op(B)ᵀ·op(A)ᵀ` on the same memory, no copies. Row-pitched tensors (CubeCL's optimized layout)
@@ -121,6 +123,8 @@ mod host_copy;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod layout;
 #[cfg(feature = "cuda")]
+mod persistent;
+#[cfg(feature = "cuda")]
 mod sdpa;
 #[cfg(feature = "cuda")]
 mod stream;
@@ -136,6 +140,8 @@ pub use gemm::{
 };
 #[cfg(feature = "cuda")]
 pub use host_copy::{HostCopy, copy_to_device, copy_to_host, prefetch_latest_offload};
+#[cfg(feature = "cuda")]
+pub use persistent::with_persistent_allocation;
 #[cfg(feature = "cuda")]
 pub use sdpa::{SdpaSaved, cudnn_version, sdpa_backward, sdpa_calls, sdpa_forward};
 #[cfg(feature = "cuda")]

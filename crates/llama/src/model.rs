@@ -718,6 +718,16 @@ pub fn build_model<B: Backend>(
     source: &mut dyn WeightSource,
     device: &B::Device,
 ) -> Result<LlamaForCausalLm<B>, ModelError> {
+    // The weights get buffers of their own size, outside the pools of the training step.
+    fused_mlp::with_persistent_memory::<B, _>(device, || build_layers(config, source, device))
+}
+
+/// [`build_model`]'s body.
+fn build_layers<B: Backend>(
+    config: &LlamaConfig,
+    source: &mut dyn WeightSource,
+    device: &B::Device,
+) -> Result<LlamaForCausalLm<B>, ModelError> {
     let mut loader = Loader { source, device };
     let (hidden, inter, vocab) = (
         config.hidden_size,

@@ -48,6 +48,7 @@ mod gemm;
 pub mod kernels;
 mod linear;
 mod matmul;
+mod memory;
 mod norm;
 mod op;
 mod rope;
@@ -57,6 +58,7 @@ mod vulkan;
 pub use dispatch::{fused_backend, fused_enabled, linear, mlp, rms_norm, rope, set_fused_enabled};
 pub use linear::{FusedLinearBackend, fused_linear_nd};
 pub use matmul::matmul;
+pub use memory::with_persistent_memory;
 pub use norm::{RmsNormBackend, RmsNormKernels, rms_norm_portable};
 pub use op::{
     FusedMlpBackend, FusedMlpKernels, LoraProj, MlpWeights, SwigluLoraBackward, Trans,
