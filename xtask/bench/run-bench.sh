@@ -32,11 +32,15 @@ for row in $rows; do
   # peft_bench takes a bool; unsloth_bench passes its value to use_gradient_checkpointing.
   ck=True; [ "$ckpt" = "false" ] && ck=False
   case "$ckpt" in unsloth) ck_unsloth="'unsloth'" ;; true) ck_unsloth=True ;; *) ck_unsloth=False ;; esac
+  # After each peer's own line (peak *allocated*, as torch reports it), one line with torch's
+  # peak *reserved* memory over the same run (the scripts reset the peak stats at their start):
+  # fastlora reports what CubeCL's pools reserve, so that is the like-for-like figure.
+  reserved="import json, torch; print(json.dumps(dict(peer=NAME, peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))))"
   if [[ " $peers " == *" peft "* ]]; then
-    (cd "$here/peers" && python3 -c "import peft_bench as p; p.run('$shape', $batch, $seq, $ck)") || status=1
+    (cd "$here/peers" && python3 -c "import peft_bench as p; p.run('$shape', $batch, $seq, $ck); ${reserved/NAME/\"peft\"}") || status=1
   fi
   if [ "$unsloth_ready" = 1 ]; then
-    (cd "$here/peers" && python3 -c "import unsloth_bench as p; p.run('$shape', $batch, $seq, $ck_unsloth)") || status=1
+    (cd "$here/peers" && python3 -c "import unsloth_bench as p; p.run('$shape', $batch, $seq, $ck_unsloth); ${reserved/NAME/\"unsloth\"}") || status=1
   fi
 done
 exit $status

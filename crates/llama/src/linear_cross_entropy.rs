@@ -33,10 +33,20 @@ use crate::model::LlamaForCausalLm;
 /// Bytes of f32 logits one chunk may hold under [`default_chunk_tokens`]: 256 MiB.
 pub const CHUNK_LOGITS_BYTES: usize = 256 << 20;
 
+/// Rows of a GEMM tile on the tensor cores: chunks of a multiple of it leave no tile part-empty.
+const TILE_ROWS: usize = 128;
+
 /// Tokens per chunk such that one chunk's f32 logits take at most [`CHUNK_LOGITS_BYTES`]
-/// (at least one token): 523 tokens at Llama 3's 128,256 vocabulary, 1,365 at SmolLM2's 49,152.
+/// (at least one token), rounded down to a multiple of 128 where that leaves one: 512 tokens at
+/// Llama 3's 128,256 vocabulary, 1,280 at SmolLM2's 49,152. The rounding keeps the head's GEMMs
+/// in whole tiles (523-token chunks would fill their fifth 128-row tile with 11 rows).
 pub fn default_chunk_tokens(vocab: usize) -> usize {
-    (CHUNK_LOGITS_BYTES / (4 * vocab.max(1))).max(1)
+    let tokens = (CHUNK_LOGITS_BYTES / (4 * vocab.max(1))).max(1);
+    if tokens >= TILE_ROWS {
+        tokens / TILE_ROWS * TILE_ROWS
+    } else {
+        tokens
+    }
 }
 
 /// Summed next-token cross-entropy of a causal LM from its final hidden states, and the number
@@ -568,7 +578,7 @@ mod tests {
     }
 
     #[test]
-    fn default_chunks_hold_at_most_256_mib_of_f32_logits() {
+    fn default_chunks_hold_at_most_256_mib_of_f32_logits_in_whole_tiles() {
         for vocab in [1, 320, 49_152, 128_256, 300_000_000] {
             let chunk = default_chunk_tokens(vocab);
             assert!(chunk >= 1);
@@ -576,11 +586,15 @@ mod tests {
                 chunk == 1 || chunk * vocab * 4 <= CHUNK_LOGITS_BYTES,
                 "{vocab}"
             );
+            let step = if chunk >= TILE_ROWS { TILE_ROWS } else { 1 };
+            assert!(chunk % step == 0, "{vocab}: {chunk} is not whole tiles");
             assert!(
-                (chunk + 1) * vocab * 4 > CHUNK_LOGITS_BYTES,
+                (chunk + step) * vocab * 4 > CHUNK_LOGITS_BYTES,
                 "{vocab}: could be larger"
             );
         }
-        assert_eq!(default_chunk_tokens(128_256), 523);
+        assert_eq!(default_chunk_tokens(128_256), 512);
+        assert_eq!(default_chunk_tokens(49_152), 1_280);
+        assert_eq!(default_chunk_tokens(320_000), 209);
     }
 }
