@@ -595,6 +595,6 @@ mod tests {
         }
         assert_eq!(default_chunk_tokens(128_256), 512);
         assert_eq!(default_chunk_tokens(49_152), 1_280);
-        assert_eq!(default_chunk_tokens(320_000), 209);
+        assert_eq!(default_chunk_tokens(320_000), 128);
     }
 }

@@ -561,10 +561,14 @@ fn train_on<B: AutodiffBackend>(
                 let memory = reserved_bytes(&device)
                     .map(|bytes| format!("  mem {:.2} GiB reserved", gib(bytes)))
                     .unwrap_or_default();
+                let norm = record
+                    .grad_norm
+                    .map(|norm| format!("  grad_norm {norm:.3}"))
+                    .unwrap_or_default();
                 bar.suspend(|| {
                     println!(
-                        "step {:>5}  loss {:.4}  lr {:.3e}  grad_norm {:.3}{memory}",
-                        record.step, record.loss, record.lr, record.grad_norm
+                        "step {:>5}  loss {:.4}  lr {:.3e}{norm}{memory}",
+                        record.step, record.loss, record.lr
                     )
                 });
             }

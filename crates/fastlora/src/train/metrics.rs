@@ -51,10 +51,12 @@ impl MetricsCsv {
     /// Adds a row; a write error is kept and reported by [`MetricsCsv::finish`].
     pub fn append(&mut self, r: &StepRecord, tokens_per_s: f64) {
         if self.failed.is_none() {
+            // No norm (no clipping): an empty field.
+            let grad_norm = r.grad_norm.map(|n| n.to_string()).unwrap_or_default();
             let row = writeln!(
                 self.out,
-                "{},{},{},{},{},{:.1}",
-                r.step, r.loss, r.lr, r.grad_norm, r.tokens, tokens_per_s
+                "{},{},{},{grad_norm},{},{:.1}",
+                r.step, r.loss, r.lr, r.tokens, tokens_per_s
             );
             self.failed = row.err();
         }

@@ -146,7 +146,7 @@ mod tests {
             step,
             loss,
             lr: 0.0,
-            grad_norm: 0.0,
+            grad_norm: None,
             tokens: 0,
         }
     }
