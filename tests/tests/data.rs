@@ -510,18 +510,27 @@ fn packing_preserves_the_token_stream_in_full_rows() {
     let row = 16;
     let packed = load(&records, &DataConfig::new(4096).with_packing(true)).unwrap();
     // Rows of 4096 hold everything: one row, the examples back to back, the chat one followed
-    // by an untrained EOS (its template ends turns with <|im_end|>, not EOS).
+    // by an untrained EOS (its template ends turns with <|im_end|>, not EOS). Each example's
+    // first token is no target (nothing of its own document precedes it), and each is its own
+    // document.
     assert_eq!(packed.len(), 1);
     let mut stream: Vec<u32> = Vec::new();
     let mut labels: Vec<i64> = Vec::new();
-    for example in unpacked.examples() {
+    let mut documents: Vec<u32> = Vec::new();
+    let count = unpacked.examples().len();
+    for (index, example) in unpacked.examples().iter().enumerate() {
         stream.extend(example.input_ids());
-        labels.extend(example.labels());
+        labels.push(IGNORE_INDEX);
+        labels.extend(&example.labels()[1..]);
+        // The chat example is last, and its EOS joins it.
+        let len = example.len() + usize::from(index + 1 == count);
+        documents.extend(std::iter::repeat_n(index as u32, len));
     }
     stream.push(0);
     labels.push(IGNORE_INDEX);
     assert_eq!(packed.examples()[0].input_ids(), stream);
     assert_eq!(packed.examples()[0].labels(), labels);
+    assert_eq!(packed.examples()[0].documents(), Some(documents.as_slice()));
 
     let mut config = DataConfig::new(row).with_packing(true);
     config.on_overflow = OnOverflow::Truncate;

@@ -59,8 +59,8 @@ pub enum AttentionPath {
     Materialised,
     /// The block-wise op, memory linear in the sequence (`flash-attention`).
     BlockWise,
-    /// cuDNN's fused flash attention where it takes the problem (f16/bf16, no key mask), the
-    /// block-wise op elsewhere (CUDA's default; `FASTLORA_CUDNN=0` turns cuDNN off).
+    /// cuDNN's fused flash attention where it takes the problem (f16/bf16, no padding or packed
+    /// documents to mask), the block-wise op elsewhere (CUDA's default; `FASTLORA_CUDNN=0` turns cuDNN off).
     CudnnThenBlockWise,
 }
 
@@ -109,7 +109,8 @@ impl fmt::Display for PatchReport {
             AttentionPath::CudnnThenBlockWise => writeln!(
                 f,
                 "Attention: cuDNN's fused flash attention where cuDNN takes the problem \
-                 (bf16/f16, no key mask: right-padded batches need none), else the block-wise op."
+                 (bf16/f16, nothing to mask: right-padded batches need no mask), else the \
+                 block-wise op (left padding, packed documents)."
             )?,
         }
         match self.checkpointing {

@@ -587,7 +587,10 @@ mod tests {
                 "{vocab}"
             );
             let step = if chunk >= TILE_ROWS { TILE_ROWS } else { 1 };
-            assert!(chunk % step == 0, "{vocab}: {chunk} is not whole tiles");
+            assert!(
+                chunk.is_multiple_of(step),
+                "{vocab}: {chunk} is not whole tiles"
+            );
             assert!(
                 (chunk + step) * vocab * 4 > CHUNK_LOGITS_BYTES,
                 "{vocab}: could be larger"

@@ -41,7 +41,7 @@
 //!   `Autodiff` over it (forward + the backward above), on top of [`AttentionKernels`] (the two
 //!   softmax steps) and [`fused_mlp::FusedMlpKernels::gemm`].
 //! - cuDNN's fused flash attention (feature `cuda`, module `cudnn`, through
-//!   `fastlora_cuda_gemm::sdpa_forward` / `sdpa_backward`): without a key mask, in f16/bf16, the
+//!   `fastlora_cuda_gemm::sdpa_forward` / `sdpa_backward`): without segments, in f16/bf16, the
 //!   whole forward and the whole backward each as one cuDNN kernel, its own autodiff node
 //!   ([`FlashAttentionBackend::fused_attention`]); anything cuDNN declines, and every problem
 //!   with segments (padding or packed documents), runs the block-wise op. On by default ([`cudnn_enabled`]; `FASTLORA_CUDNN=0` or [`set_cudnn_enabled`] turn it

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use fastlora_llama::{
-    KvCache, LlamaConfig, ModelError, PackedDocuments, WeightSource, build_model,
+    KvCache, LlamaConfig, LlamaForCausalLm, ModelError, PackedDocuments, WeightSource, build_model,
 };
 use fused_mlp::{WgpuBackend, vulkan_test_device};
 
@@ -80,6 +80,31 @@ fn rel_error(what: &str, got: Vec<f32>, want: Vec<f32>) -> f32 {
     rel
 }
 
+/// The decoder layers and final norm over `x` on the linear-memory attention (`flash`) or the
+/// materialised one: the hidden states at the unpadded positions (`live`), and `x`'s gradient
+/// under the cotangent `cot`.
+fn hidden_and_input_grad(
+    model: &LlamaForCausalLm<AB>,
+    x: &Tensor<AB, 3>,
+    mask: &Tensor<AB, 2, Int>,
+    documents: Option<&PackedDocuments<AB>>,
+    (cot, live): (&Tensor<AB, 3>, &Tensor<AB, 3>),
+    flash: bool,
+) -> (Tensor<WgpuBackend, 3>, Vec<f32>) {
+    flash_attention::set_flash_enabled(flash);
+    let x = x.clone().require_grad();
+    let ctx = model.context(&x, Some(mask.clone()), documents, 0);
+    assert_eq!(ctx.mask.is_none(), flash, "the context picks the path");
+    let mut h = x.clone();
+    for layer in &model.layers {
+        h = layer.forward(h, &model.rope, &ctx);
+    }
+    let h = model.norm.forward(h);
+    let grads = (h.clone() * cot.clone()).sum().backward();
+    let dx = x.grad(&grads).expect("dx");
+    ((h * live.clone()).inner(), values(dx))
+}
+
 #[test]
 fn model_attention_paths_agree() {
     let Some(device) = vulkan_test_device() else {
@@ -111,23 +136,10 @@ fn model_attention_paths_agree() {
     let live = mask.clone().float().reshape([b, s, 1]);
     let cot = cot * live.clone();
 
-    let run = |flash: bool| {
-        flash_attention::set_flash_enabled(flash);
-        let x = x.clone().require_grad();
-        let ctx = model.context(&x, Some(mask.clone()), None, 0);
-        assert_eq!(ctx.mask.is_none(), flash, "the context picks the path");
-        let mut h = x.clone();
-        for layer in &model.layers {
-            h = layer.forward(h, &model.rope, &ctx);
-        }
-        let h = model.norm.forward(h);
-        let grads = (h.clone() * cot.clone()).sum().backward();
-        let dx = x.grad(&grads).expect("dx");
-        (values((h * live.clone()).inner()), values(dx))
-    };
+    let run = |flash| hidden_and_input_grad(&model, &x, &mask, None, (&cot, &live), flash);
     let (h_fast, dx_fast) = run(true);
     let (h_ref, dx_ref) = run(false);
-    assert!(rel_error("hidden states", h_fast, h_ref) <= 1e-4);
+    assert!(rel_error("hidden states", values(h_fast), values(h_ref)) <= 1e-4);
     assert!(rel_error("input gradient", dx_fast, dx_ref) <= 1e-4);
 
     // Generation: the cached pass keeps the materialised mask, and its logits for a sequence fed
@@ -181,19 +193,9 @@ fn packed_documents_agree_across_paths_and_with_each_alone() {
         TensorData::new(draw(b * s * hidden), [b, s, hidden]),
         &device,
     ) * live.clone();
-    let run = |flash: bool| {
-        flash_attention::set_flash_enabled(flash);
-        let x = x.clone().require_grad();
-        let ctx = model.context(&x, Some(mask.clone()), Some(&documents), 0);
-        assert_eq!(ctx.mask.is_none(), flash, "the context picks the path");
-        let mut h = x.clone();
-        for layer in &model.layers {
-            h = layer.forward(h, &model.rope, &ctx);
-        }
-        let h = model.norm.forward(h);
-        let grads = (h.clone() * cot.clone()).sum().backward();
-        let dx = x.grad(&grads).expect("dx");
-        ((h * live.clone()).inner(), values(dx))
+    let run = |flash| {
+        let documents = Some(&documents);
+        hidden_and_input_grad(&model, &x, &mask, documents, (&cot, &live), flash)
     };
     let (h_fast, dx_fast) = run(true);
     let (h_ref, dx_ref) = run(false);

@@ -523,9 +523,57 @@ mod tests {
 
     use super::*;
     use crate::data::{Example, collate};
-    use crate::{CpuBackend, FastLanguageModel, LoraConfig, materialize_builtin_model};
+    use crate::{CpuBackend, FastLanguageModel, LoraConfig, PeftModel, materialize_builtin_model};
 
     type B = CpuBackend;
+    type Inner = <B as AutodiffBackend>::InnerBackend;
+
+    /// The built-in model with LoRA from `config` (its files are read whole at loading, so
+    /// their temporary folder may go).
+    fn builtin_peft(config: LoraConfig) -> PeftModel<B> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = materialize_builtin_model(dir.path()).unwrap();
+        FastLanguageModel::<B>::from_pretrained(path.to_str().unwrap(), &Default::default())
+            .unwrap()
+            .get_peft_model(config)
+            .unwrap()
+    }
+
+    /// Every LoRA factor's gradient, `(name, values)` in the model's order, from `grad_of`.
+    fn adapter_grads(
+        model: &LlamaForCausalLm<B>,
+        grad_of: impl Fn(&Param<Tensor<B, 2>>) -> Option<Tensor<Inner, 2>>,
+    ) -> Vec<(String, Vec<f32>)> {
+        let mut out = Vec::new();
+        for (name, proj) in model.projections() {
+            // Only adapters train: the frozen weights have no gradient.
+            let Some(adapter) = proj.adapter.as_ref() else {
+                continue;
+            };
+            for (factor, param) in [("A", &adapter.lora_a), ("B", &adapter.lora_b)] {
+                let grad = grad_of(param).unwrap_or_else(|| panic!("{name}.{factor}: no gradient"));
+                let values = grad.into_data().to_vec::<f32>().unwrap();
+                out.push((format!("{name}.{factor}"), values));
+            }
+        }
+        out
+    }
+
+    /// Asserts each gradient of `got` within 1e-4 of the largest magnitude of its counterpart
+    /// in `want` (which must not be zero); returns how many were compared.
+    fn assert_grads_close(got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>)]) -> usize {
+        assert_eq!(got.len(), want.len());
+        for ((name, got), (_, want)) in got.iter().zip(want) {
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let err = got
+                .iter()
+                .zip(want)
+                .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+            assert!(scale > 0.0, "{name}: zero gradient");
+            assert!(err <= 1e-4 * scale, "{name}: {err} over {scale}");
+        }
+        got.len()
+    }
 
     /// A right-padded batch trains without a key mask (so the fused attention can run), also
     /// when padded further to a longer row (as for cuDNN); its loss and LoRA gradients must be
@@ -533,22 +581,17 @@ mod tests {
     /// log-softmax, mean NLL over the labelled positions.
     #[test]
     fn right_padded_batch_trains_as_if_masked() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = materialize_builtin_model(dir.path()).unwrap();
         let device = Default::default();
-        let model = FastLanguageModel::<B>::from_pretrained(path.to_str().unwrap(), &device)
-            .unwrap()
-            .get_peft_model(
-                LoraConfig::builder()
-                    .r(8)
-                    .lora_alpha(16.0)
-                    .target_modules(["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
-                    .init_lora_weights(InitLoraWeights::Random)
-                    .random_state(3407)
-                    .build()
-                    .unwrap(),
-            )
-            .unwrap();
+        let model = builtin_peft(
+            LoraConfig::builder()
+                .r(8)
+                .lora_alpha(16.0)
+                .target_modules(["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+                .init_lora_weights(InitLoraWeights::Random)
+                .random_state(3407)
+                .build()
+                .unwrap(),
+        );
         let short = Example::fully_trained(vec![5, 17, 42, 99]);
         let long = Example::fully_trained(vec![11, 12, 13, 14, 15, 16, 17, 18]);
         let batch = collate(&[&short, &long], 3);
@@ -576,6 +619,7 @@ mod tests {
         let loss = (picked * keep.clone()).sum().neg() / keep.sum();
         let want_loss = f64::from(loss.clone().into_scalar());
         let want = loss.backward();
+        let want = adapter_grads(model.model(), |param| param.grad(&want));
         let mut compared = 0;
         for got in &runs {
             assert!(
@@ -583,32 +627,8 @@ mod tests {
                 "loss {} vs masked {want_loss}",
                 got.loss
             );
-        }
-        for (name, proj) in model.model().projections() {
-            let Some(adapter) = proj.adapter.as_ref() else {
-                continue;
-            };
-            for (param, got) in [&adapter.lora_a, &adapter.lora_b]
-                .into_iter()
-                .flat_map(|param| runs.iter().map(move |got| (param, got)))
-            {
-                let want = param.grad(&want).expect("masked gradient").into_data();
-                let got = got
-                    .grads
-                    .get::<<B as AutodiffBackend>::InnerBackend, 2>(param.id)
-                    .expect("unmasked gradient")
-                    .into_data();
-                let want = want.to_vec::<f32>().unwrap();
-                let got = got.to_vec::<f32>().unwrap();
-                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
-                assert!(scale > 0.0, "{name}: zero gradient");
-                assert!(err <= 1e-4 * scale, "{name}: {err} over {scale}");
-                compared += 1;
-            }
+            let grads = adapter_grads(model.model(), |param| got.grads.get::<Inner, 2>(param.id));
+            compared += assert_grads_close(&grads, &want);
         }
         assert_eq!(
             compared,
@@ -622,40 +642,23 @@ mod tests {
     /// untouched below it, and nothing computed without a `max`.
     #[test]
     fn clipping_scales_by_the_float64_global_norm() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = materialize_builtin_model(dir.path()).unwrap();
-        let device = Default::default();
-        let model = FastLanguageModel::<B>::from_pretrained(path.to_str().unwrap(), &device)
-            .unwrap()
-            .get_peft_model(
-                LoraConfig::builder()
-                    .r(4)
-                    .init_lora_weights(InitLoraWeights::Random)
-                    .random_state(11)
-                    .build()
-                    .unwrap(),
-            )
-            .unwrap();
+        let model = builtin_peft(
+            LoraConfig::builder()
+                .r(4)
+                .init_lora_weights(InitLoraWeights::Random)
+                .random_state(11)
+                .build()
+                .unwrap(),
+        );
         let example = Example::fully_trained(vec![5, 17, 42, 99, 3, 8]);
         let batch = collate(&[&example], 3);
         // Deterministic on the CPU: every call gives the same gradients.
         let grads = || step_gradients(model.model(), std::slice::from_ref(&batch)).grads;
         let values = |grads: &GradientsParams| -> Vec<Vec<f64>> {
-            let mut out = Vec::new();
-            for (_, proj) in model.model().projections() {
-                // Only adapters train: the frozen weights have no gradient.
-                let Some(adapter) = proj.adapter.as_ref() else {
-                    continue;
-                };
-                for param in [&adapter.lora_a, &adapter.lora_b] {
-                    let grad = grads
-                        .get::<<B as AutodiffBackend>::InnerBackend, 2>(param.id)
-                        .expect("gradient");
-                    let grad = grad.into_data().to_vec::<f32>().unwrap();
-                    out.push(grad.into_iter().map(f64::from).collect());
-                }
-            }
-            out
+            adapter_grads(model.model(), |param| grads.get::<Inner, 2>(param.id))
+                .into_iter()
+                .map(|(_, values)| values.into_iter().map(f64::from).collect())
+                .collect()
         };
         let before = values(&grads());
         let norm = before.iter().flatten().map(|g| g * g).sum::<f64>().sqrt();
@@ -691,21 +694,15 @@ mod tests {
     /// their document boundaries do not.
     #[test]
     fn packed_rows_train_as_their_examples_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = materialize_builtin_model(dir.path()).unwrap();
-        let device = Default::default();
-        let model = FastLanguageModel::<B>::from_pretrained(path.to_str().unwrap(), &device)
-            .unwrap()
-            .get_peft_model(
-                LoraConfig::builder()
-                    .r(8)
-                    .lora_alpha(16.0)
-                    .init_lora_weights(InitLoraWeights::Random)
-                    .random_state(7)
-                    .build()
-                    .unwrap(),
-            )
-            .unwrap();
+        let model = builtin_peft(
+            LoraConfig::builder()
+                .r(8)
+                .lora_alpha(16.0)
+                .init_lora_weights(InitLoraWeights::Random)
+                .random_state(7)
+                .build()
+                .unwrap(),
+        );
         let examples = [
             Example::fully_trained(vec![5, 17, 42, 99]),
             Example::fully_trained(vec![11, 12, 13, 14, 15]),
@@ -738,31 +735,10 @@ mod tests {
             crossed.loss,
             want.loss
         );
-        let mut compared = 0;
-        for (name, proj) in model.model().projections() {
-            let Some(adapter) = proj.adapter.as_ref() else {
-                continue;
-            };
-            for param in [&adapter.lora_a, &adapter.lora_b] {
-                let values = |run: &StepGradients| {
-                    run.grads
-                        .get::<<B as AutodiffBackend>::InnerBackend, 2>(param.id)
-                        .expect("gradient")
-                        .into_data()
-                        .to_vec::<f32>()
-                        .unwrap()
-                };
-                let (got, want) = (values(&got), values(&want));
-                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
-                assert!(scale > 0.0, "{name}: zero gradient");
-                assert!(err <= 1e-4 * scale, "{name}: {err} over {scale}");
-                compared += 1;
-            }
-        }
+        let grads_of = |run: &StepGradients| {
+            adapter_grads(model.model(), |param| run.grads.get::<Inner, 2>(param.id))
+        };
+        let compared = assert_grads_close(&grads_of(&got), &grads_of(&want));
         assert_eq!(compared, 2 * 7 * 2, "2 layers × 7 projections × 2 factors");
     }
 }
