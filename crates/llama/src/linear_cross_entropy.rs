@@ -23,29 +23,25 @@
 
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, IndexingUpdateOp, Int};
+use burn::tensor::{IndexingUpdateOp, Int};
 use fused_mlp::Trans::{N, T};
 use fused_mlp::matmul;
 
 use crate::loss::{IGNORE_INDEX, accumulation_dtype, causal_lm_loss_sum};
 use crate::model::LlamaForCausalLm;
 
-/// Bytes of logits one chunk may hold under [`default_chunk_tokens`]: 256 MiB.
+/// Bytes of f32 logits one chunk may hold under [`default_chunk_tokens`]: 256 MiB.
 pub const CHUNK_LOGITS_BYTES: usize = 256 << 20;
 
 /// Rows of a GEMM tile on the tensor cores: chunks of a multiple of it leave no tile part-empty.
 const TILE_ROWS: usize = 128;
 
-/// Tokens per chunk such that one chunk's logits, in `logits_dtype` (the hidden states'), take
-/// at most [`CHUNK_LOGITS_BYTES`] (at least one token), rounded down to a multiple of 128 where
-/// that leaves one. In f32: 512 tokens at Llama 3's 128,256 vocabulary, 1,280 at SmolLM2's
-/// 49,152; in bf16 (CUDA, where the CE kernel works on the chunk in place) twice as many, which
-/// gives the GEMM of the hidden states' gradient (`[tokens, vocab]·[vocab, hidden]`, a small
-/// output over a long sum) more output tiles. The rounding keeps the head's GEMMs in whole
-/// tiles (523-token chunks would fill their fifth 128-row tile with 11 rows). A 16-bit chunk
-/// that takes the portable path (no kernel) makes an f32 copy, twice the budget.
-pub fn default_chunk_tokens(vocab: usize, logits_dtype: DType) -> usize {
-    let tokens = (CHUNK_LOGITS_BYTES / (logits_dtype.size() * vocab.max(1))).max(1);
+/// Tokens per chunk such that one chunk's f32 logits take at most [`CHUNK_LOGITS_BYTES`]
+/// (at least one token), rounded down to a multiple of 128 where that leaves one: 512 tokens at
+/// Llama 3's 128,256 vocabulary, 1,280 at SmolLM2's 49,152. The rounding keeps the head's GEMMs
+/// in whole tiles (523-token chunks would fill their fifth 128-row tile with 11 rows).
+pub fn default_chunk_tokens(vocab: usize) -> usize {
+    let tokens = (CHUNK_LOGITS_BYTES / (4 * vocab.max(1))).max(1);
     if tokens >= TILE_ROWS {
         tokens / TILE_ROWS * TILE_ROWS
     } else {
@@ -584,7 +580,7 @@ mod tests {
     #[test]
     fn default_chunks_hold_at_most_256_mib_of_f32_logits_in_whole_tiles() {
         for vocab in [1, 320, 49_152, 128_256, 300_000_000] {
-            let chunk = default_chunk_tokens(vocab, DType::F32);
+            let chunk = default_chunk_tokens(vocab);
             assert!(chunk >= 1);
             assert!(
                 chunk == 1 || chunk * vocab * 4 <= CHUNK_LOGITS_BYTES,
@@ -600,10 +596,8 @@ mod tests {
                 "{vocab}: could be larger"
             );
         }
-        assert_eq!(default_chunk_tokens(128_256, DType::F32), 512);
-        assert_eq!(default_chunk_tokens(49_152, DType::F32), 1_280);
-        assert_eq!(default_chunk_tokens(320_000, DType::F32), 128);
-        assert_eq!(default_chunk_tokens(128_256, DType::BF16), 1_024);
-        assert_eq!(default_chunk_tokens(49_152, DType::BF16), 2_688);
+        assert_eq!(default_chunk_tokens(128_256), 512);
+        assert_eq!(default_chunk_tokens(49_152), 1_280);
+        assert_eq!(default_chunk_tokens(320_000), 128);
     }
 }

@@ -37,7 +37,7 @@ fn main() {
     let weight = Tensor::<B, 2>::random([vocab, width], Distribution::Normal(0.0, 0.02), &device);
     let targets =
         Tensor::<B, 1, Int>::random([tokens], Distribution::Uniform(0.0, vocab as f64), &device);
-    let chunk = default_chunk_tokens(vocab, hidden.dtype());
+    let chunk = default_chunk_tokens(vocab);
     let step = || {
         let hidden = hidden.clone().require_grad();
         let loss =

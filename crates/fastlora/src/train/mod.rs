@@ -338,8 +338,7 @@ fn step_gradients_timed<B: AutodiffBackend>(
 ) -> StepGradients {
     let device = model.embed_tokens.weight.device();
     let trained: usize = micro_batches.iter().map(Batch::num_trained_tokens).sum();
-    let embedding = model.embed_tokens.weight.val();
-    let chunk_tokens = default_chunk_tokens(embedding.dims()[0], embedding.dtype());
+    let chunk_tokens = default_chunk_tokens(model.embed_tokens.weight.dims()[0]);
     let mut accumulator = GradientsAccumulator::<LlamaForCausalLm<B>>::new();
     let mut loss_sum = 0.0;
     let mut tokens = 0;
