@@ -51,7 +51,7 @@ fn llama_hidden_states_match_layer_by_layer() {
     );
     let ctx = model.model.context(&x, None, None, 0);
     for (i, layer) in model.model.layers.iter().enumerate() {
-        x = layer.forward(x, &model.model.rope, &ctx);
+        x = layer.forward(x, &ctx);
         assert_close(
             &format!("hidden.{}", i + 1),
             &values(x.clone()),

@@ -108,13 +108,24 @@ impl<B: Backend> RotaryEmbedding<B> {
     /// - x: `[batch, heads, seq, head_dim]`
     pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
         let [_, _, seq, _] = x.dims();
-        let cos = self.cos.clone().narrow(0, start, seq).unsqueeze::<3>();
-        let sin = self.sin.clone().narrow(0, start, seq).unsqueeze::<3>();
+        let (cos, sin) = self.tables(start, seq);
         fused_mlp::rope(x, cos, sin)
     }
 
+    /// The `(cos, sin)` rows of positions `start..start + seq`, shared by every row of a batch.
+    ///
+    /// # Shapes
+    /// - cos, sin: `[1, seq, head_dim]`
+    ///
+    /// # Panics
+    /// If `start + seq` exceeds [`Self::max_positions`].
+    pub fn tables(&self, start: usize, seq: usize) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let rows = |table: &Tensor<B, 2>| table.clone().narrow(0, start, seq).unsqueeze::<3>();
+        (rows(&self.cos), rows(&self.sin))
+    }
+
     /// The `(cos, sin)` rows of each token's own position, for rows whose positions do not run
-    /// `0, 1, ..` (packed documents, each from 0): what [`Self::apply_tables`] takes.
+    /// `0, 1, ..` (packed documents, each from 0).
     ///
     /// # Shapes
     /// - positions: `[batch, seq]`
@@ -133,18 +144,6 @@ impl<B: Backend> RotaryEmbedding<B> {
                 .reshape([batch, seq, head_dim])
         };
         (rows(&self.cos), rows(&self.sin))
-    }
-
-    /// Rotates `x` with per-token tables from [`Self::tables_at`].
-    ///
-    /// # Shapes
-    /// - x: `[batch, heads, seq, head_dim]`; cos, sin: `[batch, seq, head_dim]`
-    pub fn apply_tables(
-        &self,
-        x: Tensor<B, 4>,
-        (cos, sin): &(Tensor<B, 3>, Tensor<B, 3>),
-    ) -> Tensor<B, 4> {
-        fused_mlp::rope(x, cos.clone(), sin.clone())
     }
 
     /// Positions the tables cover.
@@ -169,10 +168,10 @@ pub struct LayerContext<B: Backend> {
     /// ([`flash_attention::attention_segments`]: padding and packed documents); `None` without
     /// either, or on the materialised path.
     pub segments: Option<Tensor<B, 2>>,
-    /// RoPE tables `(cos, sin)` `[batch, seq, head_dim]` at each token's position, when packed
-    /// documents restart positions ([`RotaryEmbedding::tables_at`]); `None`: positions
-    /// `start_pos..start_pos + seq` in every row.
-    pub rope_tables: Option<(Tensor<B, 3>, Tensor<B, 3>)>,
+    /// RoPE tables `(cos, sin)` at this pass's positions: `[1, seq, head_dim]` for positions
+    /// `start_pos..start_pos + seq` in every row ([`RotaryEmbedding::tables`]), `[batch, seq,
+    /// head_dim]` where packed documents restart them ([`RotaryEmbedding::tables_at`]).
+    pub rope_tables: (Tensor<B, 3>, Tensor<B, 3>),
 }
 
 /// Multi-head attention with grouped K/V heads (GQA) and RoPE.
@@ -200,13 +199,8 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// Causal self-attention over `x`, keys and values from this pass only.
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rope: &RotaryEmbedding<B>,
-        ctx: &LayerContext<B>,
-    ) -> Tensor<B, 3> {
-        let (q, k, v) = self.rotated_qkv(x, rope, ctx);
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: &LayerContext<B>) -> Tensor<B, 3> {
+        let (q, k, v) = self.rotated_qkv(x, ctx);
         match &ctx.mask {
             Some(mask) => self.attend(q, k, v, mask),
             None => {
@@ -224,11 +218,10 @@ impl<B: Backend> Attention<B> {
     pub(crate) fn forward_cached(
         &self,
         x: Tensor<B, 3>,
-        rope: &RotaryEmbedding<B>,
         ctx: &LayerContext<B>,
         past: &mut LayerKv<B>,
     ) -> Tensor<B, 3> {
-        let (q, k, v) = self.rotated_qkv(x, rope, ctx);
+        let (q, k, v) = self.rotated_qkv(x, ctx);
         let (k, v) = past.append(k, v);
         let mask = ctx
             .mask
@@ -246,7 +239,6 @@ impl<B: Backend> Attention<B> {
     fn rotated_qkv(
         &self,
         x: Tensor<B, 3>,
-        rope: &RotaryEmbedding<B>,
         ctx: &LayerContext<B>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [batch, seq, _] = x.dims();
@@ -258,18 +250,9 @@ impl<B: Backend> Attention<B> {
             self.num_kv_heads,
         );
         let v = heads(fused_mlp::linear(x, &self.v_proj), self.num_kv_heads);
-        match &ctx.rope_tables {
-            Some(tables) => (
-                rope.apply_tables(q, tables),
-                rope.apply_tables(k, tables),
-                v,
-            ),
-            None => (
-                rope.apply(q, ctx.start_pos),
-                rope.apply(k, ctx.start_pos),
-                v,
-            ),
-        }
+        let (cos, sin) = &ctx.rope_tables;
+        let rotate = |t| fused_mlp::rope(t, cos.clone(), sin.clone());
+        (rotate(q), rotate(k), v)
     }
 
     /// Softmax attention of `q` over `k`/`v` under the additive `mask`, then `o_proj`.
@@ -353,26 +336,20 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    /// Runs the layer; a pure function of its input given `rope` and `ctx`, which is what lets a
-    /// checkpointing op recompute it in backward.
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rope: &RotaryEmbedding<B>,
-        ctx: &LayerContext<B>,
-    ) -> Tensor<B, 3> {
-        self.around_attention(x, |h| self.self_attn.forward(h, rope, ctx))
+    /// Runs the layer; a pure function of its input given `ctx` (positions and mask), which is
+    /// what lets a checkpointing op recompute it in backward.
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: &LayerContext<B>) -> Tensor<B, 3> {
+        self.around_attention(x, |h| self.self_attn.forward(h, ctx))
     }
 
     /// Runs the layer on new tokens after those `past` holds, appending theirs to `past`.
     pub(crate) fn forward_cached(
         &self,
         x: Tensor<B, 3>,
-        rope: &RotaryEmbedding<B>,
         ctx: &LayerContext<B>,
         past: &mut LayerKv<B>,
     ) -> Tensor<B, 3> {
-        self.around_attention(x, |h| self.self_attn.forward_cached(h, rope, ctx, past))
+        self.around_attention(x, |h| self.self_attn.forward_cached(h, ctx, past))
     }
 
     /// The residual blocks around `attention`, one definition for the cached and uncached pass.
@@ -495,10 +472,8 @@ impl<B: Backend> LlamaForCausalLm<B> {
                 false => self.checkpointing,
             };
             // The recompute runs in backward, after this call: the closure owns what it reads.
-            let (rope, ctx) = (self.rope.clone(), ctx.clone());
-            x = checkpoint(mode, x, layer, move |layer, x| {
-                layer.forward(x, &rope, &ctx)
-            });
+            let ctx = ctx.clone();
+            x = checkpoint(mode, x, layer, move |layer, x| layer.forward(x, &ctx));
         }
         self.norm.forward(x)
     }
@@ -567,7 +542,7 @@ impl<B: Backend> LlamaForCausalLm<B> {
         let mut x = self.embed_tokens.forward(input_ids);
         let ctx = self.layer_context(&x, None, None, cache.len(), false);
         for (layer, past) in self.layers.iter().zip(cache.layers_mut()) {
-            x = layer.forward_cached(x, &self.rope, &ctx, past);
+            x = layer.forward_cached(x, &ctx, past);
         }
         self.norm.forward(x)
     }
@@ -630,7 +605,10 @@ impl<B: Backend> LlamaForCausalLm<B> {
                 "packed documents' shape against the batch"
             );
         }
-        let rope_tables = documents.map(|d| self.rope.tables_at(d.positions.clone()));
+        let rope_tables = match documents {
+            Some(documents) => self.rope.tables_at(documents.positions.clone()),
+            None => self.rope.tables(start_pos, seq),
+        };
         if allow_flash && start_pos == 0 && flash_attention::flash_available::<B>() {
             return LayerContext {
                 start_pos,

@@ -97,7 +97,7 @@ fn hidden_and_input_grad(
     assert_eq!(ctx.mask.is_none(), flash, "the context picks the path");
     let mut h = x.clone();
     for layer in &model.layers {
-        h = layer.forward(h, &model.rope, &ctx);
+        h = layer.forward(h, &ctx);
     }
     let h = model.norm.forward(h);
     let grads = (h.clone() * cot.clone()).sum().backward();
