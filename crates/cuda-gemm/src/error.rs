@@ -120,6 +120,11 @@ pub enum GemmError {
         /// Why.
         reason: String,
     },
+    /// A GEMM or attention enqueued earlier without waiting (its configuration had run before)
+    /// failed on CubeCL's device runner; reported by the next call. The results of that earlier
+    /// call are undefined.
+    #[error("an earlier GPU call enqueued without waiting failed: {0}")]
+    Deferred(Box<GemmError>),
     /// The provider's internal registry lock was poisoned by a panic elsewhere.
     #[error("gemm: the stream registry is poisoned (an earlier GEMM panicked)")]
     Poisoned,

@@ -49,9 +49,13 @@
 //!    primary context — the very context CubeCL retained — and CubeCL makes it current on its
 //!    runner thread before each request, where the GEMM is issued.
 //! 2. **Same stream, no events.** The GEMM is issued from inside the server: a closure submitted
-//!    through `cubecl::device_handle::DeviceHandle::<CudaServer>::submit_blocking`, which runs it
-//!    with exclusive access to the server, in FIFO order with the calling thread's earlier
-//!    CubeCL work. There it calls `ComputeServer::get_resource` for every operand on the caller's
+//!    through `cubecl::device_handle::DeviceHandle::<CudaServer>`, which runs it on CubeCL's
+//!    device-runner thread with exclusive access to the server, in FIFO order with the calling
+//!    thread's earlier CubeCL work. The first GEMM of each configuration (shapes, layouts,
+//!    dtype) waits for the runner (`submit_blocking`) and returns its errors; later ones are
+//!    handed over without waiting (`submit`), so the host keeps issuing work while the runner
+//!    launches what came before — a failure there is returned by the next call (module
+//!    `deferred`; `FASTLORA_GPU_WAIT=1` makes every call wait). cuDNN attention does the same. There it calls `ComputeServer::get_resource` for every operand on the caller's
 //!    stream id (which makes the context current, aligns that stream with the streams that
 //!    produced the operands, and returns the device pointers with the memory pinned), then
 //!    enqueues cuBLAS **on CubeCL's own `CUstream` for that id** (`cublasLtMatmul(.., stream)` /
@@ -113,6 +117,8 @@
 mod cublas;
 #[cfg(feature = "cuda")]
 mod cudnn;
+#[cfg(feature = "cuda")]
+mod deferred;
 #[cfg(feature = "cuda")]
 mod error;
 #[cfg(feature = "cuda")]

@@ -20,6 +20,7 @@ use cubecl::server::{Binding, ComputeServer, Handle as BufferHandle};
 use cubecl::stream_id::StreamId;
 
 use crate::cudnn::{self, DataType, Handle, Plan};
+use crate::deferred;
 use crate::error::GemmError;
 use crate::gemm::CudaTensor;
 use crate::stream::{self, CudaServer, StreamOrdering};
@@ -418,13 +419,18 @@ fn run(
     };
     let client = CudaRuntime::client(device);
     let workspace: BufferHandle = client.empty(workspace_bytes.max(1));
-    submit(
-        device,
-        prepare.to_vec(),
-        exec.clone(),
-        Some(workspace.binding()),
-        bound,
-    )?;
+    if known.is_some() && !deferred::always_wait() {
+        // The plans exist and have run: hand the execution to the runner without waiting.
+        submit_without_waiting(device, exec.clone(), workspace.binding(), bound)?;
+    } else {
+        submit(
+            device,
+            prepare.to_vec(),
+            exec.clone(),
+            Some(workspace.binding()),
+            bound,
+        )?;
+    }
     CALLS[exec.pass as usize].fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
@@ -438,8 +444,9 @@ pub fn sdpa_calls() -> (usize, usize) {
     )
 }
 
-/// One trip to CubeCL's server: builds missing plans (on the caller's stream's cuDNN handle)
-/// and, when `workspace` is given, executes `exec`. Returns `exec`'s workspace size.
+/// One trip to CubeCL's server, waiting for it: builds missing plans (on the caller's stream's
+/// cuDNN handle) and, when `workspace` is given, executes `exec`. Returns `exec`'s workspace
+/// size.
 fn submit(
     device: &CudaDevice,
     prepare: Vec<Problem>,
@@ -447,85 +454,135 @@ fn submit(
     workspace: Option<Binding>,
     bound: Vec<(i64, Binding)>,
 ) -> Result<usize, GemmError> {
+    deferred::take()?;
     let stream_id = StreamId::current();
     let device_index = device.index;
     let desc = exec.describe();
-    let desc_for_channel = desc.clone();
     let handle = DeviceHandle::<CudaServer>::new(device.to_id());
-    let result =
-        handle.submit_blocking(move |server: &mut CudaServer| -> Result<usize, GemmError> {
-            let server_err = |e: cubecl::server::ServerError| GemmError::Server {
-                desc: format!("sdpa {desc}"),
-                reason: e.to_string(),
-            };
-            // As for the GEMMs: makes CubeCL's context current, orders the caller's stream after the
-            // producers of each buffer, and pins the buffers until the plan is enqueued.
-            let mut foreign = false;
-            let mut resources = Vec::with_capacity(bound.len() + 1);
-            let mut pointers = Vec::with_capacity(bound.len());
-            for (uid, binding) in bound {
-                foreign |= binding.stream != stream_id;
-                let resource = server
-                    .get_resource(binding, stream_id)
-                    .map_err(server_err)?;
-                pointers.push((uid, resource.resource().ptr));
-                resources.push(resource);
+    handle
+        .submit_blocking(move |server: &mut CudaServer| {
+            run_on_server(
+                server,
+                device_index,
+                stream_id,
+                &prepare,
+                &exec,
+                workspace,
+                bound,
+            )
+        })
+        .map_err(|e| GemmError::Server {
+            desc: format!("sdpa {desc}"),
+            reason: format!("device channel: {e:?}"),
+        })?
+}
+
+/// Executes `exec`, whose plan exists on the caller's stream, on CubeCL's runner without waiting
+/// for it; a failure there is returned by the next call ([`crate::deferred`]).
+fn submit_without_waiting(
+    device: &CudaDevice,
+    exec: Problem,
+    workspace: Binding,
+    bound: Vec<(i64, Binding)>,
+) -> Result<(), GemmError> {
+    deferred::take()?;
+    let stream_id = StreamId::current();
+    let device_index = device.index;
+    let handle = DeviceHandle::<CudaServer>::new(device.to_id());
+    handle.submit(move |server: &mut CudaServer| {
+        let prepare = [exec.clone()];
+        if let Err(error) = run_on_server(
+            server,
+            device_index,
+            stream_id,
+            &prepare,
+            &exec,
+            Some(workspace),
+            bound,
+        ) {
+            deferred::record(error);
+        }
+    });
+    Ok(())
+}
+
+/// The body of [`submit`], on the runner thread with the server.
+fn run_on_server(
+    server: &mut CudaServer,
+    device_index: usize,
+    stream_id: StreamId,
+    prepare: &[Problem],
+    exec: &Problem,
+    workspace: Option<Binding>,
+    bound: Vec<(i64, Binding)>,
+) -> Result<usize, GemmError> {
+    let server_err = |e: cubecl::server::ServerError| GemmError::Server {
+        desc: format!("sdpa {}", exec.describe()),
+        reason: e.to_string(),
+    };
+    // As for the GEMMs: makes CubeCL's context current, orders the caller's stream after the
+    // producers of each buffer, and pins the buffers until the plan is enqueued.
+    let mut foreign = false;
+    let mut resources = Vec::with_capacity(bound.len() + 1);
+    let mut pointers = Vec::with_capacity(bound.len());
+    for (uid, binding) in bound {
+        foreign |= binding.stream != stream_id;
+        let resource = server
+            .get_resource(binding, stream_id)
+            .map_err(server_err)?;
+        pointers.push((uid, resource.resource().ptr));
+        resources.push(resource);
+    }
+    let workspace_ptr = match workspace {
+        Some(binding) => {
+            let resource = server
+                .get_resource(binding, stream_id)
+                .map_err(server_err)?;
+            let ptr = resource.resource().ptr;
+            resources.push(resource);
+            Some(ptr)
+        }
+        None => None,
+    };
+    let result = stream::with_stream(server, device_index, stream_id, |state, server| {
+        let host_sync = matches!(state.ordering, StreamOrdering::HostSync { .. });
+        if state.cudnn.is_none() {
+            state.cudnn = Some(Handle::new(state.stream)?);
+        }
+        let cudnn_handle = state.cudnn.as_ref().ok_or(GemmError::Poisoned)?;
+        let mut plans = PLANS.lock().map_err(|_| GemmError::Poisoned)?;
+        let plans = plans.get_or_insert_with(HashMap::new);
+        let slot = state.stream as u64;
+        for problem in prepare {
+            let key = (device_index, slot, problem.clone());
+            if let std::collections::hash_map::Entry::Vacant(slot) = plans.entry(key) {
+                let version = cudnn::library_version()?;
+                supported(problem, version)?;
+                slot.insert(graphs::build(cudnn_handle, problem, version)?);
             }
-            let workspace_ptr = match workspace {
-                Some(binding) => {
-                    let resource = server
-                        .get_resource(binding, stream_id)
-                        .map_err(server_err)?;
-                    let ptr = resource.resource().ptr;
-                    resources.push(resource);
-                    Some(ptr)
-                }
-                None => None,
-            };
-            let result = stream::with_stream(server, device_index, stream_id, |state, server| {
-                let host_sync = matches!(state.ordering, StreamOrdering::HostSync { .. });
-                if state.cudnn.is_none() {
-                    state.cudnn = Some(Handle::new(state.stream)?);
-                }
-                let cudnn_handle = state.cudnn.as_ref().ok_or(GemmError::Poisoned)?;
-                let mut plans = PLANS.lock().map_err(|_| GemmError::Poisoned)?;
-                let plans = plans.get_or_insert_with(HashMap::new);
-                let slot = state.stream as u64;
-                for problem in &prepare {
-                    let key = (device_index, slot, problem.clone());
-                    if let std::collections::hash_map::Entry::Vacant(slot) = plans.entry(key) {
-                        let version = cudnn::library_version()?;
-                        supported(problem, version)?;
-                        slot.insert(graphs::build(cudnn_handle, problem, version)?);
-                    }
-                }
-                let plan = plans
-                    .get(&(device_index, slot, exec.clone()))
-                    .ok_or(GemmError::Poisoned)?;
-                let workspace_bytes = plan.workspace;
-                if let Some(workspace_ptr) = workspace_ptr {
-                    if host_sync {
-                        cubecl::future::block_on(server.sync(stream_id)).map_err(server_err)?;
-                    }
-                    // SAFETY: every pointer is a live CubeCL buffer pinned by `resources` until the
-                    // plan is enqueued, allocated with the shape and layout its tensor declares (the
-                    // callers build them so); the workspace holds at least `plan.workspace` bytes.
-                    unsafe { plan.execute(cudnn_handle, &pointers, workspace_ptr)? };
-                    if host_sync || foreign {
-                        // SAFETY: a live stream of the current context.
-                        unsafe { cudarc::driver::result::stream::synchronize(state.stream) }
-                            .map_err(|e| GemmError::driver("cuStreamSynchronize", e))?;
-                    }
-                }
-                Ok(workspace_bytes)
-            });
-            drop(resources);
-            result
-        });
-    result.map_err(|e| GemmError::Server {
-        desc: format!("sdpa {desc_for_channel}"),
-        reason: format!("device channel: {e:?}"),
-    })?
+        }
+        let plan = plans
+            .get(&(device_index, slot, exec.clone()))
+            .ok_or(GemmError::Poisoned)?;
+        let workspace_bytes = plan.workspace;
+        if let Some(workspace_ptr) = workspace_ptr {
+            if host_sync {
+                cubecl::future::block_on(server.sync(stream_id)).map_err(server_err)?;
+            }
+            // SAFETY: every pointer is a live CubeCL buffer pinned by `resources` until the
+            // plan is enqueued, allocated with the shape and layout its tensor declares (the
+            // callers build them so); the workspace holds at least `plan.workspace` bytes.
+            unsafe { plan.execute(cudnn_handle, &pointers, workspace_ptr)? };
+            if host_sync || foreign {
+                // SAFETY: a live stream of the current context.
+                unsafe { cudarc::driver::result::stream::synchronize(state.stream) }
+                    .map_err(|e| GemmError::driver("cuStreamSynchronize", e))?;
+            }
+        }
+        Ok(workspace_bytes)
+    });
+    drop(resources);
+    result
 }
 
 /// The limits cudnn-frontend applies to these graphs (its `sdpa_support_surface.h` and SDPA

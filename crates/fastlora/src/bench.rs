@@ -251,6 +251,8 @@ pub struct BenchResult {
     pub clip_ms: f64,
     /// AdamW, milliseconds.
     pub optimizer_ms: f64,
+    /// The host's own time in the step (see [`StepTimes::host`]), milliseconds.
+    pub host_ms: f64,
 }
 
 /// Runs `fastlora bench` and prints one JSON line.
@@ -349,7 +351,7 @@ fn bench_on<B: AutodiffBackend>(
         let seconds = started.elapsed().as_secs_f64();
         let times = trainer.last_step_times().unwrap_or_default();
         eprintln!(
-            "step {:>2}{} {:8.1} ms  loss {:.4}  (forward {:.1}, backward {:.1}, clip {:.1}, optimizer {:.1} ms)",
+            "step {:>2}{} {:8.1} ms  loss {:.4}  (forward {:.1}, backward {:.1}, clip {:.1}, optimizer {:.1} ms; host busy {:.1} ms)",
             step + 1,
             if step < args.warmup { " (warm-up)" } else { "" },
             seconds * 1e3,
@@ -358,6 +360,7 @@ fn bench_on<B: AutodiffBackend>(
             times.backward * 1e3,
             times.clip * 1e3,
             times.optimizer * 1e3,
+            times.host * 1e3,
         );
         loss = record.loss;
         if step >= args.warmup {
@@ -405,6 +408,7 @@ fn bench_on<B: AutodiffBackend>(
         backward_ms: ms(median(&|s| s.1.backward)),
         clip_ms: ms(median(&|s| s.1.clip)),
         optimizer_ms: ms(median(&|s| s.1.optimizer)),
+        host_ms: ms(median(&|s| s.1.host)),
     })
 }
 

@@ -143,6 +143,10 @@ pub struct StepTimes {
     pub clip: f64,
     /// The AdamW update.
     pub optimizer: f64,
+    /// Of the whole step, the host's own time: each phase up to the point where it waits for
+    /// the device. Near the total, the step is bound by the host issuing work (or by a full
+    /// launch queue); far below it, by the device.
+    pub host: f64,
 }
 
 impl StepTimes {
@@ -156,6 +160,8 @@ impl StepTimes {
 struct PhaseClock<'a, B: Backend> {
     device: &'a B::Device,
     last: Instant,
+    /// Summed time from each mark to the next one's sync.
+    host: f64,
 }
 
 impl<'a, B: Backend> PhaseClock<'a, B> {
@@ -164,11 +170,13 @@ impl<'a, B: Backend> PhaseClock<'a, B> {
         Self {
             device,
             last: Instant::now(),
+            host: 0.0,
         }
     }
 
     /// Seconds since the previous mark, after the device has finished.
     fn mark(&mut self) -> f64 {
+        self.host += self.last.elapsed().as_secs_f64();
         sync_device::<B>(self.device);
         let now = Instant::now();
         let seconds = now.duration_since(self.last).as_secs_f64();
@@ -274,6 +282,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         if let Some(clock) = clock.as_mut() {
             times.optimizer = clock.mark();
+            times.host = clock.host;
             self.times = Some(times);
         }
         self.peft.base.model = model;
