@@ -200,15 +200,24 @@ pub struct Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     /// Causal self-attention over `x`, keys and values from this pass only.
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &LayerContext<B>) -> Tensor<B, 3> {
-        let (q, k, v) = self.rotated_qkv(x, ctx);
+        let device = x.device();
+        let (q, k, v) = phase_timing::phase::<B, _>("attention: q/k/v + RoPE", &device, || {
+            self.rotated_qkv(x, ctx)
+        });
         match &ctx.mask {
             Some(mask) => self.attend(q, k, v, mask),
             None => {
                 // `LlamaForCausalLm::context` leaves the mask out only where the fast op runs
                 // (a backend it is compiled for, start_pos 0, fusing allowed).
-                let out = flash_attention::attention(q, k, v, ctx.segments.clone())
-                    .expect("the context chose the linear-memory attention for this backend");
-                fused_mlp::linear(out, &self.o_proj)
+                let out =
+                    phase_timing::phase::<B, _>("attention: softmax(QKᵀ)V", &device, || {
+                        flash_attention::attention(q, k, v, ctx.segments.clone()).expect(
+                            "the context chose the linear-memory attention for this backend",
+                        )
+                    });
+                phase_timing::phase::<B, _>("attention: o_proj", &device, || {
+                    fused_mlp::linear(out, &self.o_proj)
+                })
             }
         }
     }

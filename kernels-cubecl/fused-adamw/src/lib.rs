@@ -28,6 +28,7 @@ use burn::tensor::backend::AutodiffBackend;
 #[cfg(feature = "cubecl")]
 mod cube;
 mod dispatch;
+mod grouped;
 #[cfg(feature = "cubecl")]
 pub mod kernels;
 mod norm;
@@ -35,6 +36,7 @@ mod norm;
 mod vulkan;
 
 pub use dispatch::{fused_backend, set_kernels_enabled};
+pub use grouped::{GroupedAdamW, GroupedAdamWRecord};
 pub use norm::{SquaredNorm, squared_norm};
 #[cfg(feature = "wgpu")]
 pub use vulkan::vulkan_test_device;

@@ -365,3 +365,165 @@ fn squared_norm_matches_f64_on_wgpu() {
 fn squared_norm_matches_f64_on_ndarray() {
     check_squared_norm::<Cpu>(&Default::default());
 }
+
+/// More adapter-like tensors than one group takes (16), of ragged sizes (one larger than a
+/// launch's 64 × 256 units per tensor, so units loop), a vector, and a frozen matrix that gets
+/// no gradient.
+#[derive(Module, Debug)]
+struct Many<B: Backend> {
+    matrices: Vec<Param<Tensor<B, 2>>>,
+    vector: Param<Tensor<B, 1>>,
+    frozen: Param<Tensor<B, 2>>,
+}
+
+const MANY_SHAPES: [[usize; 2]; 20] = [
+    [16, 57],
+    [57, 16],
+    [16, 19],
+    [19, 16],
+    [3, 5],
+    [1, 1],
+    [300, 200],
+    [16, 150],
+    [150, 16],
+    [7, 9],
+    [16, 33],
+    [33, 16],
+    [2, 64],
+    [64, 2],
+    [16, 57],
+    [57, 16],
+    [16, 19],
+    [19, 16],
+    [31, 3],
+    [1, 129],
+];
+
+fn many<B: Backend>(device: &B::Device) -> Many<B> {
+    let random =
+        |shape: [usize; 2]| Tensor::random(shape, Distribution::Uniform(-1.0, 1.0), device);
+    Many {
+        matrices: MANY_SHAPES
+            .iter()
+            .map(|&shape| Param::from_tensor(random(shape)))
+            .collect(),
+        vector: Param::from_tensor(Tensor::random(
+            [23],
+            Distribution::Uniform(-1.0, 1.0),
+            device,
+        )),
+        frozen: Param::from_tensor(random([4, 4])).set_require_grad(false),
+    }
+}
+
+/// The same random gradients for two copies of a [`Many`] (fresh buffers for each).
+fn many_grads<B: AutodiffBackend>(
+    a: &Many<B>,
+    b: &Many<B>,
+    scale: f64,
+    device: &B::Device,
+) -> (GradientsParams, GradientsParams) {
+    let (mut ga, mut gb) = (GradientsParams::new(), GradientsParams::new());
+    for ((pa, pb), &shape) in a.matrices.iter().zip(&b.matrices).zip(&MANY_SHAPES) {
+        let g = Tensor::<B::InnerBackend, 2>::random(
+            shape,
+            Distribution::Uniform(-scale, scale),
+            device,
+        );
+        gb.register(pb.id, fresh(&g));
+        ga.register(pa.id, g);
+    }
+    let g =
+        Tensor::<B::InnerBackend, 1>::random([23], Distribution::Uniform(-scale, scale), device);
+    gb.register(b.vector.id, fresh(&g));
+    ga.register(a.vector.id, g);
+    (ga, gb)
+}
+
+#[track_caller]
+fn assert_many_close<B: AutodiffBackend>(what: &str, got: &Many<B>, want: &Many<B>, tol: f32) {
+    for (k, (g, w)) in got.matrices.iter().zip(&want.matrices).enumerate() {
+        assert_close(&format!("{what} matrix {k}"), g.val(), w.val(), tol);
+    }
+    assert_close(
+        &format!("{what} vector"),
+        got.vector.val(),
+        want.vector.val(),
+        tol,
+    );
+    assert_close(
+        &format!("{what} frozen"),
+        got.frozen.val(),
+        want.frozen.val(),
+        0.0,
+    );
+}
+
+/// `GroupedAdamW` against Burn's `OptimizerAdaptor<AdamW, ..>` step by step on [`Many`], with
+/// each optimizer's record saved and loaded into the other halfway (checkpoints are shared).
+fn grouped_matches_burn<B: AutodiffBackend>(device: &B::Device, tol: f32) {
+    let weight_decay = 0.01;
+    let mut burn = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.999)
+        .with_epsilon(1e-8)
+        .with_weight_decay(weight_decay)
+        .init::<B, Many<B>>();
+    let mut grouped = fused_config(weight_decay).init_grouped::<B, Many<B>>();
+    let mut module_burn = many::<B>(device);
+    let mut module_grouped = module_burn.clone();
+    let frozen_before = values(module_grouped.frozen.val());
+    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+    let dir = tempfile::tempdir().unwrap();
+    for (step, lr) in LRS.into_iter().enumerate() {
+        if step == 2 {
+            // Swap the states through files: Burn's record into the grouped optimizer and back.
+            let (to_grouped, to_burn) = (dir.path().join("burn"), dir.path().join("grouped"));
+            Recorder::<B>::record(&recorder, burn.to_record(), to_grouped.clone()).unwrap();
+            Recorder::<B>::record(&recorder, grouped.to_record(), to_burn.clone()).unwrap();
+            grouped =
+                grouped.load_record(Recorder::<B>::load(&recorder, to_grouped, device).unwrap());
+            burn = burn.load_record(Recorder::<B>::load(&recorder, to_burn, device).unwrap());
+        }
+        let scale = [1.0, 0.1, 3.0, 0.5][step];
+        let (grads_burn, grads_grouped) = many_grads(&module_burn, &module_grouped, scale, device);
+        let held = module_grouped.matrices[0].val();
+        let held_before = values(held.clone());
+        module_burn = burn.step(lr, module_burn, grads_burn);
+        module_grouped = grouped.step(lr, module_grouped, grads_grouped);
+        assert_eq!(
+            values(held),
+            held_before,
+            "step {}: input parameter changed",
+            step + 1
+        );
+        assert_many_close(
+            &format!("step {}", step + 1),
+            &module_grouped,
+            &module_burn,
+            tol,
+        );
+        assert!(module_grouped.matrices[0].val().is_require_grad());
+    }
+    assert_eq!(values(module_grouped.frozen.val()), frozen_before);
+    let record = grouped.to_record();
+    assert_eq!(
+        record.len(),
+        MANY_SHAPES.len() + 1,
+        "one state per trained tensor"
+    );
+    assert!(!record.contains_key(&module_grouped.frozen.id));
+}
+
+#[test]
+fn grouped_steps_match_burn_adamw_on_wgpu() {
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
+    grouped_matches_burn::<Autodiff<W>>(&device, TOL);
+}
+
+#[test]
+fn grouped_steps_are_burn_adamw_bitwise_on_ndarray() {
+    grouped_matches_burn::<Autodiff<Cpu>>(&Default::default(), 0.0);
+}

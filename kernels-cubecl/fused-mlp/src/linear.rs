@@ -3,7 +3,7 @@
 //! attention projections and the LM head run on cuBLAS instead of Burn's matmul.
 //!
 //! ```text
-//! forward:  xa = x·Aᵀ             y = x·Wᵀ + s·xa·Bᵀ             (β-accumulated, one output)
+//! forward:  xa = x·Aᵀ             y = x·Wᵀ + s·xa·Bᵀ             (x·Wᵀ β-accumulated onto s·xa·Bᵀ)
 //! backward: δxa = δy·B            dA = s·δxaᵀ·x      dB = s·δyᵀ·xa      dW = δyᵀ·x
 //!           dx = δy·W + s·δxa·A
 //! ```
@@ -53,8 +53,11 @@ fn lora_forward<B: FusedMlpKernels>(
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     use Trans::{N, T};
     let xa = B::gemm(x.clone(), N, a, T, 1.0, None);
-    let y = B::gemm(x, N, w, T, 1.0, None);
-    (B::gemm(xa.clone(), N, b, T, s, Some(y)), xa)
+    // The rank-r product first, the base GEMM accumulating onto it: the compute-bound GEMM
+    // absorbs the read of its accumulator, where the rank-r one would have to read `[N, d_out]`
+    // again for little arithmetic.
+    let update = B::gemm(xa.clone(), N, b, T, s, None);
+    (B::gemm(x, N, w, T, 1.0, Some(update)), xa)
 }
 
 #[cfg(feature = "cubecl")]
@@ -137,9 +140,10 @@ impl<B: FusedMlpKernels> Backward<B, 4> for LoraLinearBackward {
             grads.register::<B>(node.id, B::gemm(dy.clone(), T, x, N, 1.0, None));
         }
         if let Some(node) = x_node {
-            let base = B::gemm(dy, N, w, N, 1.0, None);
+            // As in forward: the rank-r term first, accumulated into by the base product.
             let dxa = dxa.expect("computed for x");
-            grads.register::<B>(node.id, B::gemm(dxa, N, a, N, s, Some(base)));
+            let update = B::gemm(dxa, N, a, N, s, None);
+            grads.register::<B>(node.id, B::gemm(dy, N, w, N, 1.0, Some(update)));
         }
     }
 }

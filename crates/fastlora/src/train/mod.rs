@@ -13,14 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::{ModuleVisitor, Param, ParamId};
-use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer, adaptor::OptimizerAdaptor};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, TensorData};
 use fastlora_llama::{
     LlamaForCausalLm, PackedDocuments, causal_lm_fused_loss_sum, default_chunk_tokens,
 };
-use fused_adamw::{FusedAdamW, FusedAdamWConfig};
+use fused_adamw::{FusedAdamWConfig, GroupedAdamW};
 use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{TrainerState, latest_checkpoint};
@@ -113,9 +113,10 @@ pub struct StepRecord {
     pub tokens: usize,
 }
 
-/// AdamW with one fused kernel launch per parameter on the CubeCL backends (Burn's `AdamW` on
-/// the others; Burn's state type either way, so checkpoints are interchangeable).
-type Adam<B> = OptimizerAdaptor<FusedAdamW, LlamaForCausalLm<B>, B>;
+/// AdamW over all trained tensors at once: one fused kernel launch per group of 16 tensors on
+/// the CubeCL backends, Burn's `AdamW` math on the others; Burn's adaptor record either way, so
+/// checkpoints are interchangeable with Burn's optimizer.
+type Adam<B> = GroupedAdamW<LlamaForCausalLm<B>, B>;
 
 /// Drives training of a [`PeftModel`] over batches made by a caller-supplied function.
 pub struct Trainer<B: AutodiffBackend> {
@@ -391,7 +392,7 @@ fn adamw<B: AutodiffBackend>(config: &TrainConfig) -> Adam<B> {
         .with_beta_2(0.999)
         .with_epsilon(1e-8)
         .with_weight_decay(config.weight_decay as f32)
-        .init()
+        .init_grouped()
 }
 
 fn int_tensor<B: Backend>(

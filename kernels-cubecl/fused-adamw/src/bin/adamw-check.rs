@@ -1,12 +1,15 @@
-//! `adamw-check`: the fused AdamW step and squared norm against Burn's on a CUDA GPU, at the
-//! LoRA shapes of the SmolLM2-135M and Llama-3.2-1B benchmarks (f32 adapters on the bf16 and
-//! the f32 backend, as the trainer keeps them), over several steps with a changing learning rate.
+//! `adamw-check`: the fused AdamW step (per tensor and grouped) and squared norm against Burn's on
+//! a CUDA GPU, at the LoRA shapes of the SmolLM2-135M and Llama-3.2-1B benchmarks (f32 adapters on
+//! the bf16 and the f32 backend, as the trainer keeps them), over several steps with a changing
+//! learning rate.
 //!
 //! Prints one line per cell and exits non-zero if any differs by more than 1e-5 relative
 //! (param and moments, per tensor) or produces a non-finite value. Staged by `cargo xtask
 //! gpu-test`.
 
-use burn::optim::{AdamWConfig, AdamWState, SimpleOptimizer};
+use burn::backend::Autodiff;
+use burn::module::{Module, Param};
+use burn::optim::{AdamWConfig, AdamWState, GradientsParams, Optimizer, SimpleOptimizer};
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use fused_adamw::{CudaBackend, FusedAdamWConfig, squared_norm};
@@ -145,6 +148,69 @@ fn norm<B: Backend>(shapes: &[[usize; 2]], device: &B::Device) -> Result<f64, St
     Ok((got - want).abs() / want)
 }
 
+/// LoRA factors as a module: the trainer's optimizer steps them all at once.
+#[derive(Module, Debug)]
+struct Adapters<B: Backend> {
+    factors: Vec<Param<Tensor<B, 2>>>,
+}
+
+/// `GroupedAdamW` (groups of up to 16 tensors per launch) against Burn's `AdamW` through its
+/// optimizer adaptor, on 42 f32 factors cycling through `shapes` (three groups, the last
+/// partial), over the steps of [`LRS`]. Returns the worst relative parameter error.
+fn grouped<B: Backend>(shapes: &[[usize; 2]], device: &B::Device) -> Result<f32, String> {
+    type A<B> = Autodiff<B>;
+    let random = |shape: [usize; 2], scale: f64| {
+        Tensor::<B, 2>::random(shape, Distribution::Uniform(-scale, scale), device).cast(DType::F32)
+    };
+    let all: Vec<[usize; 2]> = shapes.iter().copied().cycle().take(42).collect();
+    let mut burn_module = Adapters::<A<B>> {
+        factors: all
+            .iter()
+            .map(|&s| Param::from_tensor(Tensor::from_inner(random(s, 0.05)).require_grad()))
+            .collect(),
+    };
+    let mut grouped_module = burn_module.clone();
+    let mut burn = AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.01)
+        .init::<A<B>, Adapters<A<B>>>();
+    let mut grouped = FusedAdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.01)
+        .init_grouped::<A<B>, Adapters<A<B>>>();
+    let mut worst = 0f32;
+    for (step, lr) in LRS.into_iter().enumerate() {
+        let scale = [1e-3, 1e-2, 1.0, 1e-4][step % 4];
+        let (mut g_burn, mut g_grouped) = (GradientsParams::new(), GradientsParams::new());
+        for ((pb, pg), &shape) in burn_module
+            .factors
+            .iter()
+            .zip(&grouped_module.factors)
+            .zip(&all)
+        {
+            let g = random(shape, scale);
+            g_grouped.register(pg.id, g.clone());
+            g_burn.register(pb.id, g);
+        }
+        burn_module = burn.step(lr, burn_module, g_burn);
+        grouped_module = grouped.step(lr, grouped_module, g_grouped);
+        B::sync(device).map_err(|e| format!("step {}: the device reports {e:?}", step + 1))?;
+        for (k, (pb, pg)) in burn_module
+            .factors
+            .iter()
+            .zip(&grouped_module.factors)
+            .enumerate()
+        {
+            worst = worst.max(relative(
+                &format!("step {} factor {k} {:?}", step + 1, all[k]),
+                pg.val().inner(),
+                pb.val().inner(),
+            )?);
+        }
+    }
+    Ok(worst)
+}
+
 fn cells<B: Backend>(backend: &str, failures: &mut usize) {
     let device = Default::default();
     // r = 16 LoRA factors of SmolLM2-135M (hidden 576, kv 192, mlp 1536) and Llama-3.2-1B
@@ -179,6 +245,20 @@ fn cells<B: Backend>(backend: &str, failures: &mut usize) {
                     println!("FAIL adamw {backend} {shape:?} zero-first {zero_first}: {e}");
                 }
             }
+        }
+    }
+    match grouped::<B>(&shapes, &device) {
+        Ok(err) if err <= TOL => println!(
+            "PASS grouped-adamw {backend} 42 tensors: {} steps, worst relative {err:.2e}",
+            LRS.len()
+        ),
+        Ok(err) => {
+            *failures += 1;
+            println!("FAIL grouped-adamw {backend} 42 tensors: worst relative {err:.2e}");
+        }
+        Err(e) => {
+            *failures += 1;
+            println!("FAIL grouped-adamw {backend}: {e}");
         }
     }
     match norm::<B>(&shapes, &device) {
