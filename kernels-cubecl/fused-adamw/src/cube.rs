@@ -25,7 +25,8 @@ pub(crate) type StepResult<B, const D: usize> = Result<
     (Tensor<B, D>, Tensor<B, D>, Option<AdamWState<B, D>>),
 >;
 
-/// One AdamW step as one kernel launch. `B`'s float primitive must be `CubeTensor<R>`.
+/// One AdamW step as one kernel launch (a group of one). `B`'s float primitive must be
+/// `CubeTensor<R>`.
 pub(crate) fn step<B: Backend, R: CubeRuntime, const D: usize>(
     optim: &FusedAdamW,
     lr: LearningRate,
@@ -60,19 +61,22 @@ pub(crate) fn step<B: Backend, R: CubeRuntime, const D: usize>(
         ),
         None => (1, None, None),
     };
-    let out = adamw_step::launch::<R>(
-        into_prim::<B, CubeTensor<R>, D>(tensor),
-        into_prim::<B, CubeTensor<R>, D>(grad),
+    let member = adamw_step::GroupMember {
+        param: into_prim::<B, CubeTensor<R>, D>(tensor),
+        grad: into_prim::<B, CubeTensor<R>, D>(grad),
         moments,
-        &adamw_step::StepScalars {
-            beta_1: optim.beta_1,
-            beta_2: optim.beta_2,
-            epsilon: optim.epsilon,
-            weight_decay: optim.weight_decay,
-            lr,
-            time,
-        },
-    );
+    };
+    let scalars = adamw_step::StepScalars {
+        beta_1: optim.beta_1,
+        beta_2: optim.beta_2,
+        epsilon: optim.epsilon,
+        weight_decay: optim.weight_decay,
+        lr,
+        time,
+    };
+    let out = adamw_step::launch::<R>(vec![member], &scalars)
+        .pop()
+        .expect("one output per member");
     let state = AdamWState {
         momentum: AdaptiveMomentumState {
             time,

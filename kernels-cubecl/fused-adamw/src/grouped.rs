@@ -1,5 +1,5 @@
 //! [`GroupedAdamW`]: the AdamW step of a whole module with one kernel launch per group of up to
-//! [`kernels::adamw_group::GROUP`](crate::kernels) parameter tensors on the CubeCL backends.
+//! 16 parameter tensors on the CubeCL backends.
 
 use std::marker::PhantomData;
 
@@ -18,7 +18,7 @@ pub type GroupedAdamWRecord<M, B> = <OptimizerAdaptor<FusedAdamW, M, B> as Optim
 /// ([`crate::fused_backend`]) the parameters with gradients are stepped in groups of up to 16
 /// tensors of one dtype (fewer where the runtime allows fewer bindings per kernel), one kernel
 /// launch and three output buffers per group
-/// (`kernels::adamw_group`); elsewhere, or with Burn's per-parameter gradient clipping, each
+/// (`kernels::adamw_step`); elsewhere, or with Burn's per-parameter gradient clipping, each
 /// parameter is stepped as [`FusedAdamW`] through Burn's `OptimizerAdaptor`. The math is
 /// [`FusedAdamW`]'s either way.
 ///
@@ -137,8 +137,7 @@ mod cube_grouped {
     use super::*;
     use crate::cube::kernel_dtype;
     use crate::dispatch::{from_prim, into_prim};
-    use crate::kernels::adamw_group::{self, GroupMember, capacity};
-    use crate::kernels::adamw_step::StepScalars;
+    use crate::kernels::adamw_step::{self, GroupMember, StepScalars, capacity};
 
     /// What the group launches need of one parameter.
     struct Pending<R: CubeRuntime> {
@@ -149,6 +148,10 @@ mod cube_grouped {
         /// Kept as it is (AMSGrad is off).
         max_moment_2: Option<CubeTensor<R>>,
     }
+
+    /// What the tensors of one launch share: dtype, step count after this step, and whether
+    /// this is their first step (no moments yet).
+    type GroupKey = (DType, usize, bool);
 
     /// A parameter's new value and state, rank-free until the mapper puts them back.
     struct Stepped<R: CubeRuntime> {
@@ -290,7 +293,7 @@ mod cube_grouped {
         } = collect;
 
         // Groups share a dtype, a step count and whether moments exist, in module order.
-        let mut groups: Vec<((DType, usize, bool), Vec<Pending<R>>)> = Vec::new();
+        let mut groups: Vec<(GroupKey, Vec<Pending<R>>)> = Vec::new();
         let most = pending
             .first()
             .map_or(1, |p| capacity(&p.member.param.client));
@@ -321,7 +324,7 @@ mod cube_grouped {
                 .into_iter()
                 .map(|p| ((p.id, p.max_moment_2), p.member))
                 .unzip();
-            let outputs = adamw_group::launch::<R>(members, &scalars);
+            let outputs = adamw_step::launch::<R>(members, &scalars);
             for ((id, max_moment_2), out) in rest.into_iter().zip(outputs) {
                 alone.insert(
                     id,

@@ -1,5 +1,6 @@
-//! Burn's AdamW step as one CubeCL kernel launch per parameter, and the squared L2 norm of many
-//! gradients with one launch per tensor and one device read.
+//! Burn's AdamW step as one CubeCL kernel launch per group of up to 16 parameters (or per
+//! parameter), and the squared L2 norm of many gradients with one launch per tensor and one
+//! device read.
 //!
 //! Burn 0.21's `AdamW` (a `SimpleOptimizer`) runs ~15 element-wise tensor operations per
 //! parameter, each its own kernel launch; on a GPU a LoRA model's hundreds of small adapter
@@ -13,6 +14,11 @@
 //!   backend of a runtime compiled in (features `cuda`, `wgpu`; see [`fused_backend`]) a step
 //!   is one launch of `kernels::adamw_step` (module `kernels`: feature `cubecl`); on any other
 //!   backend (NdArray, ...) it is Burn's `AdamW` with the same hyper-parameters, bit for bit.
+//! - [`GroupedAdamW`] is a whole-module `Optimizer<M, B>` (the trainer's): on those backends it
+//!   steps every parameter with a gradient in groups of up to 16 tensors, one launch of the same
+//!   kernel per group, so a LoRA model's hundreds of adapters cost tens of launches; elsewhere it
+//!   is `FusedAdamW` through Burn's adaptor. Its record is the adaptor's, so checkpoints load
+//!   either way.
 //! - [`SquaredNorm`] / [`squared_norm`]: one launch of `kernels::squared_norm` per tensor on
 //!   those backends, plain Burn ops elsewhere; one device read at the end either way.
 //!

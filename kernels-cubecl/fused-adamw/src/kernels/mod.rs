@@ -1,7 +1,6 @@
 //! The CubeCL kernels, one per file, each `#[cube]` function next to its host-side launch. They
 //! run on any CubeCL runtime (CUDA, wgpu, ...) through `CubeTensor<R>`.
 
-pub mod adamw_group;
 pub mod adamw_step;
 pub mod squared_norm;
 
