@@ -18,6 +18,20 @@ pub(crate) fn kernel_dtype(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
 
+/// Whether the kernel can step `tensor`: a dtype it handles, and the gradient and moments of the
+/// same dtype, shape and device.
+pub(crate) fn kernel_takes<B: Backend, const D: usize>(
+    tensor: &Tensor<B, D>,
+    grad: &Tensor<B, D>,
+    state: Option<&AdamWState<B, D>>,
+) -> bool {
+    let (dtype, dims, device) = (tensor.dtype(), tensor.dims(), tensor.device());
+    let same = |t: &Tensor<B, D>| t.dtype() == dtype && t.dims() == dims && t.device() == device;
+    kernel_dtype(dtype)
+        && same(grad)
+        && state.is_none_or(|s| same(&s.momentum.moment_1) && same(&s.momentum.moment_2))
+}
+
 /// What [`step`] returns: the new parameter and state, or its inputs back when the kernel
 /// cannot take them (mixed dtypes or shapes, a dtype the kernel does not handle).
 pub(crate) type StepResult<B, const D: usize> = Result<
@@ -34,19 +48,7 @@ pub(crate) fn step<B: Backend, R: CubeRuntime, const D: usize>(
     grad: Tensor<B, D>,
     state: Option<AdamWState<B, D>>,
 ) -> StepResult<B, D> {
-    let dtype = tensor.dtype();
-    let dims = tensor.dims();
-    let same = |t: &Tensor<B, D>| t.dtype() == dtype && t.dims() == dims;
-    let fits = kernel_dtype(dtype)
-        && same(&grad)
-        && state.as_ref().is_none_or(|s| {
-            same(&s.momentum.moment_1)
-                && same(&s.momentum.moment_2)
-                && tensor.device() == s.momentum.moment_1.device()
-                && tensor.device() == s.momentum.moment_2.device()
-        })
-        && tensor.device() == grad.device();
-    if !fits {
+    if !kernel_takes(&tensor, &grad, state.as_ref()) {
         return Err((tensor, grad, state));
     }
     let (time, moments, max_moment_2) = match state {

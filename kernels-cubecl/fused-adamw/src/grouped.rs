@@ -135,7 +135,7 @@ mod cube_grouped {
     use burn_cubecl::tensor::CubeTensor;
 
     use super::*;
-    use crate::cube::kernel_dtype;
+    use crate::cube::kernel_takes;
     use crate::dispatch::{from_prim, into_prim};
     use crate::kernels::adamw_step::{self, GroupMember, StepScalars, capacity};
 
@@ -185,18 +185,7 @@ mod cube_grouped {
                 .records
                 .remove(&param.id)
                 .map(|record| record.into_state::<D>());
-            let dtype = tensor.dtype();
-            let dims = tensor.dims();
-            let device = tensor.device();
-            let same = |t: &Tensor<B::InnerBackend, D>| {
-                t.dtype() == dtype && t.dims() == dims && t.device() == device
-            };
-            let fits = kernel_dtype(dtype)
-                && same(&grad)
-                && state
-                    .as_ref()
-                    .is_none_or(|s| same(&s.momentum.moment_1) && same(&s.momentum.moment_2));
-            if !fits {
+            if !kernel_takes(&tensor, &grad, state.as_ref()) {
                 let (tensor, state) =
                     burn::optim::SimpleOptimizer::step(self.optim, self.lr, tensor, grad, state);
                 let state = state.expect("AdamW always returns a state");
