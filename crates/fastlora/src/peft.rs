@@ -88,9 +88,10 @@ impl fmt::Display for PatchReport {
         match self.fused_kernels_active {
             true => writeln!(
                 f,
-                "Fused LoRA kernels: active for the SwiGLU MLP; each projection without LoRA \
-                 dropout (q/k/v, o, LM head) runs as one LoRA linear op (no single fused QKV op \
-                 yet); RMSNorm, RoPE and the loss's per-chunk softmax run as kernels."
+                "Fused LoRA kernels: active for the SwiGLU MLP and for q/k/v together (one op \
+                 where all three qualify); every other projection without LoRA dropout (o, LM \
+                 head, q/k/v that don't qualify together) runs as one LoRA linear op; RMSNorm, \
+                 RoPE and the loss's per-chunk softmax run as kernels."
             )?,
             false => writeln!(
                 f,
@@ -437,7 +438,9 @@ fn patch_report<B: Backend>(
     let (mut qkv, mut o, mut mlp) = (0, 0, 0);
     for layer in &model.layers {
         let a = &layer.self_attn;
-        qkv += usize::from(fusable(&[&a.q_proj, &a.k_proj, &a.v_proj]));
+        qkv += usize::from(
+            gate_open && fused_mlp::check_qkv_fusable(&a.q_proj, &a.k_proj, &a.v_proj).is_ok(),
+        );
         o += usize::from(fusable(&[&a.o_proj]));
         let m = &layer.mlp;
         mlp += usize::from(

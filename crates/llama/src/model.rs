@@ -253,12 +253,10 @@ impl<B: Backend> Attention<B> {
         let [batch, seq, _] = x.dims();
         let heads =
             |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q = heads(fused_mlp::linear(x.clone(), &self.q_proj), self.num_heads);
-        let k = heads(
-            fused_mlp::linear(x.clone(), &self.k_proj),
-            self.num_kv_heads,
-        );
-        let v = heads(fused_mlp::linear(x, &self.v_proj), self.num_kv_heads);
+        let [q, k, v] = fused_mlp::qkv(x, &self.q_proj, &self.k_proj, &self.v_proj);
+        let q = heads(q, self.num_heads);
+        let k = heads(k, self.num_kv_heads);
+        let v = heads(v, self.num_kv_heads);
         let (cos, sin) = &ctx.rope_tables;
         let rotate = |t| fused_mlp::rope(t, cos.clone(), sin.clone());
         (rotate(q), rotate(k), v)

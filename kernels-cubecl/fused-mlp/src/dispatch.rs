@@ -160,6 +160,52 @@ pub fn linear<B: Backend, const D: usize>(x: Tensor<B, D>, proj: &LoraLinear<B>)
     }
 }
 
+/// The q, k and v projections of `x`: one op ([`crate::FusedQkvBackend`], cuBLAS GEMMs on
+/// CUDA, a backward that accumulates `dx` once) on the backends it is compiled for when
+/// [`crate::check_qkv_fusable`] allows, else one [`linear`] per projection; the same result
+/// either way (within the backend's float rounding).
+///
+/// # Shapes
+/// - x: `[..., d_input]`
+/// - returns `[..., d_q]`, `[..., d_k]`, `[..., d_v]`
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_mut))]
+pub fn qkv<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    q: &LoraLinear<B>,
+    k: &LoraLinear<B>,
+    v: &LoraLinear<B>,
+) -> [Tensor<B, D>; 3] {
+    let separate = |x: Tensor<B, D>| [q, k, v].map(|p| linear(x.clone(), p));
+    if !fused_enabled() || crate::check_qkv_fusable(q, k, v).is_err() {
+        return separate(x);
+    }
+    let mut x = Some(x);
+    let fused: Option<[Tensor<B, D>; 3]> = for_fused_backends!(B, |FB| {
+        let x: Tensor<FB, D> = cast(x.take().expect("taken once"));
+        let proj = |p: &LoraLinear<B>| {
+            let p: &LoraLinear<FB> = cast_ref(p);
+            let adapter = p.adapter.as_ref().expect("checked by check_qkv_fusable");
+            crate::LoraProj {
+                weight: p.base_weight(),
+                lora_a: adapter.lora_a.val(),
+                lora_b: adapter.lora_b.val(),
+                scaling: adapter.scaling,
+            }
+        };
+        let weights = crate::QkvWeights {
+            q: proj(q),
+            k: proj(k),
+            v: proj(v),
+        };
+        let ys = crate::fused_lora_qkv_nd::<FB, D>(x, weights);
+        Some(ys.map(cast::<Tensor<FB, D>, Tensor<B, D>>))
+    });
+    match fused {
+        Some(ys) => ys,
+        None => separate(x.expect("not taken")),
+    }
+}
+
 /// RMSNorm over the last dimension with a frozen gain: one kernel forward and one backward
 /// ([`crate::RmsNormBackend`]) on the backends the fused ops are compiled for, else
 /// [`crate::rms_norm_portable`]; the same result either way (within float rounding).

@@ -26,6 +26,11 @@
 //! [`mlp`] picks the path for a model generic over any backend: fused on the backends it is
 //! compiled for (features `cuda`, `wgpu`) when [`check_fusable`] allows, else portable.
 //!
+//! The attention's projections take the same route: [`qkv`] runs q, k and v of one input as
+//! one op (Unsloth's `LoRA_QKV`, [`FusedQkvBackend`]) when [`check_qkv_fusable`] allows, and
+//! [`linear`] runs any other projection as one op (Unsloth's `LoRA_W`, [`FusedLinearBackend`]);
+//! both put every product on [`FusedMlpKernels::gemm`] with a hand-written backward.
+//!
 //! [`rms_norm`] is the decoder's RMSNorm (frozen gain) the same way: one kernel forward and one
 //! backward on those backends, [`rms_norm_portable`] elsewhere; [`rope`] is the rotary
 //! position embedding the same way (one kernel, run with the rotation transposed for the
@@ -51,11 +56,14 @@ mod matmul;
 mod memory;
 mod norm;
 mod op;
+mod qkv;
 mod rope;
 #[cfg(feature = "wgpu")]
 mod vulkan;
 
-pub use dispatch::{fused_backend, fused_enabled, linear, mlp, rms_norm, rope, set_fused_enabled};
+pub use dispatch::{
+    fused_backend, fused_enabled, linear, mlp, qkv, rms_norm, rope, set_fused_enabled,
+};
 pub use linear::{FusedLinearBackend, fused_linear_nd};
 pub use matmul::matmul;
 pub use memory::with_persistent_memory;
@@ -64,6 +72,7 @@ pub use op::{
     FusedMlpBackend, FusedMlpKernels, LoraProj, MlpWeights, SwigluLoraBackward, Trans,
     fused_lora_mlp_2d,
 };
+pub use qkv::{FusedQkvBackend, QkvWeights, fused_lora_qkv_nd};
 pub use rope::{RopeBackend, RopeKernels, rope_portable};
 #[cfg(feature = "wgpu")]
 pub use vulkan::vulkan_test_device;
@@ -76,7 +85,7 @@ pub type WgpuBackend<F = f32> = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRunti
 #[cfg(feature = "cuda")]
 pub type CudaBackend<F = f32> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, i32, u8>;
 
-/// Why an MLP cannot take the fused path (it then runs the portable path, same result).
+/// Why an MLP (or q/k/v) cannot take a fused op (it then runs the portable path, same result).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum NotFusable {
     /// A projection has no LoRA adapter.
@@ -103,7 +112,26 @@ pub fn check_fusable<B: Backend>(
     up: &LoraLinear<B>,
     down: &LoraLinear<B>,
 ) -> Result<(), NotFusable> {
-    for (name, proj) in [("gate_proj", gate), ("up_proj", up), ("down_proj", down)] {
+    check_projections(&[("gate_proj", gate), ("up_proj", up), ("down_proj", down)])
+}
+
+/// Checks the same rule for the fused QKV op ([`qkv`]): q, k and v all carry an unmerged LoRA
+/// adapter with dropout 0 and have no base bias.
+///
+/// # Errors
+/// The first [`NotFusable`] reason found, in q, k, v order.
+pub fn check_qkv_fusable<B: Backend>(
+    q: &LoraLinear<B>,
+    k: &LoraLinear<B>,
+    v: &LoraLinear<B>,
+) -> Result<(), NotFusable> {
+    check_projections(&[("q_proj", q), ("k_proj", k), ("v_proj", v)])
+}
+
+fn check_projections<B: Backend>(
+    projections: &[(&'static str, &LoraLinear<B>)],
+) -> Result<(), NotFusable> {
+    for &(name, proj) in projections {
         let adapter = proj.adapter.as_ref().ok_or(NotFusable::NoAdapter(name))?;
         if adapter.dropout.prob != 0.0 {
             return Err(NotFusable::Dropout(name, adapter.dropout.prob));
@@ -244,6 +272,32 @@ mod tests {
         assert_eq!(
             check_fusable(&gate, &up, &down.merge()),
             Err(NotFusable::Merged("down_proj"))
+        );
+    }
+
+    #[test]
+    fn qkv_patch_rule_names_the_blocking_projection() {
+        let [q, k, v] = projections(false, 0.0);
+        assert_eq!(check_qkv_fusable(&q, &k, &v), Ok(()));
+        let plain_k = LoraLinear::from_weights(k.base_weight(), None);
+        assert_eq!(
+            check_qkv_fusable(&q, &plain_k, &v),
+            Err(NotFusable::NoAdapter("k_proj"))
+        );
+        let [q, k, v] = projections(false, 0.1);
+        assert_eq!(
+            check_qkv_fusable(&q, &k, &v),
+            Err(NotFusable::Dropout("q_proj", 0.1))
+        );
+        let [q, k, v] = projections(true, 0.0);
+        assert_eq!(
+            check_qkv_fusable(&q, &k, &v),
+            Err(NotFusable::BaseBias("q_proj"))
+        );
+        let [q, k, v] = projections(false, 0.0);
+        assert_eq!(
+            check_qkv_fusable(&q, &k, &v.merge()),
+            Err(NotFusable::Merged("v_proj"))
         );
     }
 }

@@ -40,7 +40,7 @@ pub struct MlpWeights<T> {
 }
 
 impl<T> LoraProj<T> {
-    fn map<U>(self, mut f: impl FnMut(T) -> U) -> LoraProj<U> {
+    pub(crate) fn map<U>(self, mut f: impl FnMut(T) -> U) -> LoraProj<U> {
         LoraProj {
             weight: f(self.weight),
             lora_a: f(self.lora_a),
@@ -49,7 +49,7 @@ impl<T> LoraProj<T> {
         }
     }
 
-    fn as_ref(&self) -> LoraProj<&T> {
+    pub(crate) fn as_ref(&self) -> LoraProj<&T> {
         LoraProj {
             weight: &self.weight,
             lora_a: &self.lora_a,

@@ -469,3 +469,136 @@ fn plain_linear_op_matches_portable() {
         x.grad(&grads_ref).expect("dx ref"),
     );
 }
+
+/// The q, k, v projections (ranks 8, 4, 6 and three scalings, as a `rank_pattern` gives) on
+/// 3-D input, and a loss that reads the outputs in `used`.
+struct QkvCase {
+    projections: [LoraLinear<AB>; 3],
+    x: Tensor<AB, 3>,
+    cotangents: [Tensor<AB, 3>; 3],
+}
+
+impl QkvCase {
+    fn new(device: &WgpuDevice, train_base: bool) -> Self {
+        let dims = [(32, 8, 2.0), (16, 4, 0.5), (16, 6, 1.25)];
+        let projections = dims.map(|(d_out, rank, scaling)| {
+            let mut proj = LoraLinearConfig::new(D, d_out)
+                .init::<AB>(device)
+                .init_adapter(
+                    &LoraAdapterConfig::new(rank, scaling),
+                    LoraInit::Random,
+                    d_out as u64 + rank as u64,
+                    "q_proj",
+                )
+                .unwrap();
+            if train_base {
+                let w = burn::module::Param::from_tensor(proj.base_weight());
+                proj.weight = lora_layers::BaseWeight::Dense(w);
+            }
+            proj
+        });
+        let x = random::<AB, 3>([2, N, D], device).require_grad();
+        let cotangents = dims.map(|(d_out, _, _)| random::<AB, 3>([2, N, d_out], device));
+        Self {
+            projections,
+            x,
+            cotangents,
+        }
+    }
+
+    /// Outputs and gradients through `fused_mlp::qkv`, fused or (switched off) separate
+    /// `LoraLinear::forward` calls.
+    fn run(
+        &self,
+        fused: bool,
+        used: [bool; 3],
+    ) -> (
+        [Tensor<AB, 3>; 3],
+        <AB as burn::tensor::backend::AutodiffBackend>::Gradients,
+    ) {
+        let [q, k, v] = &self.projections;
+        fused_mlp::set_fused_enabled(fused);
+        let ys = fused_mlp::qkv(self.x.clone(), q, k, v);
+        fused_mlp::set_fused_enabled(true);
+        let loss = ys
+            .iter()
+            .zip(&self.cotangents)
+            .zip(used)
+            .filter(|(_, used)| *used)
+            .map(|((y, c), _)| (y.clone() * c.clone()).sum())
+            .reduce(|a, b| a + b)
+            .expect("one output used");
+        (ys, loss.backward())
+    }
+}
+
+/// The fused QKV op against autodiff of three `LoraLinear::forward` calls on the same backend:
+/// the three outputs, dx, and every LoRA factor's gradient (and dW with a trained base); an
+/// output left out of the loss leaves its factors without gradient in both.
+fn check_qkv_op(train_base: bool, used: [bool; 3]) {
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
+    let case = QkvCase::new(&device, train_base);
+    let (ys_ref, grads_ref) = case.run(false, used);
+    let (ys, grads) = case.run(true, used);
+    for ((name, y), y_ref) in ["q", "k", "v"].iter().zip(ys).zip(ys_ref) {
+        assert_close(&format!("y_{name}"), y.inner(), y_ref.inner());
+    }
+    assert_close(
+        "dx",
+        case.x.grad(&grads).expect("dx"),
+        case.x.grad(&grads_ref).expect("dx ref"),
+    );
+    for (name, proj) in ["q", "k", "v"].iter().zip(&case.projections) {
+        let adapter = proj.adapter.as_ref().unwrap();
+        let base = proj.base_weight();
+        for (what, t) in [
+            ("A", adapter.lora_a.val()),
+            ("B", adapter.lora_b.val()),
+            ("W", base),
+        ] {
+            match (t.grad(&grads), t.grad(&grads_ref)) {
+                (Some(got), Some(want)) => assert_close(&format!("d{what}_{name}"), got, want),
+                (None, None) => {}
+                (got, want) => panic!(
+                    "d{what}_{name} present: fused {}, separate {}",
+                    got.is_some(),
+                    want.is_some()
+                ),
+            }
+        }
+    }
+}
+
+#[test]
+fn qkv_op_matches_separate_projections() {
+    check_qkv_op(false, [true; 3]);
+}
+
+#[test]
+fn qkv_op_with_trained_bases_matches_separate_projections() {
+    check_qkv_op(true, [true; 3]);
+}
+
+#[test]
+fn qkv_op_with_an_output_left_out_of_the_loss_matches_separate_projections() {
+    check_qkv_op(false, [true, false, true]);
+    check_qkv_op(false, [false, true, false]);
+}
+
+/// With nothing tracked (inference), the op's outputs equal the separate projections'.
+#[test]
+fn untracked_qkv_op_matches_separate_projections() {
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
+    let case = QkvCase::new(&device, false);
+    let projections = case.projections.clone().map(|p| p.valid());
+    let [q, k, v] = &projections;
+    let x = case.x.clone().inner();
+    let ys = fused_mlp::qkv(x.clone(), q, k, v);
+    for ((name, y), p) in ["q", "k", "v"].iter().zip(ys).zip(&projections) {
+        assert_close(&format!("y_{name}"), y, p.forward(x.clone()));
+    }
+}

@@ -6,11 +6,13 @@
 //!   the portable path forced ([`fused_mlp::set_fused_enabled`]), both in bf16 on CUDA, and the
 //!   portable path in f32 on the CPU (ndarray) as the oracle. The fused run's logits and the
 //!   gradient of every LoRA A and B must be within 2e-2 of the oracle (max |bf16 − f32| /
-//!   max |f32| per tensor), or no worse than the portable bf16 run's. Comparing bf16 with bf16
+//!   max |f32| per tensor), or, where bf16 itself is past that, within twice the portable bf16
+//!   run's error (FlashAttention's rule for its bf16 kernels). Comparing bf16 with bf16
 //!   instead measured two roundings against each other (1-6e-2 apart on the H200).
 //!   dtype bf16 × r {8, 16, 64} × rsLoRA {off, on} × targets {all 7, attention, MLP} × shapes
-//!   {SmolLM2-135M, Llama-3.2-1B}. Every projection goes through the LoRA linear op and the
-//!   MLP through the fused MLP op when fused; all through plain Burn ops when portable.
+//!   {SmolLM2-135M, Llama-3.2-1B}. q/k/v go through the fused QKV op (when all three carry
+//!   LoRA), every other projection through the LoRA linear op and the MLP through the fused MLP
+//!   op when fused; all through plain Burn ops when portable.
 //!   Plus, per shape, gradient checkpointing `true` and `"unsloth"` against none (fused, bf16,
 //!   within 2e-2) on a 4-layer model at 2 × 640 tokens: layer inputs above the offload
 //!   threshold, so `"unsloth"` copies three of them to the host and back (the last prefetched
@@ -22,7 +24,9 @@
 //!   kernels. r {8, 16, 64} × rsLoRA × both shapes.
 //! - **f32, projection op** (`f32-linear`): the LoRA linear op on CUDA against
 //!   `LoraLinear::forward` on the CPU, q_proj/k_proj shapes with r {8, 16, 64} and an LM-head
-//!   shape without adapter: y, dx, dA, dB within 1e-4.
+//!   shape without adapter: y, dx, dA, dB within 1e-4; and the fused QKV op against three
+//!   `LoraLinear::forward` calls on the CPU (ranks r, r/2, r with three scalings, r {8, 16, 64}):
+//!   the three outputs, dx and the six LoRA gradients within 1e-4.
 //! - **f32, RMSNorm and RoPE ops** (`f32-norm-rope`): `fused_mlp::rms_norm` and
 //!   `fused_mlp::rope` on CUDA (their kernels) against the portable ops on the CPU, both shapes,
 //!   ragged token counts, RoPE on the projections' `[b, s, h, d]` view from a start offset: y and
@@ -99,6 +103,11 @@ const VOCAB: usize = 512;
 
 /// bf16 tolerance: max |got − f32 oracle| / max |f32 oracle| over each output.
 const BF16_TOL: f32 = 2e-2;
+/// Where bf16 itself is past [`BF16_TOL`] (the portable bf16 run's error against the f32
+/// oracle), the fused run may be off by up to this multiple of that error: FlashAttention's test
+/// rule for a low-precision kernel (its error against an f32 reference at most twice that of the
+/// plain low-precision implementation).
+const BF16_PORTABLE_FACTOR: f32 = 2.0;
 
 fn config_json(shape: &LayerShape, layers: usize) -> String {
     format!(
@@ -316,6 +325,62 @@ fn linear_op_once<B: burn::tensor::backend::AutodiffBackend>(
     out
 }
 
+/// q, k, v through `fused_mlp::qkv` on backend `B` (the fused op when `fused`, else three
+/// `LoraLinear::forward` calls), ranks `r`, `r/2`, `r` and three scalings: the three outputs,
+/// dx, and every dA, dB.
+fn qkv_op_once<B: burn::tensor::backend::AutodiffBackend>(
+    shape: &LayerShape,
+    rank: usize,
+    tokens: usize,
+    fused: bool,
+    device: &B::Device,
+) -> Vec<(String, Vec<f32>)> {
+    set_fused_enabled(fused);
+    let (q_out, kv_out) = (
+        shape.heads * shape.head_dim,
+        shape.kv_heads * shape.head_dim,
+    );
+    let poison = Tensor::<B, 2>::full([tokens, q_out * 4], f32::NAN, device);
+    drop(poison);
+    let d = shape.hidden;
+    let projections = [
+        (q_out, rank, 2.0, 110),
+        (kv_out, (rank / 2).max(1), 0.5, 120),
+        (kv_out, rank, 16.0 / (rank as f64).sqrt(), 130),
+    ]
+    .map(|(d_out, r, s, seed)| host_projection::<B>(d, d_out, r, s, seed, device));
+    let host = |len: usize, seed| {
+        Tensor::<B, 3>::from_data(
+            TensorData::new(host_random(tokens * len, seed, 1.0), [1, tokens, len]),
+            device,
+        )
+    };
+    let x = host(d, 140).require_grad();
+    let [q, k, v] = &projections;
+    let ys = fused_mlp::qkv(x.clone(), q, k, v);
+    let loss = ys
+        .iter()
+        .zip([150, 160, 170])
+        .map(|(y, seed)| (y.clone() * host(y.dims()[2], seed)).sum())
+        .reduce(|a, b| a + b)
+        .expect("three outputs");
+    let grads = loss.backward();
+    let mut out = Vec::new();
+    for (name, y) in ["y_q", "y_k", "y_v"].iter().zip(ys) {
+        out.push((name.to_string(), to_f32(y.inner())));
+    }
+    out.push(("dx".to_string(), to_f32(x.grad(&grads).expect("dx"))));
+    for (name, proj) in ["q", "k", "v"].iter().zip(&projections) {
+        let adapter = proj.adapter.as_ref().expect("adapter");
+        for (factor, param) in [("A", &adapter.lora_a), ("B", &adapter.lora_b)] {
+            let grad = param.val().grad(&grads).expect("LoRA gradient");
+            out.push((format!("d{factor}_{name}"), to_f32(grad)));
+        }
+    }
+    set_fused_enabled(true);
+    out
+}
+
 /// RMSNorm over `[1, tokens, hidden]` and RoPE over the query view `[1, heads, tokens, d]` of a
 /// `[1, tokens, heads, d]` tensor (positions from 11) on backend `B`, through `fused_mlp`'s
 /// dispatch (kernels when `fused`): y and dx of each.
@@ -472,7 +537,9 @@ fn main() -> ExitCode {
                                     portable.worst,
                                     fused.worst_what,
                                 ),
-                                !fused.nan && fused.worst <= BF16_TOL.max(portable.worst),
+                                !fused.nan
+                                    && fused.worst
+                                        <= BF16_TOL.max(BF16_PORTABLE_FACTOR * portable.worst),
                             );
                         }
                     }
@@ -592,6 +659,30 @@ fn main() -> ExitCode {
                         format!(
                             "{:<6} {:<13} {r:>3} {:<6} {:<10} {:>9} {:>10.3e}  {}",
                             "f32", shape.name, false, name, tokens, result.worst, result.worst_what,
+                        ),
+                        !result.nan && result.worst <= 1e-4,
+                    );
+                }
+                // The fused QKV op: q, k, v of one input, ranks r, r/2, r.
+                for r in [8, 16, 64] {
+                    let (batch, seq) = TOKENS[seed as usize % TOKENS.len()];
+                    seed += 1;
+                    let tokens = batch * seq;
+                    let fused =
+                        qkv_op_once::<Autodiff<CudaBackend<f32>>>(shape, r, tokens, true, &device);
+                    let oracle =
+                        qkv_op_once::<Autodiff<NdArray<f32>>>(shape, r, tokens, false, &cpu);
+                    let result = compare(&fused, &oracle);
+                    report(
+                        format!(
+                            "{:<6} {:<13} {r:>3} {:<6} {:<10} {:>9} {:>10.3e}  {}",
+                            "f32",
+                            shape.name,
+                            "mixed",
+                            "qkv-op",
+                            tokens,
+                            result.worst,
+                            result.worst_what,
                         ),
                         !result.nan && result.worst <= 1e-4,
                     );
