@@ -10,7 +10,12 @@
 
 use std::sync::{Mutex, OnceLock};
 
+use cubecl::cuda::CudaDevice;
+use cubecl::device::Device;
+use cubecl::device_handle::DeviceHandle;
+
 use crate::error::GemmError;
+use crate::stream::CudaServer;
 
 /// Whether every call waits for the runner (`FASTLORA_GPU_WAIT=1`): each failure is then
 /// returned by the call that caused it, at the cost of serialising the host with the runner.
@@ -38,4 +43,18 @@ pub(crate) fn take() -> Result<(), GemmError> {
         Some(error) => Err(GemmError::Deferred(Box::new(error))),
         None => Ok(()),
     }
+}
+
+/// Hands `task` to `device`'s CubeCL runner and returns at once. The runner runs it with the
+/// server, in FIFO order after the calling thread's earlier CubeCL work; its failure is kept
+/// for the next call to report ([`take`]).
+pub(crate) fn hand_over<T>(
+    device: &CudaDevice,
+    task: impl FnOnce(&mut CudaServer) -> Result<T, GemmError> + Send + 'static,
+) {
+    DeviceHandle::<CudaServer>::new(device.to_id()).submit(move |server: &mut CudaServer| {
+        if let Err(error) = task(server) {
+            record(error);
+        }
+    });
 }

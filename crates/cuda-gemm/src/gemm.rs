@@ -512,18 +512,14 @@ fn enqueue(
             .map_err(|_| GemmError::Poisoned)?
             .as_ref()
             .is_some_and(|ran| ran.contains(&configuration));
-    let handle = DeviceHandle::<CudaServer>::new(device.to_id());
     if ran_before {
-        handle.submit(move |server: &mut CudaServer| {
-            if let Err(error) = run_on_server(server, device_index, stream_id, spans, c_span, &call)
-            {
-                deferred::record(error);
-            }
+        deferred::hand_over(device, move |server| {
+            run_on_server(server, device_index, stream_id, spans, c_span, &call)
         });
         return Ok(());
     }
     let desc = call.desc.clone();
-    handle
+    DeviceHandle::<CudaServer>::new(device.to_id())
         .submit_blocking(move |server: &mut CudaServer| {
             run_on_server(server, device_index, stream_id, spans, c_span, &call)
         })

@@ -488,10 +488,9 @@ fn submit_without_waiting(
     deferred::take()?;
     let stream_id = StreamId::current();
     let device_index = device.index;
-    let handle = DeviceHandle::<CudaServer>::new(device.to_id());
-    handle.submit(move |server: &mut CudaServer| {
+    deferred::hand_over(device, move |server| {
         let prepare = [exec.clone()];
-        if let Err(error) = run_on_server(
+        run_on_server(
             server,
             device_index,
             stream_id,
@@ -499,9 +498,7 @@ fn submit_without_waiting(
             &exec,
             Some(workspace),
             bound,
-        ) {
-            deferred::record(error);
-        }
+        )
     });
     Ok(())
 }
