@@ -274,14 +274,27 @@ fn mlp_op_once<B: burn::tensor::backend::AutodiffBackend>(
         ("y".to_string(), to_f32(y.inner())),
         ("dx".to_string(), to_f32(x.grad(&grads).expect("dx"))),
     ];
-    for (name, proj) in [("gate", &gate), ("up", &up), ("down", &down)] {
+    out.extend(lora_gradients(
+        &grads,
+        [("gate", &gate), ("up", &up), ("down", &down)],
+    ));
+    set_fused_enabled(true);
+    out
+}
+
+/// `dA_<name>` and `dB_<name>` of each projection's adapter from `grads`.
+fn lora_gradients<'a, B: burn::tensor::backend::AutodiffBackend>(
+    grads: &B::Gradients,
+    projections: impl IntoIterator<Item = (&'a str, &'a LoraLinear<B>)>,
+) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    for (name, proj) in projections {
         let adapter = proj.adapter.as_ref().expect("adapter");
         for (factor, param) in [("A", &adapter.lora_a), ("B", &adapter.lora_b)] {
-            let grad = param.val().grad(&grads).expect("LoRA gradient");
+            let grad = param.val().grad(grads).expect("LoRA gradient");
             out.push((format!("d{factor}_{name}"), to_f32(grad)));
         }
     }
-    set_fused_enabled(true);
     out
 }
 
@@ -370,13 +383,10 @@ fn qkv_op_once<B: burn::tensor::backend::AutodiffBackend>(
         out.push((name.to_string(), to_f32(y.inner())));
     }
     out.push(("dx".to_string(), to_f32(x.grad(&grads).expect("dx"))));
-    for (name, proj) in ["q", "k", "v"].iter().zip(&projections) {
-        let adapter = proj.adapter.as_ref().expect("adapter");
-        for (factor, param) in [("A", &adapter.lora_a), ("B", &adapter.lora_b)] {
-            let grad = param.val().grad(&grads).expect("LoRA gradient");
-            out.push((format!("d{factor}_{name}"), to_f32(grad)));
-        }
-    }
+    out.extend(lora_gradients(
+        &grads,
+        ["q", "k", "v"].into_iter().zip(&projections),
+    ));
     set_fused_enabled(true);
     out
 }
