@@ -1,12 +1,15 @@
 //! GPU check and benchmark of the linear-memory attention on Burn's CUDA backend (plain
-//! `CubeBackend`, autodiff), against the materialised attention on the same backend.
+//! `CubeBackend`, autodiff), against the materialised attention (on the same backend, or on the
+//! CPU for f32).
 //!
 //! Usage: `attention-bench [MODE]`, MODE one of
 //!
 //! - `check-f32`, `check-bf16`: fast vs materialised outputs and `dq`, `dk`, `dv` (relative
 //!   error `max|Δ| / max|ref|`, pass bar 1e-4 f32 / 2e-2 bf16) for GQA 1, 3, 4, 8, d 64 and
-//!   128, s 1000, 1024 and 2047, plain, padded (a left- and a right-padded row) and packed (rows
-//!   of several documents, one right-padded); plain bf16 cells run cuDNN's fused kernel
+//!   128, s 1000, 1024 and 2047 (f32: 517, 1000, 1024), plain, padded (a left- and a
+//!   right-padded row) and packed (rows of several documents, one right-padded). The f32
+//!   reference runs on the CPU (ndarray): Burn's CUDA matmul rounds f32 through TF32. Plain bf16
+//!   cells run cuDNN's fused kernel
 //!   (`"cudnn"` says whether its forward and backward ran), and run again with cuDNN off to
 //!   check the block-wise op;
 //! - `time`: forward + backward (median of 10 after 3 warm-up, synced), bf16, at b4×32 heads
@@ -24,8 +27,8 @@
 use std::process::Command;
 use std::time::Instant;
 
-use burn::backend::Autodiff;
 use burn::backend::cuda::CudaDevice;
+use burn::backend::{Autodiff, NdArray};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, bf16};
@@ -42,8 +45,21 @@ fn main() {
     let device = CudaDevice::default();
     let ok = match mode.as_str() {
         "cudnn-probe" => cudnn_probe(&device),
-        "check-f32" => check::<Autodiff<CudaBackend<f32>>>("f32", 1e-4, &device),
-        "check-bf16" => check::<Autodiff<CudaBackend<bf16>>>("bf16", 2e-2, &device),
+        "check-f32" => check::<Autodiff<CudaBackend<f32>>, Autodiff<NdArray<f32>>>(
+            "f32",
+            1e-4,
+            // Shorter than the bf16 cells': the CPU computes the reference.
+            &[517, 1000, 1024],
+            &device,
+            &Default::default(),
+        ),
+        "check-bf16" => check::<Autodiff<CudaBackend<bf16>>, Autodiff<CudaBackend<bf16>>>(
+            "bf16",
+            2e-2,
+            &[1000, 1024, 2047],
+            &device,
+            &device,
+        ),
         "time" => {
             time::<Autodiff<CudaBackend<bf16>>>(&device);
             true
@@ -167,16 +183,81 @@ fn inputs<B: Backend>(
     )
 }
 
-fn check<B: AutodiffBackend + FlashAttentionBackend>(
+/// The segments of a check cell's layout. Padded: row 0 has 37 left-padding tokens, row 1 50
+/// right. Packed: row 0 holds documents of 300, 1, 500 and the rest of the tokens, row 1 two
+/// halves and 50 tokens of right padding.
+fn cell_segments<BK: Backend>(
+    layout: &str,
+    b: usize,
+    s: usize,
+    device: &BK::Device,
+) -> Option<Tensor<BK, 2>> {
+    let (left, right) = (37, 50);
+    let int = |f: &dyn Fn(usize, usize) -> i64| {
+        let values: Vec<i64> = (0..b * s).map(|i| f(i / s, i % s)).collect();
+        Tensor::<BK, 2, Int>::from_data(TensorData::new(values, [b, s]), device)
+    };
+    match layout {
+        "padded" => attention_segments(
+            Some(int(&|row, j| {
+                i64::from(if row == 0 { j >= left } else { j < s - right })
+            })),
+            None,
+        ),
+        "packed" => attention_segments(
+            Some(int(&|row, j| i64::from(row == 0 || j < s - right))),
+            Some(int(&|row, j| {
+                let starts: &[usize] = if row == 0 { &[300, 301, 801] } else { &[s / 2] };
+                starts.iter().filter(|&&start| j >= start).count() as i64
+            })),
+        ),
+        _ => None,
+    }
+}
+
+/// Output, dq, dk, dv of one attention (`fast` or materialised) on host, for the loss
+/// `Σ o·cot`.
+type Run = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+fn attention_run<BK: AutodiffBackend>(
+    (q, k, v): Inputs<BK>,
+    cot: Tensor<BK, 3>,
+    attention: impl FnOnce(Inputs<BK>) -> Tensor<BK, 3>,
+) -> Run {
+    let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+    let o = attention((q.clone(), k.clone(), v.clone()));
+    let grads = (o.clone() * cot).sum().backward();
+    (
+        host(o.inner()),
+        host4(q.grad(&grads).expect("dq")),
+        host4(k.grad(&grads).expect("dk")),
+        host4(v.grad(&grads).expect("dv")),
+    )
+}
+
+/// The same values on backend `R` (through f32, exact for f32/bf16/f16 sources).
+fn moved<B: Backend, R: Backend, const D: usize>(
+    t: &Tensor<B, D>,
+    device: &R::Device,
+) -> Tensor<R, D> {
+    Tensor::from_data(t.to_data().convert::<f32>(), device)
+}
+
+/// The fast attention on `B` against the materialised attention on `R` with the same inputs:
+/// `R` is `B` itself for bf16 (the bar is bf16's), the CPU for f32 (Burn's CUDA matmul rounds
+/// f32 through TF32, ~1e-3, an order above the 1e-4 bar).
+fn check<B: AutodiffBackend + FlashAttentionBackend, R: AutodiffBackend>(
     dtype: &str,
     tol: f64,
+    seqs: &[usize],
     device: &B::Device,
+    reference_device: &R::Device,
 ) -> bool {
     let mut all_ok = true;
     let (b, kvh) = (2, 2);
     for g in [1, 3, 4, 8] {
         for d in [64, 128] {
-            for s in [1000, 1024, 2047] {
+            for &s in seqs {
                 for (layout, cudnn) in [
                     ("plain", true),
                     ("plain", false),
@@ -185,67 +266,30 @@ fn check<B: AutodiffBackend + FlashAttentionBackend>(
                 ] {
                     set_cudnn_enabled(cudnn);
                     let h = kvh * g;
-                    // Padded: row 0 has 37 left-padding tokens, row 1 50 right. Packed: row 0
-                    // holds documents of 300, 1, 500 and the rest of the tokens, row 1 two halves
-                    // and 50 tokens of right padding.
-                    let (left, right) = (37, 50);
-                    let int = |f: &dyn Fn(usize, usize) -> i64| {
-                        let values: Vec<i64> = (0..b * s).map(|i| f(i / s, i % s)).collect();
-                        Tensor::<B, 2, Int>::from_data(TensorData::new(values, [b, s]), device)
-                    };
-                    let segments = match layout {
-                        "padded" => attention_segments(
-                            Some(int(&|row, j| {
-                                i64::from(if row == 0 { j >= left } else { j < s - right })
-                            })),
-                            None,
-                        ),
-                        "packed" => attention_segments(
-                            Some(int(&|row, j| i64::from(row == 0 || j < s - right))),
-                            Some(int(&|row, j| {
-                                let starts: &[usize] =
-                                    if row == 0 { &[300, 301, 801] } else { &[s / 2] };
-                                starts.iter().filter(|&&start| j >= start).count() as i64
-                            })),
-                        ),
-                        _ => None,
-                    };
                     let (q, k, v) = inputs::<B>(b, h, kvh, s, d, device);
                     let cot = Tensor::<B, 3>::random(
                         [b, s, h * d],
                         Distribution::Normal(0.0, 1.0),
                         device,
                     );
-                    let run = |fast: bool| {
-                        let (q, k, v) = (
-                            q.clone().require_grad(),
-                            k.clone().require_grad(),
-                            v.clone().require_grad(),
-                        );
-                        let o = if fast {
-                            flash_attention(q.clone(), k.clone(), v.clone(), segments.clone(), None)
-                        } else {
-                            materialised_attention(
-                                q.clone(),
-                                k.clone(),
-                                v.clone(),
-                                segments.clone(),
-                            )
-                        };
-                        let grads = (o.clone() * cot.clone()).sum().backward();
-                        (
-                            host(o.inner()),
-                            host4(q.grad(&grads).expect("dq")),
-                            host4(k.grad(&grads).expect("dk")),
-                            host4(v.grad(&grads).expect("dv")),
-                        )
-                    };
+                    let reference_inputs = (
+                        moved::<B, R, 4>(&q, reference_device),
+                        moved::<B, R, 4>(&k, reference_device),
+                        moved::<B, R, 4>(&v, reference_device),
+                    );
+                    let reference_cot = moved::<B, R, 3>(&cot, reference_device);
                     let calls_before = cudnn_calls();
-                    let fast = run(true);
+                    let segments = cell_segments::<B>(layout, b, s, device);
+                    let fast = attention_run((q, k, v), cot, |(q, k, v)| {
+                        flash_attention(q, k, v, segments, None)
+                    });
                     let calls_after = cudnn_calls();
                     // Both the forward and the backward went through cuDNN.
                     let fused = calls_after.0 > calls_before.0 && calls_after.1 > calls_before.1;
-                    let reference = run(false);
+                    let segments = cell_segments::<R>(layout, b, s, reference_device);
+                    let reference = attention_run(reference_inputs, reference_cot, |(q, k, v)| {
+                        materialised_attention(q, k, v, segments)
+                    });
                     let errs = [
                         rel_error(&fast.0, &reference.0),
                         rel_error(&fast.1, &reference.1),
