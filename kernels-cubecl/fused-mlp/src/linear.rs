@@ -44,7 +44,9 @@ fn plain_forward<B: FusedMlpKernels>(x: &FloatTensor<B>, w: &FloatTensor<B>) -> 
     B::gemm(x.clone(), Trans::N, w.clone(), Trans::T, 1.0, None)
 }
 
-fn lora_forward<B: FusedMlpKernels>(
+/// `(x·Wᵀ + s·xa·Bᵀ, xa)` with `xa = x·Aᵀ`: the LoRA projection's forward (the fused QKV op
+/// runs it per projection).
+pub(crate) fn lora_forward<B: FusedMlpKernels>(
     x: FloatTensor<B>,
     w: FloatTensor<B>,
     a: FloatTensor<B>,

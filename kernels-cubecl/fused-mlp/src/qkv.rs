@@ -31,6 +31,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{FloatDType, Slice, TensorMetadata, TensorPrimitive};
 
+use crate::linear::lora_forward;
 use crate::op::{FusedMlpKernels, LoraProj, Trans};
 
 /// The three projections of the fused QKV op, in PEFT's layouts (`D` input features).
@@ -102,13 +103,14 @@ fn forward<B: FusedMlpKernels>(
     x: FloatTensor<B>,
     weights: QkvWeights<FloatTensor<B>>,
 ) -> ([FloatTensor<B>; 3], QkvSaved<FloatTensor<B>>) {
-    use Trans::{N, T};
     let outputs = weights.as_ref().into_projections().map(|p| {
-        let xa = B::gemm(x.clone(), N, p.lora_a.clone(), T, 1.0, None);
-        // The rank-r term first, the base GEMM accumulating onto it (as the projection op).
-        let update = B::gemm(xa.clone(), N, p.lora_b.clone(), T, p.scaling, None);
-        let y = B::gemm(x.clone(), N, p.weight.clone(), T, 1.0, Some(update));
-        (y, xa)
+        lora_forward::<B>(
+            x.clone(),
+            p.weight.clone(),
+            p.lora_a.clone(),
+            p.lora_b.clone(),
+            p.scaling,
+        )
     });
     let [(y_q, xa_q), (y_k, xa_k), (y_v, xa_v)] = outputs;
     let saved = QkvSaved {
