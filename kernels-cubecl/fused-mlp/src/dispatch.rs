@@ -182,16 +182,7 @@ pub fn qkv<B: Backend, const D: usize>(
     let mut x = Some(x);
     let fused: Option<[Tensor<B, D>; 3]> = for_fused_backends!(B, |FB| {
         let x: Tensor<FB, D> = cast(x.take().expect("taken once"));
-        let proj = |p: &LoraLinear<B>| {
-            let p: &LoraLinear<FB> = cast_ref(p);
-            let adapter = p.adapter.as_ref().expect("checked by check_qkv_fusable");
-            crate::LoraProj {
-                weight: p.base_weight(),
-                lora_a: adapter.lora_a.val(),
-                lora_b: adapter.lora_b.val(),
-                scaling: adapter.scaling,
-            }
-        };
+        let proj = |p: &LoraLinear<B>| crate::lora_proj(cast_ref::<_, LoraLinear<FB>>(p));
         let weights = crate::QkvWeights {
             q: proj(q),
             k: proj(k),

@@ -162,23 +162,28 @@ pub fn fused_lora_mlp<B: FusedMlpBackend>(
     down: &LoraLinear<B>,
 ) -> Result<Tensor<B, 3>, NotFusable> {
     check_fusable(gate, up, down)?;
-    let proj = |p: &LoraLinear<B>| {
-        let adapter = p.adapter.as_ref().expect("checked by check_fusable");
-        LoraProj {
-            weight: p.base_weight(),
-            lora_a: adapter.lora_a.val(),
-            lora_b: adapter.lora_b.val(),
-            scaling: adapter.scaling,
-        }
-    };
     let weights = MlpWeights {
-        gate: proj(gate),
-        up: proj(up),
-        down: proj(down),
+        gate: lora_proj(gate),
+        up: lora_proj(up),
+        down: lora_proj(down),
     };
     let [batch, seq, hidden] = x.dims();
     let y = fused_lora_mlp_2d(x.reshape([batch * seq, hidden]), weights);
     Ok(y.reshape([batch, seq, hidden]))
+}
+
+/// A projection's base weight and LoRA factors as the fused ops take them.
+///
+/// # Panics
+/// If the projection has no adapter (the fused ops' patch rules check that first).
+pub(crate) fn lora_proj<B: Backend>(p: &LoraLinear<B>) -> LoraProj<Tensor<B, 2>> {
+    let adapter = p.adapter.as_ref().expect("checked by the patch rule");
+    LoraProj {
+        weight: p.base_weight(),
+        lora_a: adapter.lora_a.val(),
+        lora_b: adapter.lora_b.val(),
+        scaling: adapter.scaling,
+    }
 }
 
 /// The portable LoRA SwiGLU MLP.
