@@ -10,6 +10,7 @@ use burn::tensor::backend::AutodiffBackend;
 use fastlora_llama::{LlamaConfig, ModelError, WeightSource, flash_attention};
 use serde::Serialize;
 
+use crate::CudaMemory;
 use crate::data::Batch;
 use crate::error::{FastLoraError, Result};
 use crate::peft::AttentionPath;
@@ -212,6 +213,9 @@ pub struct BenchArgs {
     /// (device syncs around each) and print the breakdown to stderr.
     #[arg(long)]
     pub profile: bool,
+    /// CUDA device memory: buffers at their exact size, or CubeCL's paged pools.
+    #[arg(long, value_enum, default_value_t = CudaMemory::Exact)]
+    pub cuda_memory: CudaMemory,
 }
 
 /// One benchmark line, in the peers' JSON field names where they have one.
@@ -236,6 +240,8 @@ pub struct BenchResult {
     pub step_ms: f64,
     /// Tokens per second at the median step.
     pub tok_s: f64,
+    /// `exact` or `pools`: how CUDA memory was allocated (see [`CudaMemory`]).
+    pub cuda_memory: &'static str,
     /// Device memory the allocator had reserved at the end (an upper bound of the peak in
     /// use), GiB; absent where the backend does not say.
     pub peak_reserved_gib: Option<f64>,
@@ -304,6 +310,16 @@ pub fn bench_command(args: BenchArgs) -> Result<BenchResult> {
 }
 
 fn bench_on<B: AutodiffBackend>(
+    args: &BenchArgs,
+    device: B::Device,
+    reserved_bytes: impl Fn(&B::Device) -> Option<u64>,
+) -> Result<BenchResult> {
+    let inner = device.clone();
+    args.cuda_memory
+        .run::<B, _>(&device, || bench_steps::<B>(args, inner, reserved_bytes))
+}
+
+fn bench_steps<B: AutodiffBackend>(
     args: &BenchArgs,
     device: B::Device,
     reserved_bytes: impl Fn(&B::Device) -> Option<u64>,
@@ -398,6 +414,7 @@ fn bench_on<B: AutodiffBackend>(
         seq: args.seq,
         ckpt: args.use_gradient_checkpointing.clone(),
         path: if args.portable { "portable" } else { "fused" },
+        cuda_memory: args.cuda_memory.name(),
         attention,
         step_ms: ms(step_s),
         tok_s: (tokens / step_s).round(),
@@ -524,6 +541,7 @@ mod tests {
             dtype: None,
             portable: false,
             profile: true,
+            cuda_memory: CudaMemory::Exact,
         };
         let result = bench_command(args).unwrap();
         let ln_vocab = (49152f64).ln();

@@ -23,6 +23,7 @@ mod adapter;
 pub mod bench;
 mod builtin;
 mod chat;
+mod cuda_memory;
 mod data;
 mod error;
 mod export;
@@ -35,6 +36,7 @@ pub mod train;
 pub use adapter::{ADAPTER_WEIGHTS_FILE, AdapterParameter};
 pub use builtin::{RandomWeights, TINY_DATASET, materialize_builtin_model};
 pub use chat::{ChatMessage, ChatTemplate, Role};
+pub use cuda_memory::CudaMemory;
 pub use data::{
     Batch, DataConfig, DataError, Dataset, DatasetReport, Example, Location, OnOverflow,
     alpaca_prompt, collate, epoch_order, pack,

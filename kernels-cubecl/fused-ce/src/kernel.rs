@@ -1,4 +1,5 @@
-//! The kernel: one cube per row of the chunk.
+//! The kernel: one cube per row of the chunk (a vector form for contiguous rows, a scalar form
+//! for any strides).
 //!
 //! ```text
 //! m, l  = online max / Σ exp(z_j − m) over the row   (each unit a strided share, then a tree
@@ -98,6 +99,116 @@ fn cross_entropy_rows_kernel<F: Float, I: Int, L: Float>(
     }
 }
 
+/// The same math for rows stored contiguously (column stride 1, row length and stride multiples
+/// of `N`), one vector of `N` elements per load: a bf16 unit loads 16 bytes at once where the
+/// kernel above loads 2, and keeps `N` independent online (max, sum) pairs, one per lane, that
+/// it folds into one before the cube's reduction. The scalar kernel's single chain of dependent
+/// loads per unit took ≈ 0.6 ms per 512 × 128,256 chunk on the H200, several times its memory
+/// traffic.
+#[cube(launch, address_type = "dynamic")]
+fn cross_entropy_rows_vector_kernel<F: Float, I: Int, L: Float, N: Size>(
+    z: &mut Tensor<Vector<F, N>>,
+    targets: &Tensor<I>,
+    nll: &mut Tensor<L>,
+    #[comptime] cube: u32,
+    #[define(F, I, L)] _dtypes: [StorageType; 3],
+) {
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if row >= z.shape(0) {
+        terminate!();
+    }
+    let width = z.vector_size();
+    let vectors = z.shape(1) / width;
+    let base = row * z.stride(0) / width;
+    let unit = UNIT_POS_X as usize;
+    let step = CUBE_DIM_X as usize;
+    let target = i32::cast_from(targets[row * targets.stride(0)]);
+    let kept = target >= 0;
+
+    let mut sm = SharedMemory::<f32>::new(cube as usize);
+    let mut sl = SharedMemory::<f32>::new(cube as usize);
+    let mut m = Vector::<f32, N>::new(-3.0e38);
+    let mut l = Vector::<f32, N>::new(0.0);
+    let mut j = unit;
+    while j < vectors {
+        let x: Vector<f32, N> = Vector::cast_from(z[base + j]);
+        let mx = select_many(x.greater_than(m), x, m);
+        l = l * Vector::exp(m - mx) + Vector::exp(x - mx);
+        m = mx;
+        j += step;
+    }
+    let mut mu = m[0];
+    let mut lu = l[0];
+    #[unroll]
+    for k in 1..width {
+        let mk = m[k];
+        let mut mm = mk;
+        if mu > mk {
+            mm = mu;
+        }
+        lu = lu * f32::exp(mu - mm) + l[k] * f32::exp(mk - mm);
+        mu = mm;
+    }
+    sm[unit] = mu;
+    sl[unit] = lu;
+    sync_cube();
+    let mut half = step / 2;
+    while half > 0 {
+        if unit < half {
+            let m1 = sm[unit];
+            let m2 = sm[unit + half];
+            let mut mm = m2;
+            if m1 > m2 {
+                mm = m1;
+            }
+            sl[unit] = sl[unit] * f32::exp(m1 - mm) + sl[unit + half] * f32::exp(m2 - mm);
+            sm[unit] = mm;
+        }
+        sync_cube();
+        half /= 2;
+    }
+    let lse = sm[0] + f32::ln(sl[0]);
+    let t = target as usize;
+    if unit == 0 {
+        let mut loss = 0.0f32;
+        if kept {
+            loss = lse - f32::cast_from(z[base + t / width][t % width]);
+        }
+        nll[row * nll.stride(0)] = L::cast_from(loss);
+    }
+    // As in the scalar kernel: every read of z above happens before the writes below.
+    sync_cube();
+
+    let lse = Vector::<f32, N>::new(lse);
+    let mut j = unit;
+    while j < vectors {
+        let mut d = Vector::<f32, N>::new(0.0);
+        if kept {
+            d = Vector::exp(Vector::cast_from(z[base + j]) - lse);
+            if j == t / width {
+                d[t % width] -= 1.0f32;
+            }
+        }
+        z[base + j] = Vector::cast_from(d);
+        j += step;
+    }
+}
+
+/// The widest vector (elements per load) the device loads at once that divides the row length
+/// and the row stride of `logits`, or `None` when its columns are not contiguous.
+fn row_vector_size<R: CubeRuntime>(logits: &CubeTensor<R>) -> Option<VectorSize> {
+    if logits.meta.strides().get(1) != Some(&1) {
+        return None;
+    }
+    let widths = logits.client.io_optimized_vector_sizes(logits.dtype.size());
+    Some(cubecl::tensor_vector_size_parallel(
+        widths,
+        logits.meta.shape(),
+        logits.meta.strides(),
+        1,
+    ))
+}
+
 /// Launches the kernel on `logits` `[rows, vocab]` (overwritten with `softmax − onehot`, copied
 /// first if its buffer is shared) with `targets` `[rows]` (ints; negative = ignored). Returns
 /// `(nll, d_logits)`, `nll` a new `[rows]` f32 tensor.
@@ -146,17 +257,33 @@ pub fn launch<R: CubeRuntime>(
             .map(|t| t.required_address_type())
             .max()
             .unwrap_or_default();
-        cross_entropy_rows_kernel::launch::<R>(
-            &logits.client,
-            CubeCount::Static(count(x), count(y), 1),
-            CubeDim::new_1d(CUBE),
-            address,
-            logits.clone().into_tensor_arg(),
-            targets.clone().into_tensor_arg(),
-            nll.clone().into_tensor_arg(),
-            CUBE,
-            [logits.dtype.into(), targets.dtype.into(), DType::F32.into()],
-        );
+        let cubes = CubeCount::Static(count(x), count(y), 1);
+        let dtypes = [logits.dtype.into(), targets.dtype.into(), DType::F32.into()];
+        match row_vector_size(&logits) {
+            Some(width) if width > 1 => cross_entropy_rows_vector_kernel::launch::<R>(
+                &logits.client,
+                cubes,
+                CubeDim::new_1d(CUBE),
+                address,
+                width,
+                logits.clone().into_tensor_arg(),
+                targets.clone().into_tensor_arg(),
+                nll.clone().into_tensor_arg(),
+                CUBE,
+                dtypes,
+            ),
+            _ => cross_entropy_rows_kernel::launch::<R>(
+                &logits.client,
+                cubes,
+                CubeDim::new_1d(CUBE),
+                address,
+                logits.clone().into_tensor_arg(),
+                targets.clone().into_tensor_arg(),
+                nll.clone().into_tensor_arg(),
+                CUBE,
+                dtypes,
+            ),
+        }
     }
     (nll, logits)
 }

@@ -10,11 +10,13 @@
 //!    stream.
 //! 3. Host offload: tensors to pinned memory and back on the copy stream (prefetched), bitwise,
 //!    with kernels reusing the freed memory in between and no synchronisation.
-//! 4. Speed: bf16 8192³ (median of timed batches between device syncs) for the provider (cuBLASLt
+//! 4. Nested persistent-allocation scopes keep exact-size buffers after the inner scope ends.
+//! 5. Speed: bf16 8192³ (median of timed batches between device syncs) for the provider (cuBLASLt
 //!    and cuBLAS) and Burn's matmul, in TFLOP/s, plus LoRA-shaped products and per-call overhead.
 //!
 //! Exits with status 1 if any check fails. `--quick` skips the benchmarks; `--only a,b` runs only
-//! the named sections (`ordering`, `host-copy`, `bench`, `correctness`, `autotune`). Sections run in that order
+//! the named sections (`ordering`, `persistent`, `host-copy`, `bench`, `correctness`,
+//! `autotune`). Sections run in that order
 //! (the cheapest, most telling first), each guarded against panics.
 
 use std::process::ExitCode;
@@ -26,7 +28,7 @@ use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
 use cubecl::cuda::CudaDevice;
 use fastlora_cuda_gemm::{
     CudaBackend, CudaTensor, Engine, GemmOp, copy_to_device, copy_to_host, gemm, matmul_nt,
-    matmul_nt_tensor, stream_ordering,
+    matmul_nt_tensor, stream_ordering, with_persistent_allocation,
 };
 
 type B = CudaBackend<f32, i32, u8>;
@@ -825,6 +827,42 @@ fn time(device: &CudaDevice, samples: usize, per: usize, mut f: impl FnMut()) ->
     times[samples / 2]
 }
 
+/// Nested persistent scopes: a buffer allocated in the outer scope after an inner one ended
+/// still gets its exact size (the inner scope must not put the stream back on the paged pools,
+/// where a 100 MB buffer takes a 2.2 GB page on an H200).
+fn persistent_scopes(c: &mut Checks, device: &CudaDevice) {
+    println!("== nested persistent scopes");
+    let client = <cubecl::cuda::CudaRuntime as cubecl::Runtime>::client(device);
+    let reserved = || client.memory_usage().expect("memory usage").bytes_reserved;
+    // Sizes no earlier section used, so no freed buffer of the same size is reused.
+    let sizes = [25_000_013usize, 25_000_041];
+    let (kept, grew) = with_persistent_allocation(device, || {
+        let inner = with_persistent_allocation(device, || {
+            let before = reserved();
+            let t = Tensor::<B, 1>::zeros([sizes[0]], device);
+            (t, reserved() - before)
+        });
+        let before = reserved();
+        let outer = Tensor::<B, 1>::zeros([sizes[1]], device);
+        ([inner.0, outer], [inner.1, reserved() - before])
+    });
+    for ((size, grew), what) in sizes
+        .iter()
+        .zip(grew)
+        .zip(["inner scope", "outer scope, after the inner one"])
+    {
+        let bytes = (size * 4) as u64;
+        let name = format!("exact-size buffer in the {what}: {bytes} bytes reserved {grew}");
+        if grew >= bytes && grew < bytes + 4096 {
+            c.count += 1;
+            println!("  ok   {name}");
+        } else {
+            c.fail(name);
+        }
+    }
+    drop(kept);
+}
+
 fn bench(device: &CudaDevice) {
     println!("== speed (median of ≥10 timed batches, device sync around each batch)");
     let mut rng = Rng(3);
@@ -981,6 +1019,9 @@ fn main() -> ExitCode {
     };
     if wanted("ordering") {
         section("ordering", &mut |c| ordering(c, &device));
+    }
+    if wanted("persistent") {
+        section("persistent", &mut |c| persistent_scopes(c, &device));
     }
     if wanted("host-copy") {
         section("host-copy", &mut |c| host_copies(c, &device));

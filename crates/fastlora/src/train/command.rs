@@ -12,12 +12,12 @@ use lora_config::{GradientCheckpointing, InitLoraWeights, LoraConfig, TargetModu
 use serde::Deserialize;
 
 use super::{LrScheduler, RunEnd, TrainConfig, Trainer, latest_checkpoint, run};
-use crate::CpuBackend;
 use crate::builtin::{TINY_DATASET, materialize_builtin_model};
-use crate::data::{DataConfig, Dataset};
+use crate::data::{Batch, DataConfig, Dataset};
 use crate::error::{FastLoraError, Result};
 use crate::peft::PeftModel;
 use crate::pretrained::{FastLanguageModel, LoadOptions};
+use crate::{CpuBackend, CudaMemory};
 
 /// Flags of `fastlora train`. Unset flags take the `--config` file's values, then the defaults
 /// (Unsloth's for LoRA, the built-in demo's for training when no `--model` is given).
@@ -143,6 +143,10 @@ pub struct TrainArgs {
     /// Pack examples into full rows of max_seq_length tokens.
     #[arg(long)]
     pub packing: Option<bool>,
+    /// CUDA device memory: `exact` (default: buffers at their exact size, the unused ones
+    /// released when the batch shape changes) or `pools` (CubeCL's paged pools).
+    #[arg(long, value_enum)]
+    pub cuda_memory: Option<CudaMemory>,
     /// Train on whole examples instead of responses only.
     #[arg(long)]
     pub train_on_prompts: Option<bool>,
@@ -255,6 +259,7 @@ impl TrainArgs {
             seed,
             save_steps,
             packing,
+            cuda_memory,
             train_on_prompts,
             device,
             dtype
@@ -416,14 +421,17 @@ pub fn train_command(args: TrainArgs) -> Result<()> {
             use burn::backend::cuda::CudaDevice;
             use fused_mlp::CudaBackend;
             let device = CudaDevice::new(index);
+            let memory = args.cuda_memory.unwrap_or_default();
             if bf16 {
-                train_on::<Autodiff<CudaBackend<burn::tensor::bf16>>>(
-                    args,
-                    device,
-                    cuda_reserved_bytes,
-                )
+                type B = Autodiff<CudaBackend<burn::tensor::bf16>>;
+                memory.run::<B, _>(&device.clone(), || {
+                    train_on::<B>(args, device, cuda_reserved_bytes)
+                })
             } else {
-                train_on::<Autodiff<CudaBackend<f32>>>(args, device, cuda_reserved_bytes)
+                type B = Autodiff<CudaBackend<f32>>;
+                memory.run::<B, _>(&device.clone(), || {
+                    train_on::<B>(args, device, cuda_reserved_bytes)
+                })
             }
         }
         #[cfg(not(feature = "cuda"))]
@@ -515,8 +523,12 @@ fn train_on<B: AutodiffBackend>(
 
     let total = config.total_steps(dataset.len());
     let per_step = config.batch_size * config.grad_accum;
-    let batches = |step: usize| {
-        (0..config.grad_accum)
+    // Exact-size buffers serve only requests of their own size, so after a change of batch
+    // shape the previous shape's buffers would stay reserved beside the new ones.
+    let release_on_new_shape = args.cuda_memory.unwrap_or_default() == CudaMemory::Exact;
+    let mut last_shape = None;
+    let mut batches = |step: usize| {
+        let micro: Vec<Batch> = (0..config.grad_accum)
             .map(|micro| {
                 let first = step * per_step + micro * config.batch_size;
                 let indices: Vec<usize> = (first..first + config.batch_size)
@@ -528,7 +540,13 @@ fn train_on<B: AutodiffBackend>(
                     max_positions,
                 )
             })
-            .collect()
+            .collect();
+        let shape = micro.first().map(|b| (b.batch, b.seq));
+        if release_on_new_shape && last_shape.is_some() && last_shape != shape {
+            B::memory_cleanup(&device);
+        }
+        last_shape = shape;
+        micro
     };
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
@@ -548,7 +566,7 @@ fn train_on<B: AutodiffBackend>(
     let end = run(
         &mut trainer,
         total,
-        batches,
+        &mut batches,
         &stop,
         |record, tokens_per_s| {
             bar.set_position(record.step as u64);
