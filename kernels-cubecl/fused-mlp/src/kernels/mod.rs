@@ -72,6 +72,16 @@ fn row_vector_size<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> Option<VectorS
     Some(size)
 }
 
+/// The vector width for the row-wise RMSNorm kernels: [`row_vector_size`] of the `[N, H]`
+/// operands, when the `[H]` gain is contiguous too and the width is above 1.
+fn gain_row_vector_size<R: CubeRuntime>(
+    rows: &[&CubeTensor<R>],
+    gain: &CubeTensor<R>,
+) -> Option<VectorSize> {
+    let width = row_vector_size(rows)?;
+    (width > 1 && gain.meta.strides().len() == 1 && gain.meta.strides()[0] == 1).then_some(width)
+}
+
 /// Client, cube count and cube dim for `units` one-element units; `None` when there is no work.
 fn elementwise_launch<R: CubeRuntime>(
     reference: &CubeTensor<R>,

@@ -1,4 +1,5 @@
-//! RMSNorm backward over the rows of `[N, H]` for a frozen gain, one cube per row, in f32:
+//! RMSNorm backward over the rows of `[N, H]` for a frozen gain, one cube per row (a vector form
+//! for contiguous rows, a scalar form for any strides), in f32:
 //! with `x̂ = x·r` (`r` the forward's saved `1/√(mean(x²) + ε)`) and `g = dy·w`,
 //!
 //! ```text
@@ -14,7 +15,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use super::rms_norm_forward::ROW_CUBE;
-use super::{address_type, check_matrix, row_cubes, row_sum};
+use super::{address_type, check_matrix, gain_row_vector_size, row_cubes, row_sum};
 
 #[cube(launch, address_type = "dynamic")]
 fn rms_norm_backward_kernel<F: Float>(
@@ -47,6 +48,50 @@ fn rms_norm_backward_kernel<F: Float>(
             * f32::cast_from(weight[c * weight.stride(0)]);
         let normed = f32::cast_from(x[row * x.stride(0) + c * x.stride(1)]) * r;
         dx[row * cols + c] = F::cast_from(r * (g - normed * mean));
+        c += CUBE_DIM_X as usize;
+    }
+}
+
+/// The same math on contiguous rows, one vector of `N` elements per access (the kernel above
+/// ran at ≈ 84 µs per `[8192, 2048]` bf16 on the H200, about three times its memory traffic).
+#[cube(launch, address_type = "dynamic")]
+fn rms_norm_backward_rows_kernel<F: Float, N: Size>(
+    dy: &Tensor<Vector<F, N>>,
+    x: &Tensor<Vector<F, N>>,
+    weight: &Tensor<Vector<F, N>>,
+    rstd: &Tensor<f32>,
+    dx: &mut Tensor<Vector<F, N>>,
+    #[comptime] cube: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS;
+    if row >= x.shape(0) {
+        terminate!();
+    }
+    let width = x.vector_size();
+    let vectors = x.shape(1) / width;
+    let (dy_at, x_at) = (row * dy.stride(0) / width, row * x.stride(0) / width);
+    let r = Vector::<f32, N>::new(rstd[row]);
+    let mut dots = Vector::<f32, N>::new(0.0);
+    let mut c = UNIT_POS_X as usize;
+    while c < vectors {
+        let g: Vector<f32, N> =
+            Vector::<f32, N>::cast_from(dy[dy_at + c]) * Vector::cast_from(weight[c]);
+        dots += g * Vector::<f32, N>::cast_from(x[x_at + c]) * r;
+        c += CUBE_DIM_X as usize;
+    }
+    let mut own = 0.0f32;
+    #[unroll]
+    for k in 0..width {
+        own += dots[k];
+    }
+    let mean = Vector::<f32, N>::new(row_sum(own, cube) / f32::cast_from(x.shape(1)));
+    let mut c = UNIT_POS_X as usize;
+    while c < vectors {
+        let g: Vector<f32, N> =
+            Vector::<f32, N>::cast_from(dy[dy_at + c]) * Vector::cast_from(weight[c]);
+        let normed = Vector::<f32, N>::cast_from(x[x_at + c]) * r;
+        dx[row * vectors + c] = Vector::cast_from(r * (g - normed * mean));
         c += CUBE_DIM_X as usize;
     }
 }
@@ -85,6 +130,23 @@ pub fn launch<R: CubeRuntime>(
     );
     if n > 0 && h > 0 {
         let address = address_type(&[dy, x, weight, rstd, &dx]);
+        if let Some(width) = gain_row_vector_size(&[dy, x, &dx], weight) {
+            rms_norm_backward_rows_kernel::launch::<R>(
+                &x.client,
+                row_cubes(n),
+                CubeDim::new_1d(ROW_CUBE),
+                address,
+                width,
+                dy.clone().into_tensor_arg(),
+                x.clone().into_tensor_arg(),
+                weight.clone().into_tensor_arg(),
+                rstd.clone().into_tensor_arg(),
+                dx.clone().into_tensor_arg(),
+                ROW_CUBE,
+                x.dtype.into(),
+            );
+            return dx;
+        }
         rms_norm_backward_kernel::launch::<R>(
             &x.client,
             row_cubes(n),

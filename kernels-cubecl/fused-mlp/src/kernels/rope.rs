@@ -59,6 +59,70 @@ fn rope_kernel<F: Float>(
     y[out + i + half] = F::cast_from(second * c + first * s);
 }
 
+/// The same math with `x`'s rows contiguous (last stride 1), one unit per vector of `N` pairs:
+/// a bf16 unit moves 16 bytes per access where the kernel above moves 2, and its index
+/// arithmetic (four divisions) is shared by `N` pairs. The scalar kernel ran at ≈ 100 µs for a
+/// 1B model's q (`[4, 32, 2048, 64]` bf16) on the H200, five times its memory traffic. The
+/// tables are read as `N` scalars from the same row (they are small and stay in cache).
+#[cube(launch, address_type = "dynamic")]
+fn rope_rows_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    cos: &Tensor<f32>,
+    sin: &Tensor<f32>,
+    y: &mut Tensor<Vector<F, N>>,
+    sign: f32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let width = x.vector_size();
+    let heads = x.shape(1);
+    let seq = x.shape(2);
+    let half = x.shape(3) / 2 / width;
+    if ABSOLUTE_POS >= x.shape(0) * seq * heads * half {
+        terminate!();
+    }
+    let i = ABSOLUTE_POS % half;
+    let row = ABSOLUTE_POS / half;
+    let head = row % heads;
+    let position = (row / heads) % seq;
+    let batch = row / (heads * seq);
+
+    let base = (batch * x.stride(0) + head * x.stride(1) + position * x.stride(2)) / width;
+    let first: Vector<f32, N> = Vector::cast_from(x[base + i]);
+    let second: Vector<f32, N> = Vector::cast_from(x[base + i + half]);
+    let mut table_row = 0;
+    if cos.shape(0) > 1 {
+        table_row = batch;
+    }
+    let cos_at = table_row * cos.stride(0) + position * cos.stride(1) + i * width * cos.stride(2);
+    let sin_at = table_row * sin.stride(0) + position * sin.stride(1) + i * width * sin.stride(2);
+    let mut c = Vector::<f32, N>::new(0.0);
+    let mut s = Vector::<f32, N>::new(0.0);
+    #[unroll]
+    for k in 0..width {
+        c[k] = cos[cos_at + k * cos.stride(2)];
+        s[k] = sign * sin[sin_at + k * sin.stride(2)];
+    }
+
+    let out = ((batch * seq + position) * heads + head) * (2 * half);
+    y[out + i] = Vector::cast_from(first * c - second * s);
+    y[out + i + half] = Vector::cast_from(second * c + first * s);
+}
+
+/// The widest vector the rows kernel can use on `x` `[b, h, s, d]`: a load width of the device
+/// that divides `d / 2` and `x`'s first three strides, with `x`'s last stride 1; `None` when
+/// only the scalar kernel fits.
+fn pair_vector_size<R: CubeRuntime>(x: &CubeTensor<R>) -> Option<VectorSize> {
+    let strides = x.meta.strides();
+    let half = x.meta.shape()[3] / 2;
+    if strides[3] != 1 {
+        return None;
+    }
+    x.client
+        .io_optimized_vector_sizes(x.dtype.size())
+        .filter(|&w| w > 1 && half % w == 0 && strides[..3].iter().all(|s| s % w == 0))
+        .max()
+}
+
 /// Launches the rotation of `x` (`σ = sign`, see the module docs): returns a new row-major
 /// `[b, s, h, d]` tensor in `x`'s dtype (the caller views it as `[b, h, s, d]`).
 ///
@@ -95,7 +159,26 @@ pub fn launch<R: CubeRuntime>(
         vec![b, s, h, d].into(),
         x.dtype,
     );
-    if let Some((client, cube_count, cube_dim)) = elementwise_launch(&y, b * s * h * (d / 2)) {
+    if let Some(width) = pair_vector_size(x) {
+        if let Some((client, cube_count, cube_dim)) =
+            elementwise_launch(&y, b * s * h * (d / 2) / width)
+        {
+            rope_rows_kernel::launch::<R>(
+                &client,
+                cube_count,
+                cube_dim,
+                address_type(&[x, cos, sin, &y]),
+                width,
+                x.clone().into_tensor_arg(),
+                cos.clone().into_tensor_arg(),
+                sin.clone().into_tensor_arg(),
+                y.clone().into_tensor_arg(),
+                sign,
+                x.dtype.into(),
+            );
+        }
+    } else if let Some((client, cube_count, cube_dim)) = elementwise_launch(&y, b * s * h * (d / 2))
+    {
         rope_kernel::launch::<R>(
             &client,
             cube_count,
