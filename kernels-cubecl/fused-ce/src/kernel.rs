@@ -24,6 +24,35 @@ const CUBE: u32 = 256;
 /// chunk on the H200, 2.7× its memory traffic).
 const VECTOR_CUBE: u32 = 1024;
 
+/// The log-sum-exp of a row from every unit's online pair `(m, l)` (its share's max and
+/// `Σ exp(z − m)`) over a 1-D cube of `cube` units (a power of two: the launch's cube size),
+/// merged by a tree of halvings in shared memory and returned to all units.
+#[cube]
+fn cube_log_sum_exp(m: f32, l: f32, #[comptime] cube: u32) -> f32 {
+    let unit = UNIT_POS_X as usize;
+    let mut sm = SharedMemory::<f32>::new(cube as usize);
+    let mut sl = SharedMemory::<f32>::new(cube as usize);
+    sm[unit] = m;
+    sl[unit] = l;
+    sync_cube();
+    let mut half = CUBE_DIM_X as usize / 2;
+    while half > 0 {
+        if unit < half {
+            let m1 = sm[unit];
+            let m2 = sm[unit + half];
+            let mut mm = m2;
+            if m1 > m2 {
+                mm = m1;
+            }
+            sl[unit] = sl[unit] * f32::exp(m1 - mm) + sl[unit + half] * f32::exp(m2 - mm);
+            sm[unit] = mm;
+        }
+        sync_cube();
+        half /= 2;
+    }
+    sm[0] + f32::ln(sl[0])
+}
+
 #[cube(launch, address_type = "dynamic")]
 fn cross_entropy_rows_kernel<F: Float, I: Int, L: Float>(
     z: &mut Tensor<F>,
@@ -44,8 +73,6 @@ fn cross_entropy_rows_kernel<F: Float, I: Int, L: Float>(
     let target = i32::cast_from(targets[row * targets.stride(0)]);
     let kept = target >= 0;
 
-    let mut sm = SharedMemory::<f32>::new(cube as usize);
-    let mut sl = SharedMemory::<f32>::new(cube as usize);
     let mut m = f32::new(-3.0e38);
     let mut l = 0.0f32;
     let mut j = unit;
@@ -59,25 +86,7 @@ fn cross_entropy_rows_kernel<F: Float, I: Int, L: Float>(
         }
         j += step;
     }
-    sm[unit] = m;
-    sl[unit] = l;
-    sync_cube();
-    let mut half = step / 2;
-    while half > 0 {
-        if unit < half {
-            let m1 = sm[unit];
-            let m2 = sm[unit + half];
-            let mut mm = m2;
-            if m1 > m2 {
-                mm = m1;
-            }
-            sl[unit] = sl[unit] * f32::exp(m1 - mm) + sl[unit + half] * f32::exp(m2 - mm);
-            sm[unit] = mm;
-        }
-        sync_cube();
-        half /= 2;
-    }
-    let lse = sm[0] + f32::ln(sl[0]);
+    let lse = cube_log_sum_exp(m, l, cube);
     let t = target as usize;
     if unit == 0 {
         let mut loss = 0.0f32;
@@ -130,8 +139,6 @@ fn cross_entropy_rows_vector_kernel<F: Float, I: Int, L: Float, N: Size>(
     let target = i32::cast_from(targets[row * targets.stride(0)]);
     let kept = target >= 0;
 
-    let mut sm = SharedMemory::<f32>::new(cube as usize);
-    let mut sl = SharedMemory::<f32>::new(cube as usize);
     let mut m = Vector::<f32, N>::new(-3.0e38);
     let mut l = Vector::<f32, N>::new(0.0);
     let mut j = unit;
@@ -154,25 +161,7 @@ fn cross_entropy_rows_vector_kernel<F: Float, I: Int, L: Float, N: Size>(
         lu = lu * f32::exp(mu - mm) + l[k] * f32::exp(mk - mm);
         mu = mm;
     }
-    sm[unit] = mu;
-    sl[unit] = lu;
-    sync_cube();
-    let mut half = step / 2;
-    while half > 0 {
-        if unit < half {
-            let m1 = sm[unit];
-            let m2 = sm[unit + half];
-            let mut mm = m2;
-            if m1 > m2 {
-                mm = m1;
-            }
-            sl[unit] = sl[unit] * f32::exp(m1 - mm) + sl[unit + half] * f32::exp(m2 - mm);
-            sm[unit] = mm;
-        }
-        sync_cube();
-        half /= 2;
-    }
-    let lse = sm[0] + f32::ln(sl[0]);
+    let lse = cube_log_sum_exp(mu, lu, cube);
     let t = target as usize;
     if unit == 0 {
         let mut loss = 0.0f32;

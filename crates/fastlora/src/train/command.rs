@@ -741,12 +741,19 @@ mod tests {
         let path = dir.path().join("run.toml");
         std::fs::write(
             &path,
-            "r = 32\nlora_alpha = 64.0\nlr = 1e-4\nmax_steps = 7\nlr_scheduler = \"cosine\"\n",
+            "r = 32\nlora_alpha = 64.0\nlr = 1e-4\nmax_steps = 7\nlr_scheduler = \"cosine\"\n\
+             cuda_memory = \"pools\"\n",
         )
         .unwrap();
         let args = parse(&["--config", path.to_str().unwrap(), "--r", "4"])
             .with_config_file()
             .unwrap();
+        assert_eq!(args.cuda_memory, Some(CudaMemory::Pools));
+        let flag = parse(&["--config", path.to_str().unwrap(), "--cuda-memory", "exact"]);
+        assert_eq!(
+            flag.with_config_file().unwrap().cuda_memory,
+            Some(CudaMemory::Exact)
+        );
         let lora = args.lora_config().unwrap();
         assert_eq!((lora.r, lora.lora_alpha), (4, 64.0));
         let train = args.train_config();

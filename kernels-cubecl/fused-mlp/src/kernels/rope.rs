@@ -119,7 +119,9 @@ fn pair_vector_size<R: CubeRuntime>(x: &CubeTensor<R>) -> Option<VectorSize> {
     }
     x.client
         .io_optimized_vector_sizes(x.dtype.size())
-        .filter(|&w| w > 1 && half % w == 0 && strides[..3].iter().all(|s| s % w == 0))
+        .filter(|&w| {
+            w > 1 && half.is_multiple_of(w) && strides[..3].iter().all(|s| s.is_multiple_of(w))
+        })
         .max()
 }
 
