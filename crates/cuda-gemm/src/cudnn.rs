@@ -267,6 +267,21 @@ impl GraphBuilder {
         dtype: DataType,
         storage: Storage,
     ) -> Result<TensorRef, GemmError> {
+        self.ragged_tensor(uid, dims, strides, dtype, storage, None)
+    }
+
+    /// [`Self::tensor`], with `offsets` (a `[batch + 1, 1, 1, 1]` integer tensor of this
+    /// builder) giving where each batch entry starts, in elements from the tensor's base: the
+    /// entries of a ragged (variable-length) batch, whose batch stride is then unused.
+    pub(crate) fn ragged_tensor(
+        &mut self,
+        uid: Option<i64>,
+        dims: &[i64],
+        strides: &[i64],
+        dtype: DataType,
+        storage: Storage,
+        offsets: Option<&TensorRef>,
+    ) -> Result<TensorRef, GemmError> {
         let uid = match uid {
             Some(uid) => uid,
             None => {
@@ -291,6 +306,13 @@ impl GraphBuilder {
                 bytes[..4].copy_from_slice(&value.to_ne_bytes());
                 self.scalars.push((uid, bytes));
             }
+        }
+        if let Some(offsets) = offsets {
+            // After every other attribute, as cudnn-frontend sets it.
+            t.set_descriptors(
+                Attr::CUDNN_ATTR_TENSOR_RAGGED_OFFSET_DESC,
+                &[&self.tensors[offsets.index]],
+            )?;
         }
         t.finalize()?;
         self.tensors.push(t);
@@ -378,12 +400,16 @@ impl GraphBuilder {
         Ok(())
     }
 
-    /// `c = a·b` (batched over the leading dims, broadcast where a batch dim is 1), f32 compute.
+    /// `c = a·b` (batched over the leading dims, broadcast where a batch dim is 1), f32
+    /// compute; with per-batch-entry sizes `[m, n, k]` where given: `[batch, 1, 1, 1]` int32
+    /// tensors of this builder overriding the product's dimensions entry by entry
+    /// (variable-length sequences).
     pub(crate) fn matmul(
         &mut self,
         a: &TensorRef,
         b: &TensorRef,
         c: &TensorRef,
+        [m, n, k]: [Option<&TensorRef>; 3],
     ) -> Result<(), GemmError> {
         let mut mm = Descriptor::new(Kind::CUDNN_BACKEND_MATMUL_DESCRIPTOR)?;
         mm.set_data_type(
@@ -395,8 +421,17 @@ impl GraphBuilder {
         op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_ADESC, &[self.t(a)])?
             .set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_BDESC, &[self.t(b)])?
             .set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_CDESC, &[self.t(c)])?
-            .set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_DESC, &[&mm])?
-            .finalize()?;
+            .set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_DESC, &[&mm])?;
+        for (name, size) in [
+            (Attr::CUDNN_ATTR_OPERATION_MATMUL_GEMM_M_OVERRIDE_DESC, m),
+            (Attr::CUDNN_ATTR_OPERATION_MATMUL_GEMM_N_OVERRIDE_DESC, n),
+            (Attr::CUDNN_ATTR_OPERATION_MATMUL_GEMM_K_OVERRIDE_DESC, k),
+        ] {
+            if let Some(size) = size {
+                op.set_descriptors(name, &[&self.tensors[size.index]])?;
+            }
+        }
+        op.finalize()?;
         self.parts.push(mm);
         self.ops.push(op);
         Ok(())

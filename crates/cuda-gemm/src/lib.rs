@@ -24,7 +24,8 @@
 //!   memory and back on a copy stream beside CubeCL's, ordered with it by events, the way back
 //!   prefetched (the checkpoint offload; module `host_copy`).
 //! - [`sdpa_forward`], [`sdpa_backward`]: cuDNN's fused causal flash attention (f16/bf16,
-//!   grouped-query), on the same stream and with the same machinery (module `sdpa`, on a small
+//!   grouped-query; over whole rows, or over the runs of packed rows as sequences of their own,
+//!   [`SdpaRuns`]), on the same stream and with the same machinery (module `sdpa`, on a small
 //!   builder over cuDNN's backend graph API, module `cudnn`; `libcudnn.so.9` is loaded at run
 //!   time).
 //! - [`with_persistent_allocation`]: a scope whose buffers CubeCL allocates at their exact
@@ -149,6 +150,6 @@ pub use host_copy::{HostCopy, copy_to_device, copy_to_host, prefetch_latest_offl
 #[cfg(feature = "cuda")]
 pub use persistent::with_persistent_allocation;
 #[cfg(feature = "cuda")]
-pub use sdpa::{SdpaSaved, cudnn_version, sdpa_backward, sdpa_calls, sdpa_forward};
+pub use sdpa::{SdpaRuns, SdpaSaved, cudnn_version, sdpa_backward, sdpa_calls, sdpa_forward};
 #[cfg(feature = "cuda")]
 pub use stream::StreamOrdering;

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::tensor::DType;
 use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::permute;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::Runtime;
 use cubecl::cuda::{CudaDevice, CudaRuntime};
@@ -38,8 +39,78 @@ pub struct SdpaSaved<'a> {
     pub v: &'a CudaTensor,
     /// `[b, s, h·d]`, row-major.
     pub o: &'a CudaTensor,
-    /// `[b, h, s]` f32, row-major: log-sum-exp of each row of scaled scores.
+    /// Log-sum-exp of each row of scaled scores, f32: `[b, h, s]` row-major, or with runs
+    /// `[b, s, h]` row-major (token-major, as cuDNN's ragged layout keeps it).
     pub lse: &'a CudaTensor,
+    /// The runs the forward attended over, if any.
+    pub runs: Option<SdpaRuns<'a>>,
+}
+
+/// Variable-length sequences packed in the rows of a `[b, s]` batch: each run of consecutive
+/// positions of one row attends as a sequence of its own (causal within it, nothing across).
+/// The runs cover every position once, in order (no gaps: cuDNN leaves positions outside every
+/// run unwritten).
+#[derive(Debug, Clone, Copy)]
+pub struct SdpaRuns<'a> {
+    /// Row length `s`.
+    pub seq: usize,
+    /// Flat token index (`row·s + position`) where each run starts.
+    pub starts: &'a [usize],
+    /// Each run's length.
+    pub lengths: &'a [usize],
+}
+
+impl SdpaRuns<'_> {
+    /// Checks that the runs tile `batch` rows of `seq` positions, run after run, none crossing
+    /// a row's end.
+    fn check(&self, batch: usize, seq: usize) -> Result<(), GemmError> {
+        let err = |reason: String| {
+            Err(GemmError::Shape {
+                desc: format!("sdpa runs over [{batch}, {seq}]"),
+                reason,
+            })
+        };
+        if self.seq != seq || self.starts.len() != self.lengths.len() {
+            return err(format!(
+                "runs for rows of {} positions, {} starts and {} lengths",
+                self.seq,
+                self.starts.len(),
+                self.lengths.len()
+            ));
+        }
+        let mut next = 0;
+        for (&start, &length) in self.starts.iter().zip(self.lengths) {
+            if start != next || length == 0 || start / seq != (start + length - 1) / seq {
+                return err(format!(
+                    "run at token {start} of {length} tokens (expected a start at {next},                      at least one token, within one row)"
+                ));
+            }
+            next = start + length;
+        }
+        if next != batch * seq {
+            return err(format!("the runs end at token {next}, not {}", batch * seq));
+        }
+        Ok(())
+    }
+
+    /// The ragged graph's bound on an entry's length: the longest run rounded up to a power
+    /// of two (at least 128), at most the row length. cuDNN sizes its grid by the bound, so a
+    /// bound near the runs' lengths keeps it from launching work for positions no run has.
+    fn bound(&self) -> usize {
+        let longest = self.lengths.iter().copied().max().unwrap_or(1);
+        longest.next_power_of_two().max(128).min(self.seq)
+    }
+
+    /// Batch entries of the ragged graph: the number of runs rounded up to 32, a power of two
+    /// up to 512, then a multiple of 512 (TransformerEngine's buckets), so that a plan serves
+    /// batches of similar run counts; the extra entries are empty.
+    fn entries(&self) -> usize {
+        match self.starts.len() {
+            n if n <= 32 => 32,
+            n if n <= 512 => n.next_power_of_two(),
+            n => n.div_ceil(512) * 512,
+        }
+    }
 }
 
 /// Which graph.
@@ -70,6 +141,10 @@ pub(crate) struct Problem {
     pub lse_strides: [i64; 4],
     /// `1/√d` as bits (a by-value scalar baked into the plan).
     pub scale_bits: u32,
+    /// Ragged problems: the token count `T` the entries are packed in (then `batch` counts
+    /// the graph's entries, `seq` bounds each entry's length, and every stored tensor is
+    /// token-major).
+    pub ragged: Option<i64>,
 }
 
 /// f16 or bf16.
@@ -108,6 +183,25 @@ impl Problem {
         [self.heads * self.seq, self.seq, 1, 1]
     }
 
+    /// Strides of `[b, heads, s, d]` tensors the graphs write (dQ and its accumulator with the
+    /// query heads, dK and dV with the KV heads): packed `[b, heads, s, d]`, or token-major
+    /// `[b, s, heads, d]` for a ragged problem.
+    fn grad_strides(&self, heads: i64) -> [i64; 4] {
+        let (s, d) = (self.seq, self.head_dim);
+        match self.ragged {
+            Some(_) => [s * heads * d, d, heads * d, 1],
+            None => [heads * s * d, s * d, d, 1],
+        }
+    }
+
+    pub(crate) fn q_grad_strides(&self) -> [i64; 4] {
+        self.grad_strides(self.heads)
+    }
+
+    pub(crate) fn kv_grad_strides(&self) -> [i64; 4] {
+        self.grad_strides(self.kv_heads)
+    }
+
     /// `(b, h, s, d)` as sizes.
     fn sizes(&self) -> (usize, usize, usize, usize) {
         let size = |v: i64| v as usize;
@@ -124,8 +218,12 @@ impl Problem {
     }
 
     fn describe(&self) -> String {
+        let ragged = match self.ragged {
+            Some(tokens) => format!(" ragged over {tokens} tokens"),
+            None => String::new(),
+        };
         format!(
-            "{:?} b{} h{} kvh{} s{} d{} {:?}",
+            "{:?} b{} h{} kvh{} s{} d{} {:?}{ragged}",
             self.pass, self.batch, self.heads, self.kv_heads, self.seq, self.head_dim, self.dtype
         )
     }
@@ -221,54 +319,77 @@ fn problem(
         d_o_strides: packed_heads_view(qd[0], qd[1], qd[2], qd[3]),
         lse_strides: [(qd[1] * qd[2]) as i64, qd[2] as i64, 1, 1],
         scale_bits: scale.to_bits(),
+        ragged: None,
     })
 }
 
-/// Causal attention forward through cuDNN: `(o, lse)`.
+/// Causal attention forward through cuDNN: `(o, lse)`, over whole rows or, with `runs`, over
+/// each run as a sequence of its own.
 ///
 /// Before the first forward of a problem, the backward plan is built too, so that a problem
 /// whose backward cuDNN declines is declined here (the caller's fallback then covers both).
 ///
 /// # Shapes
-/// - q: `[b, h, s, d]`; k, v: `[b, kvh, s, d]` (`h` a multiple of `kvh`; any strides, a copy is
-///   made when the innermost one is not 1)
-/// - o: `[b, s, h·d]` (row-major, ready for `o_proj`); lse: `[b, h, s]` f32
+/// - q: `[b, h, s, d]`; k, v: `[b, kvh, s, d]` (`h` a multiple of `kvh`; any strides: a copy is
+///   made when the innermost one is not 1, and with runs unless the tensor is token-major,
+///   `[b, s, heads, d]` in memory)
+/// - o: `[b, s, h·d]` (row-major, ready for `o_proj`); lse: `[b, h, s]` f32, or with runs
+///   `[b, s, h]` (token-major)
 ///
 /// # Errors
-/// Shapes or dtypes cuDNN does not take (f16/bf16 only), no `libcudnn` or no engine for the
-/// graph ([`GemmError::CudnnUnavailable`]), or a failing cuDNN or CubeCL call.
+/// Shapes or dtypes cuDNN does not take (f16/bf16 only), runs that do not tile the rows, no
+/// `libcudnn` or no engine for the graph ([`GemmError::CudnnUnavailable`]), or a failing cuDNN
+/// or CubeCL call.
 pub fn sdpa_forward(
     q: &CudaTensor,
     k: &CudaTensor,
     v: &CudaTensor,
     scale: f32,
+    runs: Option<SdpaRuns<'_>>,
 ) -> Result<(CudaTensor, CudaTensor), GemmError> {
     let (q, k, v) = (unit_inner(q), unit_inner(k), unit_inner(v));
     let p = problem(Pass::Forward, &q, &k, &v, scale)?;
     let (b, h, s, d) = p.sizes();
     let o = new_tensor(&q, vec![b, s, h * d], q.dtype);
-    let lse = new_tensor(&q, vec![b, h, s], DType::F32);
+    let (p, q, k, v, lse, run_buffers) = match runs {
+        None => {
+            let lse = new_tensor(&q, vec![b, h, s], DType::F32);
+            (p, q, k, v, lse, None)
+        }
+        Some(runs) => {
+            runs.check(b, s)?;
+            let kvh = p.kv_heads as usize;
+            let (q, k, v) = (
+                token_major(&q, h),
+                token_major(&k, kvh),
+                token_major(&v, kvh),
+            );
+            let p = ragged_problem(p, &runs);
+            let lse = new_tensor(&q, vec![b, s, h], DType::F32);
+            let buffers = RunBuffers::upload(&q, &p, &runs);
+            (p, q, k, v, lse, Some(buffers))
+        }
+    };
     let backward = Problem {
         pass: Pass::Backward,
         ..p.clone()
     };
-    run(
-        &q.device,
-        &[p.clone(), backward],
-        &p,
-        bindings(&[
-            (graphs::uid::Q, &q),
-            (graphs::uid::K, &k),
-            (graphs::uid::V, &v),
-            (graphs::uid::O, &o),
-            (graphs::uid::LSE, &lse),
-        ]),
-    )?;
+    let mut bound = bindings(&[
+        (graphs::uid::Q, &q),
+        (graphs::uid::K, &k),
+        (graphs::uid::V, &v),
+        (graphs::uid::O, &o),
+        (graphs::uid::LSE, &lse),
+    ]);
+    if let Some(buffers) = &run_buffers {
+        bound.extend(buffers.bindings());
+    }
+    run(&q.device, &[p.clone(), backward], &p, bound)?;
     Ok((o, lse))
 }
 
-/// Causal attention backward through cuDNN: `(dq, dk, dv)`, row-major in the shapes of `q`, `k`
-/// and `v`.
+/// Causal attention backward through cuDNN: `(dq, dk, dv)` in the shapes of `q`, `k` and `v`
+/// (row-major; with runs, token-major `[b, s, heads, d]` memory seen as `[b, heads, s, d]`).
 ///
 /// # Shapes
 /// As [`sdpa_forward`]; `d_o`: `[b, s, h·d]`.
@@ -287,11 +408,16 @@ pub fn sdpa_backward(
     );
     let p = problem(Pass::Backward, &q, &k, &v, scale)?;
     let (b, h, s, d) = p.sizes();
+    let kvh = p.kv_heads as usize;
     let (o, lse, d_o) = (unit_inner(saved.o), unit_inner(saved.lse), unit_inner(d_o));
+    let lse_shape = match saved.runs {
+        Some(_) => vec![b, s, h],
+        None => vec![b, h, s],
+    };
     for (name, t, want) in [
         ("o", &o, vec![b, s, h * d]),
         ("d_o", &d_o, vec![b, s, h * d]),
-        ("lse", &lse, vec![b, h, s]),
+        ("lse", &lse, lse_shape),
     ] {
         if shape_of(t) != want {
             return Err(GemmError::Shape {
@@ -305,41 +431,195 @@ pub fn sdpa_backward(
             dtypes: format!("q {:?}, o {:?}, d_o {:?}", q.dtype, o.dtype, d_o.dtype),
         });
     }
-    let p = Problem {
-        o_strides: p.heads_view(&o),
-        d_o_strides: p.heads_view(&d_o),
-        lse_strides: {
-            let st = lse.meta.strides();
-            [st[0] as i64, st[1] as i64, 1, 1]
-        },
-        ..p
+    let (p, q, k, v, o, lse, d_o, run_buffers) = match saved.runs {
+        None => {
+            let p = Problem {
+                o_strides: p.heads_view(&o),
+                d_o_strides: p.heads_view(&d_o),
+                lse_strides: {
+                    let st = lse.meta.strides();
+                    [st[0] as i64, st[1] as i64, 1, 1]
+                },
+                ..p
+            };
+            (p, q, k, v, o, lse, d_o, None)
+        }
+        Some(runs) => {
+            runs.check(b, s)?;
+            let (q, k, v) = (
+                token_major(&q, h),
+                token_major(&k, kvh),
+                token_major(&v, kvh),
+            );
+            let contiguous = |t: CudaTensor| {
+                if t.is_contiguous() {
+                    t
+                } else {
+                    into_contiguous(t)
+                }
+            };
+            let (o, lse, d_o) = (contiguous(o), contiguous(lse), contiguous(d_o));
+            let p = ragged_problem(p, &runs);
+            let buffers = RunBuffers::upload(&q, &p, &runs);
+            (p, q, k, v, o, lse, d_o, Some(buffers))
+        }
     };
-    // Two f32 buffers the graph writes and reads back (cuDNN's fused backward keeps them in
-    // memory): the per-row Σ dO∘O and the dQ accumulator.
-    let row_dot = new_tensor(&q, vec![b, h, s], DType::F32);
-    let dq_accum = new_tensor(&q, vec![b, h, s, d], DType::F32);
-    let dq = new_tensor(&q, shape_of(&q), q.dtype);
-    let dk = new_tensor(&q, shape_of(&k), q.dtype);
-    let dv = new_tensor(&q, shape_of(&v), q.dtype);
-    run(
-        &q.device,
-        std::slice::from_ref(&p),
-        &p,
-        bindings(&[
-            (graphs::uid::Q, &q),
-            (graphs::uid::K, &k),
-            (graphs::uid::V, &v),
-            (graphs::uid::O, &o),
-            (graphs::uid::LSE, &lse),
-            (graphs::uid::D_O, &d_o),
-            (graphs::uid::D_Q, &dq),
-            (graphs::uid::D_K, &dk),
-            (graphs::uid::D_V, &dv),
-            (graphs::uid::ROW_DOT, &row_dot),
-            (graphs::uid::D_Q_ACCUM, &dq_accum),
-        ]),
-    )?;
+    let ragged = run_buffers.is_some();
+    // Buffers the graph writes and reads back (cuDNN's fused backward keeps them in memory):
+    // the per-row Σ dO∘O and the dQ accumulator (f32), and for a ragged problem with grouped
+    // queries dK and dV per query head.
+    let (row_dot, dq_accum, dq, dk, dv) = if ragged {
+        (
+            new_tensor(&q, vec![b, s, h], DType::F32),
+            new_tensor(&q, vec![b, s, h, d], DType::F32),
+            permute(new_tensor(&q, vec![b, s, h, d], q.dtype), &[0, 2, 1, 3]),
+            permute(new_tensor(&q, vec![b, s, kvh, d], q.dtype), &[0, 2, 1, 3]),
+            permute(new_tensor(&q, vec![b, s, kvh, d], q.dtype), &[0, 2, 1, 3]),
+        )
+    } else {
+        (
+            new_tensor(&q, vec![b, h, s], DType::F32),
+            new_tensor(&q, vec![b, h, s, d], DType::F32),
+            new_tensor(&q, shape_of(&q), q.dtype),
+            new_tensor(&q, shape_of(&k), q.dtype),
+            new_tensor(&q, shape_of(&v), q.dtype),
+        )
+    };
+    let mut bound = bindings(&[
+        (graphs::uid::Q, &q),
+        (graphs::uid::K, &k),
+        (graphs::uid::V, &v),
+        (graphs::uid::O, &o),
+        (graphs::uid::LSE, &lse),
+        (graphs::uid::D_O, &d_o),
+        (graphs::uid::D_Q, &dq),
+        (graphs::uid::D_K, &dk),
+        (graphs::uid::D_V, &dv),
+        (graphs::uid::ROW_DOT, &row_dot),
+        (graphs::uid::D_Q_ACCUM, &dq_accum),
+    ]);
+    let mut full_heads = Vec::new();
+    if let Some(buffers) = &run_buffers {
+        bound.extend(buffers.bindings());
+        if kvh != h {
+            for uid in [graphs::uid::D_K_FULL, graphs::uid::D_V_FULL] {
+                let full = new_tensor(&q, vec![b, s, h, d], q.dtype);
+                bound.extend(bindings(&[(uid, &full)]));
+                full_heads.push(full);
+            }
+        }
+    }
+    run(&q.device, std::slice::from_ref(&p), &p, bound)?;
     Ok((dq, dk, dv))
+}
+
+/// `p` as the ragged problem of `runs`: the graph's entries are the runs (bucketed, see
+/// [`SdpaRuns::entries`]), each at most [`SdpaRuns::bound`] long, and every stored tensor
+/// token-major.
+fn ragged_problem(p: Problem, runs: &SdpaRuns<'_>) -> Problem {
+    let (d, h, kvh) = (p.head_dim, p.heads, p.kv_heads);
+    let bound = runs.bound() as i64;
+    // The batch stride of a ragged tensor is unused (the offsets replace it).
+    let token_major = |heads: i64| [bound * heads * d, d, heads * d, 1];
+    Problem {
+        ragged: Some(p.batch * p.seq),
+        batch: runs.entries() as i64,
+        seq: bound,
+        q_strides: token_major(h),
+        k_strides: token_major(kvh),
+        v_strides: token_major(kvh),
+        o_strides: token_major(h),
+        d_o_strides: token_major(h),
+        lse_strides: [bound * h, 1, h, 1],
+        ..p
+    }
+}
+
+/// `t` (`[b, heads, s, d]`) itself when its memory is token-major (`[b, s, heads, d]`
+/// row-major), else a token-major copy.
+fn token_major(t: &CudaTensor, heads: usize) -> CudaTensor {
+    let shape = shape_of(t);
+    let (s, d) = (shape[2], shape[3]);
+    let want = [s * heads * d, d, heads * d, 1];
+    let strides = &t.meta.strides()[..];
+    // A single row's batch stride is never used.
+    if strides == want || shape[0] == 1 && strides[1..] == want[1..] {
+        return t.clone();
+    }
+    permute(
+        into_contiguous(permute(t.clone(), &[0, 2, 1, 3])),
+        &[0, 2, 1, 3],
+    )
+}
+
+/// The per-call inputs of a ragged graph on the device: each entry's length (int32, the
+/// bucket's extra entries 0) and where each entry starts in the token-major tensors (int64,
+/// in elements: the run's first token times the elements per token of Q and O, of K and V, of
+/// the LSE; the extra entries repeat the end).
+struct RunBuffers {
+    lengths: CudaTensor,
+    q_offsets: CudaTensor,
+    kv_offsets: CudaTensor,
+    stats_offsets: CudaTensor,
+}
+
+impl RunBuffers {
+    fn upload(like: &CudaTensor, p: &Problem, runs: &SdpaRuns<'_>) -> Self {
+        let entries = p.batch as usize;
+        let tokens = p.ragged.unwrap_or(0);
+        let mut lengths: Vec<i32> = runs.lengths.iter().map(|&l| l as i32).collect();
+        lengths.resize(entries, 0);
+        let offsets = |per_token: i64| {
+            let mut values: Vec<i64> = runs.starts.iter().map(|&t| t as i64 * per_token).collect();
+            values.resize(entries + 1, tokens * per_token);
+            values
+        };
+        let (h, kvh, d) = (p.heads, p.kv_heads, p.head_dim);
+        Self {
+            lengths: upload(like, lengths.len(), lengths_bytes(&lengths), DType::I32),
+            q_offsets: upload_i64(like, offsets(h * d)),
+            kv_offsets: upload_i64(like, offsets(kvh * d)),
+            stats_offsets: upload_i64(like, offsets(h)),
+        }
+    }
+
+    /// The graphs' UIDs for these buffers (the query and key lengths are the same here, as
+    /// are the offsets of Q and O, and of K and V).
+    fn bindings(&self) -> Vec<(i64, Binding)> {
+        use graphs::uid;
+        bindings(&[
+            (uid::SEQ_LEN_Q, &self.lengths),
+            (uid::SEQ_LEN_KV, &self.lengths),
+            (uid::RAGGED_Q, &self.q_offsets),
+            (uid::RAGGED_O, &self.q_offsets),
+            (uid::RAGGED_K, &self.kv_offsets),
+            (uid::RAGGED_V, &self.kv_offsets),
+            (uid::RAGGED_STATS, &self.stats_offsets),
+        ])
+    }
+}
+
+fn lengths_bytes(values: &[i32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_ne_bytes()).collect()
+}
+
+fn upload_i64(like: &CudaTensor, values: Vec<i64>) -> CudaTensor {
+    let bytes = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    upload(like, values.len(), bytes, DType::I64)
+}
+
+/// `len` values of `dtype` (their bytes) in a new 1-D tensor on `like`'s device.
+fn upload(like: &CudaTensor, len: usize, bytes: Vec<u8>, dtype: DType) -> CudaTensor {
+    let handle = like
+        .client
+        .create(cubecl::bytes::Bytes::from_bytes_vec(bytes));
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        vec![len].into(),
+        handle,
+        dtype,
+    )
 }
 
 /// The graph tensors' UIDs with their tensors' buffers.
@@ -602,7 +882,10 @@ fn supported(p: &Problem, version: usize) -> Result<(), GemmError> {
     if p.seq < 2 {
         return decline("sequence shorter than 2".into());
     }
-    if version <= 91500 && p.seq % 128 != 0 {
+    if p.ragged.is_some() && version < 90600 {
+        return decline("ragged sequences with grouped queries need cuDNN 9.6".into());
+    }
+    if p.ragged.is_none() && version <= 91500 && p.seq % 128 != 0 {
         // Up to 9.15.0 the backward needs explicit sequence lengths (a padding mask) when s is
         // not a multiple of 128; these graphs do not carry one.
         return decline("sequence not a multiple of 128 (needs cuDNN > 9.15.0)".into());

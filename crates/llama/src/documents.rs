@@ -1,8 +1,11 @@
 //! Packed rows: several documents in one row of a batch, each attending only to itself and each
 //! at positions from 0, so that a packed row computes what its documents would alone.
 
+use std::sync::Arc;
+
 use burn::prelude::*;
 use burn::tensor::{Int, TensorData};
+use flash_attention::SegmentRuns;
 
 /// Where the documents of packed rows start, as the model's forward takes it: per token, the
 /// index of its document within its row and its position within that document.
@@ -15,6 +18,9 @@ pub struct PackedDocuments<B: Backend> {
     pub ids: Tensor<B, 2, Int>,
     /// The token's position within its document (RoPE's position), from 0.
     pub positions: Tensor<B, 2, Int>,
+    /// The documents as runs of positions, on the host: with them, the fused attention (cuDNN
+    /// on CUDA) runs each document as a sequence of its own instead of masking across the row.
+    pub runs: Arc<SegmentRuns>,
 }
 
 impl<B: Backend> PackedDocuments<B> {
@@ -31,6 +37,7 @@ impl<B: Backend> PackedDocuments<B> {
         Self {
             ids: tensor(ids),
             positions: tensor(positions),
+            runs: Arc::new(SegmentRuns::from_labels(labels, [batch, seq])),
         }
     }
 }

@@ -10,6 +10,7 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Int};
 use checkpointing::{CheckpointMode, checkpoint};
+use flash_attention::Segments;
 use lora_layers::{LoraLinear, PackedWeight};
 
 use std::path::PathBuf;
@@ -165,9 +166,10 @@ pub struct LayerContext<B: Backend> {
     /// the sequence length, so it is not built then.
     pub mask: Option<Tensor<B, 4>>,
     /// The segments `[batch, seq]` for the linear-memory attention
-    /// ([`flash_attention::attention_segments`]: padding and packed documents); `None` without
-    /// either, or on the materialised path.
-    pub segments: Option<Tensor<B, 2>>,
+    /// ([`flash_attention::Segments`]: padding and packed documents, the documents' runs known
+    /// on the host when there is no padding mask); `None` without either, or on the
+    /// materialised path.
+    pub segments: Option<Segments<B>>,
     /// RoPE tables `(cos, sin)` at this pass's positions: `[1, seq, head_dim]` for positions
     /// `start_pos..start_pos + seq` in every row ([`RotaryEmbedding::tables`]), `[batch, seq,
     /// head_dim]` where packed documents restart them ([`RotaryEmbedding::tables_at`]).
@@ -617,13 +619,19 @@ impl<B: Backend> LlamaForCausalLm<B> {
             None => self.rope.tables(start_pos, seq),
         };
         if allow_flash && start_pos == 0 && flash_attention::flash_available::<B>() {
+            let segments = match (attention_mask, documents) {
+                (None, Some(documents)) => {
+                    Some(Segments::from_runs(documents.runs.clone(), &device))
+                }
+                (mask, documents) => {
+                    flash_attention::attention_segments(mask, documents.map(|d| d.ids.clone()))
+                        .map(Segments::from_ids)
+                }
+            };
             return LayerContext {
                 start_pos,
                 mask: None,
-                segments: flash_attention::attention_segments(
-                    attention_mask,
-                    documents.map(|d| d.ids.clone()),
-                ),
+                segments,
                 rope_tables,
             };
         }

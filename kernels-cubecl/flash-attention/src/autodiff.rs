@@ -3,6 +3,8 @@
 //! block-wise backward; and the fused kernel's node (`q`, `k`, `v`, `o`, LSE in its layouts,
 //! its own backward, the block-wise one as fallback).
 
+use std::sync::Arc;
+
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -14,6 +16,7 @@ use crate::op::{
     AttentionKernels, FlashAttentionBackend, FusedSaved, Geometry, Saved, backward,
     backward_from_fused, forward,
 };
+use crate::segments::SegmentRuns;
 
 /// The graph node's backward step. Parents: `q`, `k`, `v`.
 #[derive(Debug)]
@@ -84,6 +87,7 @@ impl<B: AttentionKernels, C: CheckpointStrategy> FlashAttentionBackend for Autod
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         geometry: Geometry,
+        runs: Option<Arc<SegmentRuns>>,
     ) -> Result<FloatTensor<Self>, [FloatTensor<Self>; 3]> {
         // Clones of the primitives share their buffers; the autodiff tensors stay whole so that
         // they can be handed back when there is no fused kernel.
@@ -92,6 +96,7 @@ impl<B: AttentionKernels, C: CheckpointStrategy> FlashAttentionBackend for Autod
             k.primitive.clone(),
             v.primitive.clone(),
             geometry,
+            runs.as_deref(),
         ) {
             Ok(out) => out,
             Err(_) => return Err([q, k, v]),
@@ -110,6 +115,7 @@ impl<B: AttentionKernels, C: CheckpointStrategy> FlashAttentionBackend for Autod
                     o: o.clone(),
                     lse,
                     geometry,
+                    runs,
                 };
                 Ok(prep.finish(saved, o))
             }

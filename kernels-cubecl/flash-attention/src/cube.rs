@@ -1,10 +1,13 @@
 //! The op on `CubeBackend<R, F, I, BT>`, any CubeCL runtime `R` (CUDA, wgpu); plain
 //! `CubeBackend`, no Fusion wrapper (as fused-mlp).
 
+use std::sync::Arc;
+
 use burn::tensor::ops::FloatTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
 use crate::op::{AttentionKernels, BlockAt, FlashAttentionBackend, Geometry, forward};
+use crate::segments::SegmentRuns;
 use crate::{block, kernels, kernels_enabled};
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionKernels
@@ -45,8 +48,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionK
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         geometry: Geometry,
+        runs: Option<&SegmentRuns>,
     ) -> crate::op::FusedForward<Self> {
-        crate::cudnn::forward::<Self>(q, k, v, geometry)
+        crate::cudnn::forward::<Self>(q, k, v, geometry, runs)
     }
 
     #[cfg(feature = "cuda")]
@@ -76,7 +80,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FlashAtten
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         geometry: Geometry,
+        runs: Option<Arc<SegmentRuns>>,
     ) -> Result<FloatTensor<Self>, [FloatTensor<Self>; 3]> {
-        Self::fused_forward(q, k, v, geometry).map(|(o, _lse)| o)
+        Self::fused_forward(q, k, v, geometry, runs.as_deref()).map(|(o, _lse)| o)
     }
 }

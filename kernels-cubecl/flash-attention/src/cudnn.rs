@@ -12,10 +12,19 @@ use std::sync::Once;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use fastlora_cuda_gemm::{CudaTensor, SdpaSaved, sdpa_backward, sdpa_forward};
+use fastlora_cuda_gemm::{CudaTensor, SdpaRuns, SdpaSaved, sdpa_backward, sdpa_forward};
 
 use crate::cudnn_enabled;
 use crate::op::{FusedForward, FusedSaved, Geometry};
+use crate::segments::SegmentRuns;
+
+fn sdpa_runs(runs: &SegmentRuns) -> SdpaRuns<'_> {
+    SdpaRuns {
+        seq: runs.dims()[1],
+        starts: runs.starts(),
+        lengths: runs.lengths(),
+    }
+}
 
 fn as_cuda<T: 'static>(t: &T) -> &CudaTensor {
     (t as &dyn Any)
@@ -36,12 +45,14 @@ fn warn_once(what: &str, error: &fastlora_cuda_gemm::GemmError) {
     });
 }
 
-/// `(o [b, s, h·d], lse [b, h, s] f32)` through cuDNN, or the inputs back.
+/// `(o [b, s, h·d], lse)` through cuDNN (over each of `runs` alone, if given), or the inputs
+/// back.
 pub(crate) fn forward<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     geometry: Geometry,
+    runs: Option<&SegmentRuns>,
 ) -> FusedForward<B> {
     if TypeId::of::<FloatTensor<B>>() != TypeId::of::<CudaTensor>() || !cudnn_enabled() {
         return Err([q, k, v]);
@@ -51,6 +62,7 @@ pub(crate) fn forward<B: Backend>(
         as_cuda(&k),
         as_cuda(&v),
         geometry.scale() as f32,
+        runs.map(sdpa_runs),
     ) {
         Ok((o, lse)) => Ok((from_cuda(o), from_cuda(lse))),
         Err(error) => {
@@ -74,6 +86,7 @@ pub(crate) fn backward<B: Backend>(
         v: as_cuda(&saved.v),
         o: as_cuda(&saved.o),
         lse: as_cuda(&saved.lse),
+        runs: saved.runs.as_deref().map(sdpa_runs),
     };
     match sdpa_backward(&cuda, as_cuda(&d_o), saved.geometry.scale() as f32) {
         Ok((dq, dk, dv)) => Some((from_cuda(dq), from_cuda(dk), from_cuda(dv))),

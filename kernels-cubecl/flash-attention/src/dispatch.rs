@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use burn::prelude::*;
 
+use crate::segments::Segments;
+
 /// Runs `$body` with `$FB` bound to the fast backend type equal to `$B`, if any; else `None`.
 macro_rules! for_fast_backends {
     ($B:ty, |$FB:ident| $body:expr) => {{
@@ -161,8 +163,7 @@ pub fn flash_available<B: Backend>() -> bool {
 /// [`flash_available`] first and run the materialised attention instead).
 ///
 /// # Shapes
-/// - q: `[b, h, s, d]`; k, v: `[b, kvh, s, d]`; segments: `[b, s]` f32
-///   ([`crate::attention_segments`])
+/// - q: `[b, h, s, d]`; k, v: `[b, kvh, s, d]`; segments: `[b, s]` ([`crate::Segments`])
 /// - output: `[b, s, h·d]`
 #[cfg_attr(
     not(any(feature = "cuda", feature = "wgpu")),
@@ -172,7 +173,7 @@ pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    segments: Option<Tensor<B, 2>>,
+    segments: Option<Segments<B>>,
 ) -> Option<Tensor<B, 3>> {
     if !flash_enabled() || !fused_mlp::fused_enabled() {
         return None;
@@ -184,7 +185,7 @@ pub fn attention<B: Backend>(
             cast(q),
             cast(k),
             cast(v),
-            segments.map(cast::<Tensor<B, 2>, Tensor<FB, 2>>),
+            segments.map(cast::<Segments<B>, Segments<FB>>),
             None,
         );
         Some(cast::<Tensor<FB, 3>, Tensor<B, 3>>(out))

@@ -41,12 +41,15 @@
 //!   `Autodiff` over it (forward + the backward above), on top of [`AttentionKernels`] (the two
 //!   softmax steps) and [`fused_mlp::FusedMlpKernels::gemm`].
 //! - cuDNN's fused flash attention (feature `cuda`, module `cudnn`, through
-//!   `fastlora_cuda_gemm::sdpa_forward` / `sdpa_backward`): without segments, in f16/bf16, the
-//!   whole forward and the whole backward each as one cuDNN kernel, its own autodiff node
-//!   ([`FlashAttentionBackend::fused_attention`]); anything cuDNN declines, and every problem
-//!   with segments (padding or packed documents), runs the block-wise op. On by default ([`cudnn_enabled`]; `FASTLORA_CUDNN=0` or [`set_cudnn_enabled`] turn it
-//!   off); checked on the H200 against the materialised attention by `attention-bench
-//!   check-bf16`.
+//!   `fastlora_cuda_gemm::sdpa_forward` / `sdpa_backward`), in f16/bf16: the whole forward and
+//!   the whole backward each as one cuDNN kernel, its own autodiff node
+//!   ([`FlashAttentionBackend::fused_attention`]). Without segments, over whole rows; with
+//!   segments whose [`SegmentRuns`] the caller knows on the host (packed documents), over each
+//!   run as a sequence of its own (cuDNN's ragged layout: no copy, no work across documents).
+//!   Anything cuDNN declines, and segments known only on the device (a key-padding mask), run
+//!   the block-wise op. On by default ([`cudnn_enabled`]; `FASTLORA_CUDNN=0` or
+//!   [`set_cudnn_enabled`] turn it off); checked on the H200 against the materialised attention
+//!   by `attention-bench check-bf16`.
 //! - [`materialised_attention`]: the `[b, h, s, s]` reference, every backend (the model's
 //!   portable path computes the same thing; the tests' oracle).
 //! - [`attention`]: dispatch for a model generic over `B: Backend`, by `TypeId`, like
@@ -59,7 +62,7 @@
 //! is the kernels' oracle in the tests.
 
 use burn::prelude::*;
-use burn::tensor::{DType, FloatDType, TensorPrimitive};
+use burn::tensor::TensorPrimitive;
 
 #[cfg(feature = "cubecl")]
 mod autodiff;
@@ -73,6 +76,7 @@ mod dispatch;
 pub mod kernels;
 mod op;
 mod reference;
+mod segments;
 
 pub use dispatch::{
     attention, cudnn_calls, cudnn_enabled, cudnn_first, fast_backend, flash_available,
@@ -84,12 +88,14 @@ pub use op::{
     SCORE_BUDGET_BYTES,
 };
 pub use reference::materialised_attention;
+pub use segments::{SegmentRuns, Segments, attention_segments};
 
 /// Causal GQA attention through [`FlashAttentionBackend`], with memory linear in `s`.
 ///
-/// Without segments, the backend's fused kernel runs where it has one
+/// The backend's fused kernel runs where it has one
 /// ([`FlashAttentionBackend::fused_attention`]: cuDNN's flash attention on CUDA for f16/bf16,
-/// when [`cudnn_enabled`]); otherwise, and with segments, the block-wise op.
+/// when [`cudnn_enabled`]): without segments, or with segments whose [`SegmentRuns`] are known
+/// (each run then attends as a sequence of its own); otherwise the block-wise op.
 ///
 /// `block_q`: query positions per block; `None` picks the largest block whose score tile
 /// `b·kvh·(block_q·g)·s` f32 values fits [`SCORE_BUDGET_BYTES`] (tests pass a small one to run
@@ -97,8 +103,7 @@ pub use reference::materialised_attention;
 ///
 /// # Shapes
 /// - q: `[b, h, s, d]`; k, v: `[b, kvh, s, d]` (`h` a multiple of `kvh`)
-/// - segments: `[b, s]` f32 ([`attention_segments`]): query `i` sees key `j ≤ i` iff
-///   `seg[j] = seg[i]`
+/// - segments: `[b, s]` ([`Segments`]): query `i` sees key `j ≤ i` iff `seg[j] = seg[i]`
 /// - output: `[b, s, h·d]` (ready for `o_proj`), in `q`'s dtype
 ///
 /// # Panics
@@ -107,7 +112,7 @@ pub fn flash_attention<B: FlashAttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    segments: Option<Tensor<B, 2>>,
+    segments: Option<Segments<B>>,
     block_q: Option<usize>,
 ) -> Tensor<B, 3> {
     let [b, h, s, d] = q.dims();
@@ -124,17 +129,33 @@ pub fn flash_attention<B: FlashAttentionBackend>(
         "flash attention: {h} query heads are not a multiple of {kvh} kv heads"
     );
     assert!(s > 0 && d > 0, "flash attention: empty sequence or head");
+    let (segments, runs) = match segments {
+        Some(segments) => {
+            assert_eq!(
+                segments.ids().dims(),
+                [b, s],
+                "flash attention: segments shape"
+            );
+            let (ids, runs) = segments.into_parts();
+            (Some(ids), runs)
+        }
+        None => (None, None),
+    };
+    if let Some(runs) = &runs {
+        assert_eq!(runs.dims(), [b, s], "flash attention: segment runs shape");
+    }
     let g = h / kvh;
     let dtype = q.dtype();
     let same = |t: Tensor<B, 4>| if t.dtype() == dtype { t } else { t.cast(dtype) };
     let (k, v) = (same(k), same(v));
     let geometry = Geometry::new(b, kvh, g, s, d, block_q);
-    let (q, k, v) = if segments.is_none() {
+    let (q, k, v) = if segments.is_none() || runs.is_some() {
         match B::fused_attention(
             q.into_primitive().tensor(),
             k.into_primitive().tensor(),
             v.into_primitive().tensor(),
             geometry,
+            runs,
         ) {
             Ok(o) => return Tensor::from_primitive(TensorPrimitive::Float(o)),
             Err([q, k, v]) => (
@@ -153,15 +174,7 @@ pub fn flash_attention<B: FlashAttentionBackend>(
         .reshape([b * kvh, s * g, d]);
     let k = k.reshape([b * kvh, s, d]);
     let v = v.reshape([b * kvh, s, d]);
-    let segments = segments.map(|m| {
-        assert_eq!(m.dims(), [b, s], "flash attention: segments shape");
-        assert_eq!(
-            m.dtype(),
-            DType::F32,
-            "flash attention: segments must be f32"
-        );
-        m.into_primitive().tensor()
-    });
+    let segments = segments.map(|m| m.into_primitive().tensor());
     let o = B::flash_attention(
         q.into_primitive().tensor(),
         k.into_primitive().tensor(),
@@ -174,58 +187,4 @@ pub fn flash_attention<B: FlashAttentionBackend>(
         .reshape([b, kvh, s, g, d])
         .swap_dims(1, 2)
         .reshape([b, s, h * d])
-}
-
-/// The segments `[b, s]` (f32) that [`flash_attention`] and [`materialised_attention`] take, from
-/// a key-padding mask (1 = token, 0 = padding) and the documents of packed rows (an integer per
-/// token, equal within a document and different between the documents of a row, below 2²⁴ in
-/// magnitude so that f32 holds it exactly; row-local indices `0, 1, ..` are): a token's segment
-/// is its document's value (0 without documents), a padding position `j`'s is `−1 − j`, alone in
-/// its segment. `None` when neither is given: plain causal attention.
-///
-/// # Shapes
-/// - key_mask, documents: `[b, s]`
-/// - output: `[b, s]` f32
-///
-/// # Panics
-/// If the two shapes differ, or `s` ≥ 2²⁴.
-pub fn attention_segments<B: Backend>(
-    key_mask: Option<Tensor<B, 2, Int>>,
-    documents: Option<Tensor<B, 2, Int>>,
-) -> Option<Tensor<B, 2>> {
-    let exact_f32 = |t: Tensor<B, 2, Int>| -> Tensor<B, 2> {
-        let [_, s] = t.dims();
-        assert!(
-            s < 1 << 24,
-            "attention segments: {s} positions exceed f32's integers"
-        );
-        Tensor::from_primitive(TensorPrimitive::Float(B::int_into_float(
-            t.into_primitive(),
-            FloatDType::F32,
-        )))
-    };
-    let documents = documents.map(exact_f32);
-    let Some(mask) = key_mask else {
-        return documents;
-    };
-    let [b, s] = mask.dims();
-    let device = mask.device();
-    let documents = match documents {
-        Some(documents) => {
-            assert_eq!(
-                documents.dims(),
-                [b, s],
-                "attention segments: key mask and documents differ"
-            );
-            documents
-        }
-        None => Tensor::zeros([b, s], (&device, DType::F32)),
-    };
-    let alone = exact_f32(
-        Tensor::<B, 1, Int>::arange(1..s as i64 + 1, &device)
-            .neg()
-            .reshape([1, s])
-            .expand([b, s]),
-    );
-    Some(documents.mask_where(mask.equal_elem(0), alone))
 }

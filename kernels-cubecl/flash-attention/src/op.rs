@@ -4,10 +4,14 @@
 // one the helpers below have no caller.
 #![cfg_attr(not(feature = "cubecl"), allow(dead_code))]
 
+use std::sync::Arc;
+
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 use burn::tensor::ops::FloatTensor;
 use fused_mlp::{FusedMlpKernels, Trans};
+
+use crate::segments::{SegmentRuns, Segments};
 
 /// Bytes the transient score tile of one query block may take, counted at 4 bytes per score
 /// (`b·kvh·(block_q·g)·s`): the default block size keeps each block's `S` (and, in backward,
@@ -115,17 +119,20 @@ pub trait AttentionKernels: FusedMlpKernels {
         scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// The whole causal attention over whole rows (no segments) as one fused kernel (cuDNN's flash attention on
-    /// CUDA, f16/bf16): `(o, lse)` from `q` `[b, h, s, d]` and `k`, `v` `[b, kvh, s, d]`, with
-    /// `o` `[b, s, h·d]` and `lse` `[b, h, s]` f32. `Err` gives the inputs back where the backend
-    /// has no such kernel for them (the default); the caller then runs the block-wise op.
+    /// The whole causal attention as one fused kernel (cuDNN's flash attention on CUDA,
+    /// f16/bf16) over whole rows, or with `runs` over each run as a sequence of its own:
+    /// `(o, lse)` from `q` `[b, h, s, d]` and `k`, `v` `[b, kvh, s, d]`, with `o` `[b, s, h·d]`
+    /// and `lse` `[b, h, s]` f32 (with runs, `lse` is the kernel's own layout, read only by
+    /// [`Self::fused_backward`]). `Err` gives the inputs back where the backend has no such
+    /// kernel for them (the default); the caller then runs the block-wise op.
     fn fused_forward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         geometry: Geometry,
+        runs: Option<&SegmentRuns>,
     ) -> FusedForward<Self> {
-        let _ = geometry;
+        let _ = (geometry, runs);
         Err([q, k, v])
     }
 
@@ -156,10 +163,13 @@ pub struct FusedSaved<T> {
     pub v: T,
     /// `[b, s, h·d]`.
     pub o: T,
-    /// Row log-sum-exp of the scaled scores, `[b, h, s]` f32.
+    /// Row log-sum-exp of the scaled scores, `[b, h, s]` f32 (with runs, in the fused kernel's
+    /// own layout).
     pub lse: T,
     /// The problem's sizes.
     pub geometry: Geometry,
+    /// The runs each attending as a sequence of its own, if the forward had them.
+    pub runs: Option<Arc<SegmentRuns>>,
 }
 
 /// A backend that runs causal GQA attention as one operation, memory linear in `s`.
@@ -178,14 +188,16 @@ pub trait FlashAttentionBackend: Backend {
         geometry: Geometry,
     ) -> FloatTensor<Self>;
 
-    /// Causal attention over whole rows (no segments) through [`AttentionKernels::fused_forward`] where the backend
-    /// has that kernel: `q` `[b, h, s, d]`, `k`, `v` `[b, kvh, s, d]` → `o` `[b, s, h·d]`;
-    /// gradients flow to `q`, `k`, `v`. `Err` gives the inputs back (no fused kernel for them).
+    /// Causal attention through [`AttentionKernels::fused_forward`] where the backend has that
+    /// kernel, over whole rows or, with `runs`, over each run alone: `q` `[b, h, s, d]`, `k`,
+    /// `v` `[b, kvh, s, d]` → `o` `[b, s, h·d]`; gradients flow to `q`, `k`, `v`. `Err` gives
+    /// the inputs back (no fused kernel for them).
     fn fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         geometry: Geometry,
+        runs: Option<Arc<SegmentRuns>>,
     ) -> Result<FloatTensor<Self>, [FloatTensor<Self>; 3]>;
 }
 
@@ -363,8 +375,9 @@ pub(crate) fn backward<B: AttentionKernels>(
 }
 
 /// The block-wise backward on what the fused forward saved (its layouts converted): the
-/// fallback when [`AttentionKernels::fused_backward`] cannot run. Returns `(dq, dk, dv)` in the
-/// shapes of `q`, `k`, `v`.
+/// fallback when [`AttentionKernels::fused_backward`] cannot run. With runs, whose LSE is in the
+/// fused kernel's own layout, the block-wise forward recomputes `o` and the LSE first. Returns
+/// `(dq, dk, dv)` in the shapes of `q`, `k`, `v`.
 pub(crate) fn backward_from_fused<B: AttentionKernels>(
     saved: FusedSaved<FloatTensor<B>>,
     d_o: FloatTensor<B>,
@@ -382,6 +395,8 @@ pub(crate) fn backward_from_fused<B: AttentionKernels>(
         .reshape([b, kvh, g, s, d])
         .swap_dims(2, 3)
         .reshape([b * kvh, s * g, d]);
+    let k = prim(wrap::<B, 4>(saved.k).reshape([b * kvh, s, d]));
+    let v = prim(wrap::<B, 4>(saved.v).reshape([b * kvh, s, d]));
     // [b, s, h·d] = [b, s, kvh, g, d] -> [b, kvh, s, g, d] -> [b·kvh, s·g, d]
     let rows_layout = |t: FloatTensor<B>| {
         wrap::<B, 3>(t)
@@ -389,19 +404,27 @@ pub(crate) fn backward_from_fused<B: AttentionKernels>(
             .swap_dims(1, 2)
             .reshape([b * kvh, s * g, d])
     };
-    // [b, h, s] = [b, kvh, g, s] -> [b, kvh, s, g] -> [b·kvh, s·g]
-    let lse = wrap::<B, 3>(saved.lse)
-        .reshape([b, kvh, g, s])
-        .swap_dims(2, 3)
-        .reshape([b * kvh, s * g]);
-    let block_saved = Saved {
-        q: prim(q),
-        k: prim(wrap::<B, 4>(saved.k).reshape([b * kvh, s, d])),
-        v: prim(wrap::<B, 4>(saved.v).reshape([b * kvh, s, d])),
-        o: prim(rows_layout(saved.o)),
-        lse: prim(lse),
-        segments: None,
-        geometry,
+    let block_saved = match saved.runs {
+        Some(runs) => {
+            let segments = Segments::<B>::from_runs(runs, &q.device()).into_parts().0;
+            forward::<B>(prim(q), k, v, Some(prim(segments)), geometry).1
+        }
+        None => {
+            // [b, h, s] = [b, kvh, g, s] -> [b, kvh, s, g] -> [b·kvh, s·g]
+            let lse = wrap::<B, 3>(saved.lse)
+                .reshape([b, kvh, g, s])
+                .swap_dims(2, 3)
+                .reshape([b * kvh, s * g]);
+            Saved {
+                q: prim(q),
+                k,
+                v,
+                o: prim(rows_layout(saved.o)),
+                lse: prim(lse),
+                segments: None,
+                geometry,
+            }
+        }
     };
     let (dq, dk, dv) = backward::<B>(prim(rows_layout(d_o)), block_saved);
     let dq = wrap::<B, 3>(dq)
@@ -483,6 +506,51 @@ mod tests {
             o: o.inner().into_primitive().tensor(),
             lse: lse.inner().into_primitive().tensor(),
             geometry,
+            runs: None,
+        };
+        let (dq, dk, dv) = backward_from_fused::<B>(fused, d_o.inner().into_primitive().tensor());
+        assert_close("dq", wrap::<B, 4>(dq), q.grad(&grads).expect("dq"));
+        assert_close("dk", wrap::<B, 4>(dk), k.grad(&grads).expect("dk"));
+        assert_close("dv", wrap::<B, 4>(dv), v.grad(&grads).expect("dv"));
+    }
+
+    /// With runs, the fallback backward ignores the fused kernel's LSE (its layout is the
+    /// kernel's own) and recomputes it block-wise: its gradients equal the materialised
+    /// attention's under the runs' segments, with the saved LSE poisoned.
+    #[test]
+    fn backward_from_fused_with_runs_recomputes_and_matches() {
+        let Some(device) = vulkan_test_device() else {
+            return;
+        };
+        let (b, kvh, g, s, d) = (2, 1, 4, 37, 16);
+        let h = kvh * g;
+        let geometry = Geometry::new(b, kvh, g, s, d, Some(8));
+        let mut labels = Vec::new();
+        for (label, len) in [(3, 10), (1, 20), (3, 7), (0, 37)] {
+            labels.extend(std::iter::repeat_n(label as i64, len));
+        }
+        let runs = Arc::new(SegmentRuns::from_labels(&labels, [b, s]));
+        let normal = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<AB, 4>::random([b, h, s, d], normal, &device).require_grad();
+        let k = Tensor::<AB, 4>::random([b, kvh, s, d], normal, &device).require_grad();
+        let v = Tensor::<AB, 4>::random([b, kvh, s, d], normal, &device).require_grad();
+        let d_o = Tensor::<AB, 3>::random([b, s, h * d], normal, &device);
+        let documents =
+            Tensor::<AB, 2, Int>::from_data(TensorData::new(runs.ids(), [b, s]), &device);
+        let segments = crate::attention_segments(None, Some(documents));
+        let o = materialised_attention(q.clone(), k.clone(), v.clone(), segments);
+        let grads = (o.clone() * d_o.clone()).sum().backward();
+
+        let inner = |t: Tensor<AB, 4>| t.inner().into_primitive().tensor();
+        let poisoned_lse = Tensor::<B, 3>::full([b, h, s], f32::NAN, &device);
+        let fused = FusedSaved {
+            q: inner(q.clone()),
+            k: inner(k.clone()),
+            v: inner(v.clone()),
+            o: o.inner().into_primitive().tensor(),
+            lse: poisoned_lse.into_primitive().tensor(),
+            geometry,
+            runs: Some(runs),
         };
         let (dq, dk, dv) = backward_from_fused::<B>(fused, d_o.inner().into_primitive().tensor());
         assert_close("dq", wrap::<B, 4>(dq), q.grad(&grads).expect("dq"));

@@ -86,15 +86,18 @@ fn rel_error(what: &str, got: Vec<f32>, want: Vec<f32>) -> f32 {
 fn hidden_and_input_grad(
     model: &LlamaForCausalLm<AB>,
     x: &Tensor<AB, 3>,
-    mask: &Tensor<AB, 2, Int>,
+    mask: Option<&Tensor<AB, 2, Int>>,
     documents: Option<&PackedDocuments<AB>>,
     (cot, live): (&Tensor<AB, 3>, &Tensor<AB, 3>),
     flash: bool,
 ) -> (Tensor<WgpuBackend, 3>, Vec<f32>) {
     flash_attention::set_flash_enabled(flash);
     let x = x.clone().require_grad();
-    let ctx = model.context(&x, Some(mask.clone()), documents, 0);
+    let ctx = model.context(&x, mask.cloned(), documents, 0);
     assert_eq!(ctx.mask.is_none(), flash, "the context picks the path");
+    // Documents without a padding mask reach the fast op as runs known on the host.
+    let runs_known = ctx.segments.as_ref().is_some_and(|s| s.runs().is_some());
+    assert_eq!(runs_known, flash && mask.is_none() && documents.is_some());
     let mut h = x.clone();
     for layer in &model.layers {
         h = layer.forward(h, &ctx);
@@ -136,7 +139,7 @@ fn model_attention_paths_agree() {
     let live = mask.clone().float().reshape([b, s, 1]);
     let cot = cot * live.clone();
 
-    let run = |flash| hidden_and_input_grad(&model, &x, &mask, None, (&cot, &live), flash);
+    let run = |flash| hidden_and_input_grad(&model, &x, Some(&mask), None, (&cot, &live), flash);
     let (h_fast, dx_fast) = run(true);
     let (h_ref, dx_ref) = run(false);
     assert!(rel_error("hidden states", values(h_fast), values(h_ref)) <= 1e-4);
@@ -156,8 +159,10 @@ fn model_attention_paths_agree() {
 }
 
 /// Two packed rows (documents of 9, 1 and 13 tokens; 15 tokens and 8 of right padding): the
-/// fast path's hidden states and input gradient match the materialised path's, and each
-/// document's hidden states are those of the document alone.
+/// fast path's hidden states and input gradient match the materialised path's, also without
+/// the padding mask (the padding then one more document, the documents' runs known on the
+/// host: the trainer's packed batches), and each document's hidden states are those of the
+/// document alone.
 #[test]
 fn packed_documents_agree_across_paths_and_with_each_alone() {
     let Some(device) = vulkan_test_device() else {
@@ -193,12 +198,21 @@ fn packed_documents_agree_across_paths_and_with_each_alone() {
         TensorData::new(draw(b * s * hidden), [b, s, hidden]),
         &device,
     ) * live.clone();
-    let run = |flash| {
+    let run = |flash, mask| {
         let documents = Some(&documents);
-        hidden_and_input_grad(&model, &x, &mask, documents, (&cot, &live), flash)
+        hidden_and_input_grad(&model, &x, mask, documents, (&cot, &live), flash)
     };
-    let (h_fast, dx_fast) = run(true);
-    let (h_ref, dx_ref) = run(false);
+    let (h_fast, dx_fast) = run(true, Some(&mask));
+    let (h_ref, dx_ref) = run(false, Some(&mask));
+    let (h_runs, dx_runs) = run(true, None);
+    assert!(
+        rel_error(
+            "packed hidden states over runs",
+            values(h_runs),
+            values(h_ref.clone())
+        ) <= 1e-4
+    );
+    assert!(rel_error("packed input gradient over runs", dx_runs, dx_ref.clone()) <= 1e-4);
     assert!(
         rel_error(
             "packed hidden states",

@@ -7,18 +7,21 @@
 //! - `check-f32`, `check-bf16`: fast vs materialised outputs and `dq`, `dk`, `dv` (relative
 //!   error `max|Δ| / max|ref|`, pass bar 1e-4 f32 / 2e-2 bf16) for GQA 1, 3, 4, 8, d 64 and
 //!   128, s 1000, 1024 and 2047 (f32: 517, 1000, 1024), plain, padded (a left- and a
-//!   right-padded row) and packed (rows of several documents, one right-padded). The f32
-//!   reference runs on the CPU (ndarray): Burn's CUDA matmul rounds f32 through TF32. Plain bf16
-//!   cells run cuDNN's fused kernel
-//!   (`"cudnn"` says whether its forward and backward ran), and run again with cuDNN off to
-//!   check the block-wise op;
+//!   right-padded row), packed (rows of several documents, one right-padded: segments known only
+//!   on the device) and documents (rows of several documents, no padding, their runs known on
+//!   the host, as the model passes packed rows). The f32 reference runs on the CPU (ndarray):
+//!   Burn's CUDA matmul rounds f32 through TF32. Plain and documents bf16 cells run cuDNN's fused
+//!   kernel (`"cudnn"` says whether its forward and backward ran; documents as ragged
+//!   sequences), and run again with cuDNN off to check the block-wise op;
 //! - `time`: forward + backward (median of 10 after 3 warm-up, synced), bf16, at b4×32 heads
 //!   ×2048×d64 and b2×32×2048×d128 (8 KV heads): cuDNN's fused kernel, the block-wise op, and
-//!   materialised;
+//!   materialised, over whole rows; then rows packing documents of 100–700 tokens (runs known):
+//!   cuDNN's ragged kernel against the block-wise op;
 //! - `memory`: device memory (CubeCL `memory_usage`) of fast forward + backward at b1, 32 heads,
 //!   8 KV heads, d128, s 2k, 8k, 32k (and materialised at 2k, 8k for contrast), bf16;
-//! - `cudnn-probe`: the loaded cuDNN's version, and one fused forward + backward called directly
-//!   (b1, 4 heads, 2 KV heads, s 256, d 64), printing cuDNN's error when it declines;
+//! - `cudnn-probe`: the loaded cuDNN's version, and fused forwards + backwards called directly
+//!   (b1, 4 heads, 2 KV heads, s 256, d 64), over the whole row and over runs of 100 and 156
+//!   tokens, printing cuDNN's error when it declines;
 //! - `all` (default): each of the above in its own process (Burn fixes a CUDA device's float
 //!   dtype per process).
 //!
@@ -34,8 +37,10 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, bf16};
 use cubecl::Runtime;
 use cubecl::cuda::CudaRuntime;
+use std::sync::Arc;
+
 use flash_attention::{
-    FlashAttentionBackend, attention_segments, cudnn_calls, flash_attention,
+    FlashAttentionBackend, SegmentRuns, Segments, attention_segments, cudnn_calls, flash_attention,
     materialised_attention, set_cudnn_enabled,
 };
 use fused_mlp::CudaBackend;
@@ -93,9 +98,10 @@ fn main() {
     std::process::exit(if ok { 0 } else { 1 });
 }
 
-/// Calls cuDNN's fused attention directly and prints what happened (one JSON line each).
+/// Calls cuDNN's fused attention directly and prints what happened (one JSON line each): over
+/// the whole row, then over two runs.
 fn cudnn_probe(device: &CudaDevice) -> bool {
-    use fastlora_cuda_gemm::{SdpaSaved, cudnn_version, sdpa_backward, sdpa_forward};
+    use fastlora_cuda_gemm::{SdpaRuns, SdpaSaved, cudnn_version, sdpa_backward, sdpa_forward};
     type B = CudaBackend<bf16>;
     let version = cudnn_version().map_err(|e| e.to_string());
     println!(
@@ -106,39 +112,48 @@ fn cudnn_probe(device: &CudaDevice) -> bool {
     let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
     let (q, k, v) = (prim(q), prim(k), prim(v));
     let scale = 64f32.powf(-0.5);
-    match sdpa_forward(&q, &k, &v, scale) {
-        Ok((o, lse)) => {
-            println!("{{\"probe\":\"sdpa_forward\",\"ok\":true}}");
-            let d_o = o.clone();
-            let saved = SdpaSaved {
-                q: &q,
-                k: &k,
-                v: &v,
-                o: &o,
-                lse: &lse,
-            };
-            match sdpa_backward(&saved, &d_o, scale) {
-                Ok(_) => {
-                    println!("{{\"probe\":\"sdpa_backward\",\"ok\":true}}");
-                    true
-                }
-                Err(e) => {
-                    println!(
-                        "{{\"probe\":\"sdpa_backward\",\"ok\":false,\"error\":{:?}}}",
-                        e.to_string()
-                    );
-                    false
-                }
+    let (starts, lengths) = ([0, 100], [100, 156]);
+    let mut all_ok = true;
+    for (name, runs) in [
+        ("rows", None),
+        (
+            "runs",
+            Some(SdpaRuns {
+                seq: 256,
+                starts: &starts,
+                lengths: &lengths,
+            }),
+        ),
+    ] {
+        let report = |pass: &str, result: Result<(), String>| {
+            match &result {
+                Ok(()) => println!("{{\"probe\":\"sdpa_{pass}\",\"over\":\"{name}\",\"ok\":true}}"),
+                Err(e) => println!(
+                    "{{\"probe\":\"sdpa_{pass}\",\"over\":\"{name}\",\"ok\":false,\"error\":{e:?}}}"
+                ),
             }
-        }
-        Err(e) => {
-            println!(
-                "{{\"probe\":\"sdpa_forward\",\"ok\":false,\"error\":{:?}}}",
-                e.to_string()
-            );
-            false
-        }
+            result.is_ok()
+        };
+        let forward = sdpa_forward(&q, &k, &v, scale, runs);
+        let ok = match forward {
+            Ok((o, lse)) => {
+                report("forward", Ok(()));
+                let saved = SdpaSaved {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    o: &o,
+                    lse: &lse,
+                    runs,
+                };
+                let backward = sdpa_backward(&saved, &o, scale).map(|_| ());
+                report("backward", backward.map_err(|e| e.to_string()))
+            }
+            Err(e) => report("forward", Err(e.to_string())),
+        };
+        all_ok &= ok;
     }
+    all_ok
 }
 
 fn host(t: Tensor<impl Backend, 3>) -> Vec<f32> {
@@ -183,21 +198,35 @@ fn inputs<B: Backend>(
     )
 }
 
+/// Each token's document in a "documents" cell: row 0 holds documents of 300, 1, 500 and the
+/// rest of the tokens, row 1 two halves (no padding).
+fn document_labels(b: usize, s: usize) -> Vec<i64> {
+    (0..b * s)
+        .map(|i| {
+            let (row, j) = (i / s, i % s);
+            let starts: &[usize] = if row == 0 { &[300, 301, 801] } else { &[s / 2] };
+            starts.iter().filter(|&&start| j >= start).count() as i64
+        })
+        .collect()
+}
+
 /// The segments of a check cell's layout. Padded: row 0 has 37 left-padding tokens, row 1 50
 /// right. Packed: row 0 holds documents of 300, 1, 500 and the rest of the tokens, row 1 two
-/// halves and 50 tokens of right padding.
+/// halves and 50 tokens of right padding. Documents: [`document_labels`]; `runs` gives them to
+/// the fast op as runs known on the host (what the model does), else as device segments.
 fn cell_segments<BK: Backend>(
     layout: &str,
     b: usize,
     s: usize,
+    runs: bool,
     device: &BK::Device,
-) -> Option<Tensor<BK, 2>> {
+) -> Option<Segments<BK>> {
     let (left, right) = (37, 50);
     let int = |f: &dyn Fn(usize, usize) -> i64| {
         let values: Vec<i64> = (0..b * s).map(|i| f(i / s, i % s)).collect();
         Tensor::<BK, 2, Int>::from_data(TensorData::new(values, [b, s]), device)
     };
-    match layout {
+    let ids = match layout {
         "padded" => attention_segments(
             Some(int(&|row, j| {
                 i64::from(if row == 0 { j >= left } else { j < s - right })
@@ -211,8 +240,20 @@ fn cell_segments<BK: Backend>(
                 starts.iter().filter(|&&start| j >= start).count() as i64
             })),
         ),
+        "documents" if runs => {
+            let runs = SegmentRuns::from_labels(&document_labels(b, s), [b, s]);
+            return Some(Segments::from_runs(Arc::new(runs), device));
+        }
+        "documents" => {
+            let labels = document_labels(b, s);
+            attention_segments(
+                None,
+                Some(Tensor::from_data(TensorData::new(labels, [b, s]), device)),
+            )
+        }
         _ => None,
-    }
+    };
+    ids.map(Segments::from_ids)
 }
 
 /// Output, dq, dk, dv of one attention (`fast` or materialised) on host, for the loss
@@ -263,6 +304,8 @@ fn check<B: AutodiffBackend + FlashAttentionBackend, R: AutodiffBackend>(
                     ("plain", false),
                     ("padded", false),
                     ("packed", false),
+                    ("documents", true),
+                    ("documents", false),
                 ] {
                     set_cudnn_enabled(cudnn);
                     let h = kvh * g;
@@ -279,14 +322,15 @@ fn check<B: AutodiffBackend + FlashAttentionBackend, R: AutodiffBackend>(
                     );
                     let reference_cot = moved::<B, R, 3>(&cot, reference_device);
                     let calls_before = cudnn_calls();
-                    let segments = cell_segments::<B>(layout, b, s, device);
+                    let segments = cell_segments::<B>(layout, b, s, true, device);
                     let fast = attention_run((q, k, v), cot, |(q, k, v)| {
                         flash_attention(q, k, v, segments, None)
                     });
                     let calls_after = cudnn_calls();
                     // Both the forward and the backward went through cuDNN.
                     let fused = calls_after.0 > calls_before.0 && calls_after.1 > calls_before.1;
-                    let segments = cell_segments::<R>(layout, b, s, reference_device);
+                    let segments = cell_segments::<R>(layout, b, s, false, reference_device)
+                        .map(|segments| segments.ids().clone());
                     let reference = attention_run(reference_inputs, reference_cot, |(q, k, v)| {
                         materialised_attention(q, k, v, segments)
                     });
@@ -328,6 +372,7 @@ fn fwd_bwd<B: AutodiffBackend + FlashAttentionBackend>(
     fast: bool,
     (q, k, v): &Inputs<B>,
     cot: &Tensor<B, 3>,
+    segments: Option<&Segments<B>>,
     device: &B::Device,
 ) {
     let (q, k, v) = (
@@ -336,9 +381,10 @@ fn fwd_bwd<B: AutodiffBackend + FlashAttentionBackend>(
         v.clone().require_grad(),
     );
     let o = if fast {
-        flash_attention(q.clone(), k.clone(), v.clone(), None, None)
+        flash_attention(q.clone(), k.clone(), v.clone(), segments.cloned(), None)
     } else {
-        materialised_attention(q.clone(), k.clone(), v.clone(), None)
+        let ids = segments.map(|segments| segments.ids().clone());
+        materialised_attention(q.clone(), k.clone(), v.clone(), ids)
     };
     let grads = (o * cot.clone()).sum().backward();
     let _ = (q.grad(&grads), k.grad(&grads), v.grad(&grads));
@@ -358,13 +404,45 @@ fn time<B: AutodiffBackend + FlashAttentionBackend>(device: &B::Device) {
         ] {
             set_cudnn_enabled(cudnn);
             let before = cudnn_calls();
-            let ms = median_ms(|| fwd_bwd(fast, &x, &cot, device));
+            let ms = median_ms(|| fwd_bwd(fast, &x, &cot, None, device));
             let ran_cudnn = cudnn_calls() != before;
             println!(
                 "{{\"bench\":\"attention_fwd_bwd\",\"impl\":\"{name}\",\"cudnn_ran\":{ran_cudnn},\"dtype\":\"bf16\",\"b\":{b},\"heads\":{h},\"kv_heads\":{kvh},\"seq\":{s},\"head_dim\":{d},\"ms\":{ms:.3},\"causal_tflops\":{:.1}}}",
                 flops / ms / 1e9
             );
         }
+    }
+    // Packed rows: documents of 100–700 tokens, cut at each row's end.
+    let (b, h, kvh, s, d) = (4, 32, 8, 2048, 64);
+    let cycle = [300, 700, 100, 500, 200, 600, 400];
+    let mut labels = Vec::with_capacity(b * s);
+    let mut document_lengths = Vec::new();
+    let mut next = cycle.iter().cycle();
+    for _ in 0..b {
+        let mut filled = 0;
+        while filled < s {
+            let len = (*next.next().expect("cycle")).min(s - filled);
+            labels.extend(std::iter::repeat_n(document_lengths.len() as i64, len));
+            document_lengths.push(len);
+            filled += len;
+        }
+    }
+    let runs = Arc::new(SegmentRuns::from_labels(&labels, [b, s]));
+    let segments = Segments::<B>::from_runs(runs.clone(), device);
+    let x = inputs::<B>(b, h, kvh, s, d, device);
+    let cot = Tensor::<B, 3>::random([b, s, h * d], Distribution::Normal(0.0, 1.0), device);
+    let useful: f64 = document_lengths.iter().map(|&l| (l * l) as f64).sum();
+    let flops = 7.0 * 2.0 * (h * d) as f64 * useful / 2.0;
+    for (name, cudnn) in [("cudnn_ragged", true), ("flash_burn", false)] {
+        set_cudnn_enabled(cudnn);
+        let before = cudnn_calls();
+        let ms = median_ms(|| fwd_bwd(true, &x, &cot, Some(&segments), device));
+        let ran_cudnn = cudnn_calls() != before;
+        println!(
+            "{{\"bench\":\"attention_fwd_bwd_documents\",\"impl\":\"{name}\",\"cudnn_ran\":{ran_cudnn},\"dtype\":\"bf16\",\"b\":{b},\"heads\":{h},\"kv_heads\":{kvh},\"seq\":{s},\"head_dim\":{d},\"documents\":{},\"ms\":{ms:.3},\"useful_causal_tflops\":{:.1}}}",
+            runs.len(),
+            flops / ms / 1e9
+        );
     }
 }
 
