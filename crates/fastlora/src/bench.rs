@@ -216,6 +216,10 @@ pub struct BenchArgs {
     /// CUDA device memory: buffers at their exact size, or CubeCL's paged pools.
     #[arg(long, value_enum, default_value_t = CudaMemory::Exact)]
     pub cuda_memory: CudaMemory,
+    /// Rows pack documents of 100 to 700 tokens (the last one cut at the row's end), each
+    /// attending only to itself, as `fastlora train --packing` batches do.
+    #[arg(long)]
+    pub packed: bool,
 }
 
 /// One benchmark line, in the peers' JSON field names where they have one.
@@ -242,6 +246,8 @@ pub struct BenchResult {
     pub tok_s: f64,
     /// `exact` or `pools`: how CUDA memory was allocated (see [`CudaMemory`]).
     pub cuda_memory: &'static str,
+    /// Whether the rows packed documents (`--packed`).
+    pub packed: bool,
     /// Device memory the allocator had reserved at the end (an upper bound of the peak in
     /// use), GiB; absent where the backend does not say.
     pub peak_reserved_gib: Option<f64>,
@@ -353,7 +359,7 @@ fn bench_steps<B: AutodiffBackend>(
     };
     let mut trainer = Trainer::new(peft, train);
     trainer.set_profiling(true);
-    let batch = random_batch(args.batch, args.seq, shape.vocab);
+    let batch = random_batch(args.batch, args.seq, shape.vocab, args.packed);
     let total = args.warmup + args.steps;
     let mut steps: Vec<(f64, StepTimes)> = Vec::with_capacity(args.steps);
     let mut loss = f64::NAN;
@@ -415,6 +421,7 @@ fn bench_steps<B: AutodiffBackend>(
         ckpt: args.use_gradient_checkpointing.clone(),
         path: if args.portable { "portable" } else { "fused" },
         cuda_memory: args.cuda_memory.name(),
+        packed: args.packed,
         attention,
         step_ms: ms(step_s),
         tok_s: (tokens / step_s).round(),
@@ -463,24 +470,52 @@ fn print_block_profile<B: AutodiffBackend>(
 }
 
 /// `batch` rows of `seq` uniformly random token ids, every token trained (labels = inputs, as
-/// the peers pass `labels=input_ids`).
-fn random_batch(batch: usize, seq: usize, vocab: usize) -> Batch {
+/// the peers pass `labels=input_ids`); with `packed`, each row cut into documents of
+/// [`PACKED_DOCUMENT_LENGTHS`] in turn.
+fn random_batch(batch: usize, seq: usize, vocab: usize, packed: bool) -> Batch {
     let input_ids: Vec<i64> = (0..batch * seq)
         .map(|i| (splitmix64(i as u64) % vocab as u64) as i64)
         .collect();
+    let documents = packed.then(|| {
+        let mut lengths = PACKED_DOCUMENT_LENGTHS.iter().cycle();
+        let mut labels = Vec::with_capacity(batch * seq);
+        for _ in 0..batch {
+            let mut filled = 0;
+            while filled < seq {
+                let len = lengths.next().map_or(seq, |&l| l).min(seq - filled);
+                let label = labels.last().map_or(0, |&l: &i64| l + 1);
+                labels.extend(std::iter::repeat_n(label, len));
+                filled += len;
+            }
+        }
+        labels
+    });
     Batch {
         labels: input_ids.clone(),
         attention_mask: vec![1; batch * seq],
-        documents: None,
+        documents,
         input_ids,
         batch,
         seq,
     }
 }
 
+/// Document lengths of `fastlora bench --packed` rows, in turn.
+const PACKED_DOCUMENT_LENGTHS: [usize; 7] = [300, 700, 100, 500, 200, 600, 400];
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Packed rows take the document lengths in turn, cutting the last at the row's end.
+    #[test]
+    fn packed_batches_cut_rows_into_the_listed_documents() {
+        let batch = random_batch(2, 1000, 50, true);
+        let labels = batch.documents.expect("packed");
+        let runs = flash_attention::SegmentRuns::from_labels(&labels, [2, 1000]);
+        assert_eq!(runs.lengths(), &[300, 700, 100, 500, 200, 200]);
+        assert!(random_batch(2, 1000, 50, false).documents.is_none());
+    }
 
     #[test]
     fn shapes_match_the_published_parameter_counts() {
@@ -542,6 +577,7 @@ mod tests {
             portable: false,
             profile: true,
             cuda_memory: CudaMemory::Exact,
+            packed: false,
         };
         let result = bench_command(args).unwrap();
         let ln_vocab = (49152f64).ln();
