@@ -95,6 +95,27 @@ pub fn is_supported<B: Backend>() -> bool {
 thread_local! {
     /// The state of this thread's stream of layer seeds.
     static LAYER_SEEDS: Cell<u64> = const { Cell::new(0) };
+    /// Whether this thread is running a checkpoint's recompute.
+    static RECOMPUTING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling code runs inside a checkpoint's recompute (the backward of
+/// [`CheckpointMode::Recompute`] or [`CheckpointMode::HostOffload`]).
+///
+/// There the layer's output value is never read: the incoming gradient is attached to its
+/// graph and the output dropped. A layer may then skip computing values that reach its output
+/// through additions only (the decoder layer's MLP: `h + mlp(norm(h))`), as long as every
+/// value its backward reads is still computed.
+pub fn recomputing() -> bool {
+    RECOMPUTING.get()
+}
+
+/// Runs `f` with [`recomputing`] true on this thread.
+fn as_recompute<T>(f: impl FnOnce() -> T) -> T {
+    let outer = RECOMPUTING.replace(true);
+    let result = f();
+    RECOMPUTING.set(outer);
+    result
 }
 
 /// Restarts this thread's stream of layer seeds: the [`checkpoint`] calls that follow reseed the

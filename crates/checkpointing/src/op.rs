@@ -370,7 +370,8 @@ where
         let layer = self.layer.map(&mut retrack);
         let taps = retrack.taps;
         Ad::<I, C>::seed(&device, self.seed);
-        let y = to_graph::<B, I, C, D>((self.forward)(&layer, from_graph::<B, I, C, D>(x.clone())));
+        let y = crate::as_recompute(|| (self.forward)(&layer, from_graph::<B, I, C, D>(x.clone())));
+        let y = to_graph::<B, I, C, D>(y);
         drop(layer);
         // The root starts the incoming gradient at the output and makes every tap reachable, so
         // each one runs (and sends) even when its leaf got no gradient.

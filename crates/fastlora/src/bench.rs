@@ -220,6 +220,10 @@ pub struct BenchArgs {
     /// attending only to itself, as `fastlora train --packing` batches do.
     #[arg(long)]
     pub packed: bool,
+    /// Recompute the MLP's down projection in checkpointed backward too, as Unsloth does (by
+    /// default the recompute skips it: the layer output's value is not read there).
+    #[arg(long)]
+    pub full_recompute: bool,
 }
 
 /// One benchmark line, in the peers' JSON field names where they have one.
@@ -248,6 +252,8 @@ pub struct BenchResult {
     pub cuda_memory: &'static str,
     /// Whether the rows packed documents (`--packed`).
     pub packed: bool,
+    /// Whether checkpointed backward recomputed the MLP's down projection (`--full-recompute`).
+    pub full_recompute: bool,
     /// Device memory the allocator had reserved at the end (an upper bound of the peak in
     /// use), GiB; absent where the backend does not say.
     pub peak_reserved_gib: Option<f64>,
@@ -274,6 +280,7 @@ pub struct BenchResult {
 pub fn bench_command(args: BenchArgs) -> Result<BenchResult> {
     let device = TrainDevice::parse(Some(&args.device), args.dtype.as_deref())?;
     fused_mlp::set_fused_enabled(!args.portable);
+    fused_mlp::set_graph_only_enabled(!args.full_recompute);
     // A bisecting switch for the loss kernel.
     if std::env::var_os("FASTLORA_NO_FUSED_CE").is_some() {
         fastlora_llama::set_fused_cross_entropy(false);
@@ -422,6 +429,7 @@ fn bench_steps<B: AutodiffBackend>(
         path: if args.portable { "portable" } else { "fused" },
         cuda_memory: args.cuda_memory.name(),
         packed: args.packed,
+        full_recompute: args.full_recompute,
         attention,
         step_ms: ms(step_s),
         tok_s: (tokens / step_s).round(),
@@ -578,6 +586,7 @@ mod tests {
             profile: true,
             cuda_memory: CudaMemory::Exact,
             packed: false,
+            full_recompute: false,
         };
         let result = bench_command(args).unwrap();
         let ln_vocab = (49152f64).ln();

@@ -110,8 +110,8 @@ impl fmt::Display for PatchReport {
             AttentionPath::CudnnThenBlockWise => writeln!(
                 f,
                 "Attention: cuDNN's fused flash attention where cuDNN takes the problem \
-                 (bf16/f16, nothing to mask: right-padded batches need no mask), else the \
-                 block-wise op (left padding, packed documents)."
+                 (bf16/f16; right-padded batches need no mask, packed documents run as \
+                 cuDNN's ragged sequences), else the block-wise op (left padding)."
             )?,
         }
         match self.checkpointing {

@@ -10,6 +10,7 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Int};
 use checkpointing::{CheckpointMode, checkpoint};
+use fused_mlp::OutputUse;
 use flash_attention::Segments;
 use lora_layers::{LoraLinear, PackedWeight};
 
@@ -321,9 +322,11 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     /// Applies the block: the fused SwiGLU+LoRA op where the backend has it and the
-    /// projections qualify ([`fused_mlp::mlp`]), else the portable path.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        fused_mlp::mlp(x, &self.gate_proj, &self.up_proj, &self.down_proj)
+    /// projections qualify ([`fused_mlp::mlp`]), else the portable path. Under
+    /// [`OutputUse::GraphOnly`] the output's values may be unspecified (only its graph is
+    /// valid).
+    pub fn forward(&self, x: Tensor<B, 3>, output: OutputUse) -> Tensor<B, 3> {
+        fused_mlp::mlp(x, &self.gate_proj, &self.up_proj, &self.down_proj, output)
     }
 }
 
@@ -384,7 +387,13 @@ impl<B: Backend> DecoderLayer<B> {
         let normed = phase("model.norm (mlp)", &mut || {
             self.post_attention_layernorm.forward(h.clone())
         });
-        let out = phase("model.mlp", &mut || self.mlp.forward(normed.clone()));
+        // In a checkpoint's recompute the layer output's value is never read, and the MLP's
+        // output reaches it through the residual addition only.
+        let output = match checkpointing::recomputing() {
+            true => OutputUse::GraphOnly,
+            false => OutputUse::Values,
+        };
+        let out = phase("model.mlp", &mut || self.mlp.forward(normed.clone(), output));
         h + out
     }
 }

@@ -2,16 +2,19 @@
 //! GQA Llama gives the same hidden states and input gradients with the linear-memory attention
 //! as with the materialised one, with left and right padding and with packed documents (which
 //! also compute what each document computes alone); the cached (generation) pass keeps the
-//! materialised attention and agrees with the uncached logits.
+//! materialised attention and agrees with the uncached logits; checkpointed layers give the
+//! gradients of plain ones.
 
 use std::path::{Path, PathBuf};
 
 use burn::backend::Autodiff;
 use burn::prelude::*;
+use checkpointing::CheckpointMode;
 use fastlora_llama::{
     KvCache, LlamaConfig, LlamaForCausalLm, ModelError, PackedDocuments, WeightSource, build_model,
 };
 use fused_mlp::{WgpuBackend, vulkan_test_device};
+use lora_layers::LoraAdapter;
 
 type AB = Autodiff<WgpuBackend>;
 
@@ -231,5 +234,64 @@ fn packed_documents_agree_across_paths_and_with_each_alone() {
             .slice([row..row + 1, start..start + len, 0..hidden]);
         let what = format!("document at row {row}, {start}..{}", start + len);
         assert!(rel_error(&what, values(packed), values(alone)) <= 1e-4);
+    }
+}
+
+/// Gradient checkpointing through the model with every projection carrying LoRA, so the MLP
+/// takes the fused op: the recompute in backward (where the MLP skips its output's values,
+/// [`checkpointing::recomputing`]) gives the LoRA gradients of layers run without checkpointing,
+/// and the forward's hidden states are unchanged.
+#[test]
+fn checkpointed_layers_give_the_gradients_of_plain_layers() {
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
+    assert!(checkpointing::is_supported::<AB>() && fused_mlp::fused_backend::<AB>());
+    let config = LlamaConfig::from_json_str(CONFIG, Path::new("test-config.json")).unwrap();
+    let mut rng = Rng(13);
+    let mut model = build_model::<AB>(&config, &mut rng, &device).unwrap();
+    let rank = 4;
+    let mut draw = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.next() * 0.3).collect() };
+    for layer in &mut model.layers {
+        for proj in layer.projections_mut() {
+            let (d_in, d_out) = (proj.d_input(), proj.d_output());
+            let factor = |values: Vec<f32>, shape: [usize; 2]| {
+                Tensor::<AB, 2>::from_data(TensorData::new(values, shape), &device)
+            };
+            let a = factor(draw(rank * d_in), [rank, d_in]);
+            let b = factor(draw(d_out * rank), [d_out, rank]);
+            *proj = proj.clone().with_adapter(LoraAdapter::new(a, b, 2.0, 0.0));
+        }
+    }
+    let (b, s, hidden) = (2, 19, config.hidden_size);
+    let ids: Vec<i64> = (0..(b * s) as i64).map(|i| (i * 13 + 1) % 50).collect();
+    let ids = Tensor::<AB, 2, Int>::from_data(TensorData::new(ids, [b, s]), &device);
+    let cot = Tensor::<AB, 3>::from_data(TensorData::new(draw(b * s * hidden), [b, s, hidden]), &device);
+
+    let run = |mode: CheckpointMode| {
+        let mut model = model.clone();
+        model.checkpointing = mode;
+        let h = model.hidden_states(ids.clone(), None);
+        let grads = (h.clone() * cot.clone()).sum().backward();
+        let lora_grads: Vec<Vec<f32>> = model
+            .layers
+            .iter()
+            .flat_map(|layer| layer.projections())
+            .flat_map(|proj| {
+                let adapter = proj.adapter.as_ref().expect("attached above");
+                [adapter.lora_a.val(), adapter.lora_b.val()]
+            })
+            .map(|t| values(t.grad(&grads).expect("a LoRA gradient")))
+            .collect();
+        (values(h.inner()), lora_grads)
+    };
+    let (h_off, grads_off) = run(CheckpointMode::Off);
+    for mode in [CheckpointMode::Recompute, CheckpointMode::HostOffload] {
+        let (h, grads) = run(mode);
+        assert!(rel_error(&format!("{mode:?} hidden states"), h, h_off.clone()) <= 1e-5);
+        for (k, (got, want)) in grads.into_iter().zip(&grads_off).enumerate() {
+            let what = format!("{mode:?} LoRA gradient {k}");
+            assert!(rel_error(&what, got, want.clone()) <= 1e-5);
+        }
     }
 }

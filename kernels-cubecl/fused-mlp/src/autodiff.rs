@@ -8,7 +8,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
 
-use crate::op::{FusedMlpBackend, FusedMlpKernels, MlpWeights, Saved, backward, forward};
+use crate::op::{
+    FusedMlpBackend, FusedMlpKernels, MlpWeights, OutputUse, Saved, backward, forward,
+};
 
 /// The graph node's backward step. Parents, in order: `x`, then the nine weights in
 /// [`MlpWeights::into_array`] order.
@@ -34,6 +36,7 @@ impl<B: FusedMlpKernels, C: CheckpointStrategy> FusedMlpBackend for Autodiff<B, 
     fn fused_lora_mlp(
         x: FloatTensor<Self>,
         weights: MlpWeights<FloatTensor<Self>>,
+        output: OutputUse,
     ) -> FloatTensor<Self> {
         let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = weights.as_ref().into_array();
         let nodes = [&x, w0, w1, w2, w3, w4, w5, w6, w7, w8].map(|t| t.node.clone());
@@ -47,10 +50,10 @@ impl<B: FusedMlpKernels, C: CheckpointStrategy> FusedMlpBackend for Autodiff<B, 
         let inner = weights.map(|w| w.primitive);
         match prep {
             OpsKind::Tracked(prep) => {
-                let (y, saved) = forward::<B>(x.primitive, inner);
+                let (y, saved) = forward::<B>(x.primitive, inner, output);
                 prep.finish(saved, y)
             }
-            OpsKind::UnTracked(prep) => prep.finish(forward::<B>(x.primitive, inner).0),
+            OpsKind::UnTracked(prep) => prep.finish(forward::<B>(x.primitive, inner, output).0),
         }
     }
 }

@@ -9,7 +9,9 @@ use burn::tensor::ops::FloatTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
 use crate::kernels::{swiglu_forward, swiglu_lora_backward};
-use crate::op::{FusedMlpBackend, FusedMlpKernels, MlpWeights, SwigluLoraBackward, Trans, forward};
+use crate::op::{
+    FusedMlpBackend, FusedMlpKernels, MlpWeights, OutputUse, SwigluLoraBackward, Trans, forward,
+};
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpKernels
     for CubeBackend<R, F, I, BT>
@@ -50,7 +52,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpBa
     fn fused_lora_mlp(
         x: FloatTensor<Self>,
         weights: MlpWeights<FloatTensor<Self>>,
+        output: OutputUse,
     ) -> FloatTensor<Self> {
-        forward::<Self>(x, weights).0
+        forward::<Self>(x, weights, output).0
     }
 }

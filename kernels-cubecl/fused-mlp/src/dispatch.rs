@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use burn::prelude::*;
 use lora_layers::LoraLinear;
 
-use crate::{check_fusable, lora_mlp};
+use crate::{OutputUse, check_fusable, lora_mlp};
 
 /// Runs `$body` with `$FB` bound to the fused backend type equal to `$B`, if any; else `None`.
 macro_rules! for_fused_backends {
@@ -78,6 +78,16 @@ pub fn fused_enabled() -> bool {
     FUSED_ENABLED.load(Ordering::SeqCst)
 }
 
+/// Whether [`mlp`] honours [`OutputUse::GraphOnly`] (on by default). Benchmarks switch it off to
+/// time the full recompute Unsloth runs.
+static GRAPH_ONLY_ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Allows or forbids skipping unread MLP outputs process-wide (allowed by default): when
+/// forbidden, [`mlp`] computes the values under [`OutputUse::GraphOnly`] too.
+pub fn set_graph_only_enabled(enabled: bool) {
+    GRAPH_ONLY_ENABLED.store(enabled, Ordering::SeqCst);
+}
+
 /// Whether backend `B` is one the fused ops are compiled for in this build.
 pub fn fused_backend<B: Backend>() -> bool {
     let probe: Option<()> = for_fused_backends!(B, |_FB| Some(()));
@@ -85,7 +95,9 @@ pub fn fused_backend<B: Backend>() -> bool {
 }
 
 /// The LoRA SwiGLU MLP, fused when the backend and the projections allow it, else portable;
-/// the same result either way (within the backend's float rounding).
+/// the same result either way (within the backend's float rounding). `output` says whether the
+/// caller reads the output's values: under [`OutputUse::GraphOnly`] the fused op skips the down
+/// projection and its output holds unspecified values (the portable path computes them anyway).
 ///
 /// # Shapes
 /// - x: `[batch, seq, hidden]`
@@ -97,17 +109,23 @@ pub fn mlp<B: Backend>(
     gate: &LoraLinear<B>,
     up: &LoraLinear<B>,
     down: &LoraLinear<B>,
+    output: OutputUse,
 ) -> Tensor<B, 3> {
     if !fused_enabled() || check_fusable(gate, up, down).is_err() {
         return lora_mlp(x, gate, up, down);
     }
+    let output = match GRAPH_ONLY_ENABLED.load(Ordering::SeqCst) {
+        true => output,
+        false => OutputUse::Values,
+    };
     let mut x = Some(x);
     let fused: Option<Tensor<B, 3>> = for_fused_backends!(B, |FB| {
         let x: Tensor<FB, 3> = cast(x.take().expect("taken once"));
         let gate: &LoraLinear<FB> = cast_ref(gate);
         let up: &LoraLinear<FB> = cast_ref(up);
         let down: &LoraLinear<FB> = cast_ref(down);
-        let y = crate::fused_lora_mlp::<FB>(x, gate, up, down).expect("checked by check_fusable");
+        let y = crate::fused_lora_mlp::<FB>(x, gate, up, down, output)
+            .expect("checked by check_fusable");
         Some(cast::<Tensor<FB, 3>, Tensor<B, 3>>(y))
     });
     match fused {

@@ -63,13 +63,14 @@ mod vulkan;
 
 pub use dispatch::{
     fused_backend, fused_enabled, linear, mlp, qkv, rms_norm, rope, set_fused_enabled,
+    set_graph_only_enabled,
 };
 pub use linear::{FusedLinearBackend, fused_linear_nd};
 pub use matmul::matmul;
 pub use memory::with_persistent_memory;
 pub use norm::{RmsNormBackend, RmsNormKernels, rms_norm_portable};
 pub use op::{
-    FusedMlpBackend, FusedMlpKernels, LoraProj, MlpWeights, SwigluLoraBackward, Trans,
+    FusedMlpBackend, FusedMlpKernels, LoraProj, MlpWeights, OutputUse, SwigluLoraBackward, Trans,
     fused_lora_mlp_2d,
 };
 pub use qkv::{FusedQkvBackend, QkvWeights, fused_lora_qkv_nd};
@@ -147,7 +148,8 @@ fn check_projections<B: Backend>(
 }
 
 /// The fused LoRA SwiGLU MLP on [`LoraLinear`] projections: the same result as [`lora_mlp`],
-/// computed by [`FusedMlpBackend::fused_lora_mlp`].
+/// computed by [`FusedMlpBackend::fused_lora_mlp`] (unspecified values under
+/// [`OutputUse::GraphOnly`]).
 ///
 /// # Shapes
 /// - x: `[batch, seq, hidden]`
@@ -160,6 +162,7 @@ pub fn fused_lora_mlp<B: FusedMlpBackend>(
     gate: &LoraLinear<B>,
     up: &LoraLinear<B>,
     down: &LoraLinear<B>,
+    output: OutputUse,
 ) -> Result<Tensor<B, 3>, NotFusable> {
     check_fusable(gate, up, down)?;
     let weights = MlpWeights {
@@ -168,7 +171,7 @@ pub fn fused_lora_mlp<B: FusedMlpBackend>(
         down: lora_proj(down),
     };
     let [batch, seq, hidden] = x.dims();
-    let y = fused_lora_mlp_2d(x.reshape([batch * seq, hidden]), weights);
+    let y = fused_lora_mlp_2d(x.reshape([batch * seq, hidden]), weights, output);
     Ok(y.reshape([batch, seq, hidden]))
 }
 

@@ -2,7 +2,7 @@
 //! forward and backward passes composed from GEMMs and the two kernels.
 
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
+use burn::tensor::{TensorMetadata, TensorPrimitive};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 
@@ -88,6 +88,20 @@ impl<T> MlpWeights<T> {
     }
 }
 
+/// What the caller reads of the MLP's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutputUse {
+    /// Its values: every ordinary forward.
+    #[default]
+    Values,
+    /// Only its place in the autodiff graph, never its values: a checkpoint's recompute, whose
+    /// layer output is dropped once the incoming gradient has been attached to it, when the MLP
+    /// output reaches the layer output through additions only. The op then skips the down
+    /// projection (a third of the MLP's forward GEMMs), and the output holds unspecified values.
+    /// Its backward is unchanged: it never reads the output.
+    GraphOnly,
+}
+
 /// Kernel 2's outputs.
 #[derive(Debug, Clone)]
 pub struct SwigluLoraBackward<T> {
@@ -137,10 +151,12 @@ pub trait FusedMlpBackend: Backend {
     ///
     /// `x` is `[N, D]`, the output `[N, D]`; every tensor has `x`'s dtype (see
     /// [`fused_lora_mlp_2d`], which casts). Gradients flow to `x` and to every tracked weight
-    /// (base weights are normally frozen and get none).
+    /// (base weights are normally frozen and get none). With [`OutputUse::GraphOnly`] the
+    /// output's values are unspecified.
     fn fused_lora_mlp(
         x: FloatTensor<Self>,
         weights: MlpWeights<FloatTensor<Self>>,
+        output: OutputUse,
     ) -> FloatTensor<Self>;
 }
 
@@ -154,10 +170,12 @@ pub(crate) struct Saved<T> {
     pub weights: MlpWeights<T>,
 }
 
-/// The forward pass on primitives: `y` and what the backward needs.
+/// The forward pass on primitives: `y` (unspecified values under [`OutputUse::GraphOnly`]) and
+/// what the backward needs.
 pub(crate) fn forward<B: FusedMlpKernels>(
     x: FloatTensor<B>,
     w: MlpWeights<FloatTensor<B>>,
+    output: OutputUse,
 ) -> (FloatTensor<B>, Saved<FloatTensor<B>>) {
     use Trans::{N, T};
     let device = B::float_device(&x);
@@ -206,6 +224,18 @@ pub(crate) fn forward<B: FusedMlpKernels>(
         ));
     });
     let (e, g) = (e.expect("set above"), g.expect("set above"));
+    if output == OutputUse::GraphOnly {
+        let [n, _] = x.shape().dims();
+        let hidden = w.down.weight.shape().dims::<2>()[0];
+        let y = B::float_empty([n, hidden].into(), &device, x.dtype().into());
+        let saved = Saved {
+            x,
+            e,
+            g,
+            weights: w,
+        };
+        return (y, saved);
+    }
     let mut h = None;
     phase("fwd 3 kernel 1 (SwiGLU)", &mut || {
         h = Some(B::swiglu_forward(e.clone(), g.clone()));
@@ -339,13 +369,15 @@ pub(crate) fn backward<B: FusedMlpKernels>(
 
 /// The fused LoRA SwiGLU MLP on `[N, D]` activations: [`FusedMlpBackend::fused_lora_mlp`] with
 /// shape checks, and the weights cast to `x`'s dtype as Unsloth does (gradients are cast back to
-/// each weight's own dtype by autodiff).
+/// each weight's own dtype by autodiff). With [`OutputUse::GraphOnly`] the output's values are
+/// unspecified.
 ///
 /// # Panics
 /// If the shapes disagree (see [`MlpWeights`]).
 pub fn fused_lora_mlp_2d<B: FusedMlpBackend>(
     x: Tensor<B, 2>,
     weights: MlpWeights<Tensor<B, 2>>,
+    output: OutputUse,
 ) -> Tensor<B, 2> {
     check_shapes(x.dims(), &weights.as_ref().map(|t| t.dims()));
     let dtype = x.dtype();
@@ -354,7 +386,7 @@ pub fn fused_lora_mlp_2d<B: FusedMlpBackend>(
             .into_primitive()
             .tensor()
     });
-    let y = B::fused_lora_mlp(x.into_primitive().tensor(), weights);
+    let y = B::fused_lora_mlp(x.into_primitive().tensor(), weights, output);
     Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 

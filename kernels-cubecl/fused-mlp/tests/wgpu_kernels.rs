@@ -13,7 +13,7 @@ use burn::prelude::*;
 use burn::tensor::{Distribution, TensorPrimitive};
 use fused_mlp::kernels::{swiglu_forward, swiglu_lora_backward};
 use fused_mlp::{
-    FusedMlpBackend, LoraProj, MlpWeights, SwigluLoraBackward, WgpuBackend, fused_lora_mlp,
+    FusedMlpBackend, LoraProj, MlpWeights, OutputUse, SwigluLoraBackward, WgpuBackend, fused_lora_mlp,
     fused_lora_mlp_2d, lora_mlp, vulkan_test_device,
 };
 use lora_layers::{LoraAdapterConfig, LoraInit, LoraLinear, LoraLinearConfig};
@@ -177,7 +177,7 @@ fn fused_op_matches_portable_autodiff(rank: usize) {
 
     let y_ref = lora_mlp(x.clone(), &gate, &up, &down);
     let grads_ref = (y_ref.clone() * cot.clone()).sum().backward();
-    let y = fused_lora_mlp(x.clone(), &gate, &up, &down).expect("fusable");
+    let y = fused_lora_mlp(x.clone(), &gate, &up, &down, OutputUse::Values).expect("fusable");
     let grads = (y.clone() * cot).sum().backward();
 
     assert_close("y", y.inner(), y_ref.inner());
@@ -214,7 +214,8 @@ fn fused_op_matches_portable_autodiff_rank8() {
 }
 
 /// Every one of the ten inputs tracked (base weights too), on `[N, D]` through
-/// `fused_lora_mlp_2d`, against autodiff of the same math written with plain Burn ops.
+/// `fused_lora_mlp_2d` (values and graph-only outputs), against autodiff of the same math
+/// written with plain Burn ops.
 #[test]
 fn all_ten_gradients_match_when_everything_is_tracked() {
     let Some(device) = vulkan_test_device() else {
@@ -244,20 +245,27 @@ fn all_ten_gradients_match_when_everything_is_tracked() {
     let h = silu(lin(x.clone(), &w.gate)) * lin(x.clone(), &w.up);
     let y_ref = lin(h, &w.down);
     let grads_ref = (y_ref.clone() * cot.clone()).sum().backward();
-    let y = fused_lora_mlp_2d(x.clone(), w.clone());
-    let grads = (y.clone() * cot).sum().backward();
 
-    assert_close("y", y.inner(), y_ref.inner());
-    assert_close("dx", x.grad(&grads).unwrap(), x.grad(&grads_ref).unwrap());
-    let names = [
-        "W_g", "A_g", "B_g", "W_u", "A_u", "B_u", "W_d", "A_d", "B_d",
-    ];
-    for (name, t) in names.into_iter().zip(w.into_array()) {
-        assert_close(
-            &format!("d{name}"),
-            t.grad(&grads).expect("grad"),
-            t.grad(&grads_ref).expect("grad ref"),
-        );
+    // The gradient of `(y·c).sum()` never reads `y`, so a graph-only output (the down
+    // projection skipped, `y` unspecified) must give the same ten gradients.
+    for output in [OutputUse::Values, OutputUse::GraphOnly] {
+        let y = fused_lora_mlp_2d(x.clone(), w.clone(), output);
+        let grads = (y.clone() * cot.clone()).sum().backward();
+        if output == OutputUse::Values {
+            assert_close("y", y.inner(), y_ref.clone().inner());
+        }
+        let dx = x.grad(&grads).unwrap();
+        assert_close(&format!("{output:?} dx"), dx, x.grad(&grads_ref).unwrap());
+        let names = [
+            "W_g", "A_g", "B_g", "W_u", "A_u", "B_u", "W_d", "A_d", "B_d",
+        ];
+        for (name, t) in names.into_iter().zip(w.clone().into_array()) {
+            assert_close(
+                &format!("{output:?} d{name}"),
+                t.grad(&grads).expect("grad"),
+                t.grad(&grads_ref).expect("grad ref"),
+            );
+        }
     }
 }
 
@@ -272,11 +280,11 @@ fn untracked_forwards_match_portable() {
     let x = random::<AB, 3>([2, 19, D], &device);
     let want = lora_mlp(x.clone(), &gate, &up, &down).inner();
 
-    let got = fused_lora_mlp(x.clone(), &gate, &up, &down).unwrap();
+    let got = fused_lora_mlp(x.clone(), &gate, &up, &down, OutputUse::Values).unwrap();
     assert_close("autodiff, untracked", got.inner(), want.clone());
 
     let [gate, up, down] = [gate.valid(), up.valid(), down.valid()];
-    let got = fused_lora_mlp::<B>(x.inner(), &gate, &up, &down).unwrap();
+    let got = fused_lora_mlp::<B>(x.inner(), &gate, &up, &down, OutputUse::Values).unwrap();
     assert_close("inner backend", got, want);
 }
 
@@ -302,7 +310,7 @@ fn model_entry_point_dispatches_to_the_fused_op() {
     let cot = random::<AB, 3>([2, 17, D], &device);
     let y_ref = lora_mlp(x.clone(), &gate, &up, &down);
     let grads_ref = (y_ref.clone() * cot.clone()).sum().backward();
-    let y = fused_mlp::mlp(x.clone(), &gate, &up, &down);
+    let y = fused_mlp::mlp(x.clone(), &gate, &up, &down, OutputUse::Values);
     let grads = (y.clone() * cot).sum().backward();
     assert_close("y", y.inner(), y_ref.inner());
     let a = gate.adapter.as_ref().unwrap().lora_a.val();
@@ -361,7 +369,7 @@ fn fused_on_wgpu_matches_portable_on_the_cpu() {
     let y_cpu = lora_mlp(x_cpu.clone(), g, u, d);
     let grads_cpu = (y_cpu.clone() * cot_cpu).sum().backward();
     let [g, u, d] = &gpu_projections;
-    let y_gpu = fused_lora_mlp(x_gpu.clone(), g, u, d).expect("fusable");
+    let y_gpu = fused_lora_mlp(x_gpu.clone(), g, u, d, OutputUse::Values).expect("fusable");
     let grads_gpu = (y_gpu.clone() * cot_gpu).sum().backward();
 
     let back = |t: Tensor<burn::backend::NdArray<f32>, 3>| {

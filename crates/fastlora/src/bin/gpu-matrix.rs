@@ -268,7 +268,7 @@ fn mlp_op_once<B: burn::tensor::backend::AutodiffBackend>(
         )
     };
     let x = host(40).require_grad();
-    let y = fused_mlp::mlp(x.clone(), &gate, &up, &down);
+    let y = fused_mlp::mlp(x.clone(), &gate, &up, &down, fused_mlp::OutputUse::Values);
     let grads = (y.clone() * host(50)).sum().backward();
     let mut out = vec![
         ("y".to_string(), to_f32(y.inner())),

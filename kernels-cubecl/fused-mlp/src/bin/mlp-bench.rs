@@ -14,7 +14,7 @@ use std::time::Instant;
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::{Distribution, bf16};
-use fused_mlp::{CudaBackend, mlp, set_fused_enabled};
+use fused_mlp::{CudaBackend, OutputUse, mlp, set_fused_enabled};
 use lora_layers::{LoraAdapterConfig, LoraInit, LoraLinear, LoraLinearConfig};
 use phase_timing as phases;
 
@@ -74,7 +74,7 @@ fn main() {
     let base_flops = 6.0 * 2.0 * (n * d * i) as f64;
     println!("LoRA MLP fwd+bwd, bf16, tokens {n}, {d}→{i}, r={r}");
     let step = || {
-        let y = mlp(x.clone(), &gate, &up, &down);
+        let y = mlp(x.clone(), &gate, &up, &down, OutputUse::Values);
         let grads = (y * cot.clone()).sum().backward();
         drop(grads);
         B::sync(&device).expect("device sync");
