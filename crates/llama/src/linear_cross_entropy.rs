@@ -185,9 +185,15 @@ pub fn linear_cross_entropy_sum<B: AutodiffBackend>(
         None => Tensor::zeros([1], (&device, acc)),
     };
     let mut surrogate = Vec::new();
-    if !chunks.hidden.is_empty() {
-        let d_hidden = Tensor::from_inner(Tensor::cat(chunks.hidden, 0));
-        surrogate.push((hidden.cast(acc) * d_hidden).sum());
+    if let Some(d_hidden) = chunks.hidden {
+        // `p − p.detach()` with `p = hidden·∂loss/∂hidden` is zero in every element, so its
+        // sum is exactly 0 whatever the magnitudes, and its backward hands `∂loss/∂hidden`
+        // (times the incoming gradient) to `hidden`. It stays in the hidden states' dtype: the
+        // head's GEMM has rounded the gradient to it already, and an f32 `[tokens, hidden]`
+        // copy would be a buffer size nothing else uses (exact-size CUDA memory keeps one of
+        // each size it has seen).
+        let p = hidden * Tensor::from_inner(d_hidden);
+        surrogate.push((p.clone() - p.detach()).sum().cast(acc));
     }
     if let Some(d_weight) = chunks.weight {
         surrogate.push((weight.cast(acc) * Tensor::from_inner(d_weight)).sum());
@@ -215,8 +221,9 @@ struct ChunkSums<I: Backend> {
     loss: Option<Tensor<I, 1>>,
     /// Targets that count.
     counted: usize,
-    /// `∂loss/∂hidden`, one `[chunk, hidden]` block per chunk, in order.
-    hidden: Vec<Tensor<I, 2>>,
+    /// `∂loss/∂hidden`, `[tokens, hidden]` in the hidden states' dtype, filled chunk by chunk;
+    /// `None` when there are no tokens.
+    hidden: Option<Tensor<I, 2>>,
     /// `∂loss/∂weight`, `[vocab, hidden]`, when wanted.
     weight: Option<Tensor<I, 2>>,
     /// `∂loss/∂bias`, `[vocab]`, when wanted.
@@ -247,7 +254,8 @@ fn chunked_cross_entropy<I: Backend>(
     let mut sums = ChunkSums {
         loss: None,
         counted,
-        hidden: Vec::with_capacity(tokens.div_ceil(chunk_tokens)),
+        // Every row is written by exactly one chunk below.
+        hidden: (tokens > 0).then(|| Tensor::empty(hidden.dims(), (&hidden.device(), compute))),
         weight: None,
         bias: None,
     };
@@ -275,7 +283,14 @@ fn chunked_cross_entropy<I: Backend>(
                 Ok((nll, d_logits)) => {
                     // Ignored rows come back as zero loss and zero gradient.
                     sums.loss = Some(accumulate(sums.loss.take(), nll.cast(acc).sum()));
-                    push_grads(&mut sums, d_logits.cast(compute), h, &weight, wanted, skip);
+                    push_grads(
+                        &mut sums,
+                        d_logits.cast(compute),
+                        h,
+                        &weight,
+                        wanted,
+                        (from, skip),
+                    );
                     continue;
                 }
                 Err(operands) => operands,
@@ -310,20 +325,28 @@ fn chunked_cross_entropy<I: Backend>(
             let d_bias = d_logits.clone().sum_dim(0).reshape([vocab]);
             sums.bias = Some(accumulate(sums.bias.take(), d_bias));
         }
-        push_grads(&mut sums, d_logits.cast(compute), h, &weight, wanted, skip);
+        push_grads(
+            &mut sums,
+            d_logits.cast(compute),
+            h,
+            &weight,
+            wanted,
+            (from, skip),
+        );
     }
     sums
 }
 
-/// Adds a chunk's `∂/∂h` (and `∂/∂W` when wanted) from its `∂loss/∂logits`; the first `skip`
-/// rows belong to the previous chunk (their gradient rows are zero) and are left out of `∂/∂h`.
+/// Adds the `∂/∂h` (and `∂/∂W` when wanted) of the chunk at rows `from..` from its
+/// `∂loss/∂logits`; its first `skip` rows belong to the previous chunk (their gradient rows are
+/// zero) and are left out of `∂/∂h`.
 fn push_grads<I: Backend>(
     sums: &mut ChunkSums<I>,
     d_logits: Tensor<I, 2>,
     h: Tensor<I, 2>,
     weight: &Tensor<I, 2>,
     wanted: Wanted,
-    skip: usize,
+    (from, skip): (usize, usize),
 ) {
     let acc = accumulation_dtype(d_logits.dtype());
     if wanted.weight {
@@ -331,11 +354,14 @@ fn push_grads<I: Backend>(
         sums.weight = Some(accumulate(sums.weight.take(), d_weight));
     }
     let rows = d_logits.dims()[0];
-    let d_hidden = matmul(d_logits, N, weight.clone(), N).cast(acc);
-    sums.hidden.push(match skip {
+    let d_hidden = matmul(d_logits, N, weight.clone(), N);
+    let d_hidden = match skip {
         0 => d_hidden,
         _ => d_hidden.narrow(0, skip, rows - skip),
-    });
+    };
+    let all = sums.hidden.take().expect("allocated when there are tokens");
+    let [_, width] = all.dims();
+    sums.hidden = Some(all.slice_assign([from + skip..from + rows, 0..width], d_hidden));
 }
 
 fn accumulate<I: Backend, const D: usize>(

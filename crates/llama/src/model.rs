@@ -10,8 +10,8 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Int};
 use checkpointing::{CheckpointMode, checkpoint};
-use fused_mlp::OutputUse;
 use flash_attention::Segments;
+use fused_mlp::OutputUse;
 use lora_layers::{LoraLinear, PackedWeight};
 
 use std::path::PathBuf;
@@ -393,7 +393,9 @@ impl<B: Backend> DecoderLayer<B> {
             true => OutputUse::GraphOnly,
             false => OutputUse::Values,
         };
-        let out = phase("model.mlp", &mut || self.mlp.forward(normed.clone(), output));
+        let out = phase("model.mlp", &mut || {
+            self.mlp.forward(normed.clone(), output)
+        });
         h + out
     }
 }

@@ -266,7 +266,10 @@ fn checkpointed_layers_give_the_gradients_of_plain_layers() {
     let (b, s, hidden) = (2, 19, config.hidden_size);
     let ids: Vec<i64> = (0..(b * s) as i64).map(|i| (i * 13 + 1) % 50).collect();
     let ids = Tensor::<AB, 2, Int>::from_data(TensorData::new(ids, [b, s]), &device);
-    let cot = Tensor::<AB, 3>::from_data(TensorData::new(draw(b * s * hidden), [b, s, hidden]), &device);
+    let cot = Tensor::<AB, 3>::from_data(
+        TensorData::new(draw(b * s * hidden), [b, s, hidden]),
+        &device,
+    );
 
     let run = |mode: CheckpointMode| {
         let mut model = model.clone();

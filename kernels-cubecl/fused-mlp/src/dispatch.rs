@@ -103,7 +103,10 @@ pub fn fused_backend<B: Backend>() -> bool {
 /// - x: `[batch, seq, hidden]`
 /// - output: `[batch, seq, hidden]`
 // Without a fused backend compiled in (no `cuda`/`wgpu` feature) the dispatch has no arm.
-#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_mut))]
+#[cfg_attr(
+    not(any(feature = "cuda", feature = "wgpu")),
+    allow(unused_mut, unused_variables)
+)]
 pub fn mlp<B: Backend>(
     x: Tensor<B, 3>,
     gate: &LoraLinear<B>,

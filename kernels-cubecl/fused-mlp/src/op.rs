@@ -2,9 +2,9 @@
 //! forward and backward passes composed from GEMMs and the two kernels.
 
 use burn::prelude::*;
-use burn::tensor::{TensorMetadata, TensorPrimitive};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
+use burn::tensor::{TensorMetadata, TensorPrimitive};
 
 /// Whether a GEMM operand is used as stored or transposed (BLAS's `N`/`T`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,8 +13,8 @@ use burn::prelude::*;
 use burn::tensor::{Distribution, TensorPrimitive};
 use fused_mlp::kernels::{swiglu_forward, swiglu_lora_backward};
 use fused_mlp::{
-    FusedMlpBackend, LoraProj, MlpWeights, OutputUse, SwigluLoraBackward, WgpuBackend, fused_lora_mlp,
-    fused_lora_mlp_2d, lora_mlp, vulkan_test_device,
+    FusedMlpBackend, LoraProj, MlpWeights, OutputUse, SwigluLoraBackward, WgpuBackend,
+    fused_lora_mlp, fused_lora_mlp_2d, lora_mlp, vulkan_test_device,
 };
 use lora_layers::{LoraAdapterConfig, LoraInit, LoraLinear, LoraLinearConfig};
 

@@ -16,7 +16,10 @@
 //!   Plus, per shape, gradient checkpointing `true` and `"unsloth"` against none (fused, bf16,
 //!   within 2e-2) on a 4-layer model at 2 × 640 tokens: layer inputs above the offload
 //!   threshold, so `"unsloth"` copies three of them to the host and back (the last prefetched
-//!   while the layer after it runs backward), and causal attention through cuDNN.
+//!   while the layer after it runs backward), and causal attention through cuDNN. Each mode runs
+//!   twice: the recompute skipping the MLP's down projection (the default) and running it; and
+//!   no checkpointing runs a second time (`ckpt-off`), which shows the kernels' own run-to-run
+//!   spread.
 //! - **f32, op level**: the fused MLP op on CUDA against the portable MLP on the CPU (ndarray),
 //!   same host-made weights and inputs: y, dx and the six LoRA gradients within 1e-4. The CPU is
 //!   the f32 oracle because Burn's CUDA matmul, which the portable path and attention use,
@@ -578,16 +581,24 @@ fn main() -> ExitCode {
                     true,
                     &device,
                 );
-                for (name, mode) in [
-                    ("ckpt-true", GradientCheckpointing::On),
-                    ("ckpt-unsl", GradientCheckpointing::Unsloth),
+                // "-full": the recompute also runs the MLP's down projection, whose value it
+                // never reads (skipped by default), as a same-run reference for the skip;
+                // "ckpt-off": no checkpointing again, the run-to-run spread of the kernels.
+                for (name, mode, full_recompute) in [
+                    ("ckpt-off", GradientCheckpointing::Off, false),
+                    ("ckpt-true", GradientCheckpointing::On, false),
+                    ("ckpt-unsl", GradientCheckpointing::Unsloth, false),
+                    ("ckpt-true-full", GradientCheckpointing::On, true),
+                    ("ckpt-unsl-full", GradientCheckpointing::Unsloth, true),
                 ] {
+                    fused_mlp::set_graph_only_enabled(!full_recompute);
                     let with =
                         run_once::<Cuda16>(shape, layers, &lora(mode), &ids, tokens, true, &device);
+                    fused_mlp::set_graph_only_enabled(true);
                     let result = compare(&with, &off);
                     report(
                         format!(
-                            "{:<6} {:<13} {:>3} {:<6} {name:<10} {:>9} {:>10.3e} {:>10}  {}",
+                            "{:<6} {:<13} {:>3} {:<6} {name:<14} {:>9} {:>10.3e} {:>10}  {}",
                             "bf16",
                             shape.name,
                             16,
