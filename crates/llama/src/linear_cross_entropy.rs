@@ -268,6 +268,7 @@ fn chunked_cross_entropy<I: Backend>(
         let from = start.min(tokens - len);
         let skip = start - from;
         start = from + len;
+        let rows = (from, skip);
         let h = hidden.clone().narrow(0, from, len);
         let mut t = targets.clone().narrow(0, from, len);
         if skip > 0 {
@@ -283,14 +284,7 @@ fn chunked_cross_entropy<I: Backend>(
                 Ok((nll, d_logits)) => {
                     // Ignored rows come back as zero loss and zero gradient.
                     sums.loss = Some(accumulate(sums.loss.take(), nll.cast(acc).sum()));
-                    push_grads(
-                        &mut sums,
-                        d_logits.cast(compute),
-                        h,
-                        &weight,
-                        wanted,
-                        (from, skip),
-                    );
+                    push_grads(&mut sums, d_logits.cast(compute), h, &weight, wanted, rows);
                     continue;
                 }
                 Err(operands) => operands,
@@ -325,14 +319,7 @@ fn chunked_cross_entropy<I: Backend>(
             let d_bias = d_logits.clone().sum_dim(0).reshape([vocab]);
             sums.bias = Some(accumulate(sums.bias.take(), d_bias));
         }
-        push_grads(
-            &mut sums,
-            d_logits.cast(compute),
-            h,
-            &weight,
-            wanted,
-            (from, skip),
-        );
+        push_grads(&mut sums, d_logits.cast(compute), h, &weight, wanted, rows);
     }
     sums
 }

@@ -242,7 +242,7 @@ fn stored(
 
 /// `[m, n, k]` size overrides of a product, from the ragged problem's lengths: `m`, `n`, `k`
 /// each the query length (`Q`), the key length (`K`) or not overridden.
-fn sizes<'a>(ragged: Option<&'a Ragged>, mnk: [Side; 3]) -> [Option<&'a TensorRef>; 3] {
+fn sizes(ragged: Option<&Ragged>, mnk: [Side; 3]) -> [Option<&TensorRef>; 3] {
     mnk.map(|side| {
         ragged.and_then(|r| match side {
             Side::Q => Some(&r.seq_q),
@@ -271,55 +271,28 @@ fn length_mask(
     let scores = [p.batch, p.heads, p.seq, p.seq];
     let int32 = DataType::CUDNN_DATA_INT32;
     let boolean = DataType::CUDNN_DATA_BOOLEAN;
-    let row = g.virtual_of(&scores, int32)?;
-    g.pointwise(
-        PointwiseMode::CUDNN_POINTWISE_GEN_INDEX,
-        int32,
-        x,
-        None,
-        None,
-        &row,
-        Some(2),
-    )?;
-    let col = g.virtual_of(&scores, int32)?;
-    g.pointwise(
-        PointwiseMode::CUDNN_POINTWISE_GEN_INDEX,
-        int32,
-        x,
-        None,
-        None,
-        &col,
-        Some(3),
-    )?;
-    let row_in = g.virtual_of(&scores, boolean)?;
-    g.pointwise(
-        PointwiseMode::CUDNN_POINTWISE_CMP_LT,
-        boolean,
-        &row,
-        Some(&ragged.seq_q),
-        None,
-        &row_in,
-        None,
-    )?;
-    let col_in = g.virtual_of(&scores, boolean)?;
-    g.pointwise(
-        PointwiseMode::CUDNN_POINTWISE_CMP_LT,
-        boolean,
-        &col,
-        Some(&ragged.seq_kv),
-        None,
-        &col_in,
-        None,
-    )?;
-    let inside = g.virtual_of(&scores, boolean)?;
-    g.pointwise(
+    // A virtual `[b, h, s, s]` tensor of the scores' row (axis 2) or column (axis 3) indices.
+    let index = |g: &mut GraphBuilder, axis| -> Result<TensorRef, GemmError> {
+        let y = g.virtual_of(&scores, int32)?;
+        let mode = PointwiseMode::CUDNN_POINTWISE_GEN_INDEX;
+        g.pointwise(mode, int32, x, None, None, &y, Some(axis))?;
+        Ok(y)
+    };
+    // A virtual boolean `[b, h, s, s]` tensor `mode(a, b)`.
+    let logic = |g: &mut GraphBuilder, mode, a: &TensorRef, b: &TensorRef| {
+        let y = g.virtual_of(&scores, boolean)?;
+        g.pointwise(mode, boolean, a, Some(b), None, &y, None)?;
+        Ok::<_, GemmError>(y)
+    };
+    let (row, col) = (index(g, 2)?, index(g, 3)?);
+    let less = PointwiseMode::CUDNN_POINTWISE_CMP_LT;
+    let row_in = logic(g, less, &row, &ragged.seq_q)?;
+    let col_in = logic(g, less, &col, &ragged.seq_kv)?;
+    let inside = logic(
+        g,
         PointwiseMode::CUDNN_POINTWISE_LOGICAL_AND,
-        boolean,
         &row_in,
-        Some(&col_in),
-        None,
-        &inside,
-        None,
+        &col_in,
     )?;
     let neg_inf = g.scalar_f32(uid::NEG_INF_PAD, f32::NEG_INFINITY)?;
     let masked = g.virtual_f32(&scores)?;
