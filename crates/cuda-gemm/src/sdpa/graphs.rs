@@ -92,48 +92,61 @@ fn swap_last(mut v: [i64; 4]) -> [i64; 4] {
 /// `y = select(row ≥ col ? x : −∞)` over `[b, h, s, s]` scores: the causal (top-left) mask.
 fn causal_mask(g: &mut GraphBuilder, p: &Problem, x: &TensorRef) -> Result<TensorRef, GemmError> {
     let scores = [p.batch, p.heads, p.seq, p.seq];
-    let row = g.virtual_of(&scores, DataType::CUDNN_DATA_INT32)?;
-    g.pointwise(
-        PointwiseMode::CUDNN_POINTWISE_GEN_INDEX,
-        F32,
-        x,
-        None,
-        None,
-        &row,
-        Some(2),
-    )?;
-    let col = g.virtual_of(&scores, DataType::CUDNN_DATA_INT32)?;
-    g.pointwise(
-        PointwiseMode::CUDNN_POINTWISE_GEN_INDEX,
-        F32,
-        x,
-        None,
-        None,
-        &col,
-        Some(3),
-    )?;
-    let visible = g.virtual_of(&scores, DataType::CUDNN_DATA_BOOLEAN)?;
-    g.pointwise(
+    let row = score_index(g, &scores, x, F32, 2)?;
+    let col = score_index(g, &scores, x, F32, 3)?;
+    let visible = score_test(
+        g,
+        &scores,
         PointwiseMode::CUDNN_POINTWISE_CMP_GE,
-        DataType::CUDNN_DATA_BOOLEAN,
         &row,
-        Some(&col),
-        None,
-        &visible,
-        None,
+        &col,
     )?;
-    let neg_inf = g.scalar_f32(uid::NEG_INF, f32::NEG_INFINITY)?;
-    let masked = g.virtual_f32(&scores)?;
+    keep_or_neg_inf(g, &scores, x, &visible, uid::NEG_INF)
+}
+
+/// A virtual int32 tensor of `scores`' shape holding each score's row (`axis` 2) or column
+/// (`axis` 3) index, generated with `math` as the compute type.
+fn score_index(
+    g: &mut GraphBuilder,
+    scores: &[i64; 4],
+    x: &TensorRef,
+    math: DataType,
+    axis: i64,
+) -> Result<TensorRef, GemmError> {
+    let y = g.virtual_of(scores, DataType::CUDNN_DATA_INT32)?;
+    let mode = PointwiseMode::CUDNN_POINTWISE_GEN_INDEX;
+    g.pointwise(mode, math, x, None, None, &y, Some(axis))?;
+    Ok(y)
+}
+
+/// A virtual boolean tensor of `scores`' shape, `mode(a, b)`.
+fn score_test(
+    g: &mut GraphBuilder,
+    scores: &[i64; 4],
+    mode: PointwiseMode,
+    a: &TensorRef,
+    b: &TensorRef,
+) -> Result<TensorRef, GemmError> {
+    let boolean = DataType::CUDNN_DATA_BOOLEAN;
+    let y = g.virtual_of(scores, boolean)?;
+    g.pointwise(mode, boolean, a, Some(b), None, &y, None)?;
+    Ok(y)
+}
+
+/// `y = keep ? x : −∞` into a new virtual f32 tensor of `scores`' shape, the −∞ a by-value
+/// scalar of uid `neg_inf`.
+fn keep_or_neg_inf(
+    g: &mut GraphBuilder,
+    scores: &[i64; 4],
+    x: &TensorRef,
+    keep: &TensorRef,
+    neg_inf: i64,
+) -> Result<TensorRef, GemmError> {
+    let neg_inf = g.scalar_f32(neg_inf, f32::NEG_INFINITY)?;
+    let masked = g.virtual_f32(scores)?;
     // BINARY_SELECT: y = t ? x : b.
-    g.pointwise(
-        PointwiseMode::CUDNN_POINTWISE_BINARY_SELECT,
-        F32,
-        x,
-        Some(&neg_inf),
-        Some(&visible),
-        &masked,
-        None,
-    )?;
+    let select = PointwiseMode::CUDNN_POINTWISE_BINARY_SELECT;
+    g.pointwise(select, F32, x, Some(&neg_inf), Some(keep), &masked, None)?;
     Ok(masked)
 }
 
@@ -270,42 +283,14 @@ fn length_mask(
 ) -> Result<TensorRef, GemmError> {
     let scores = [p.batch, p.heads, p.seq, p.seq];
     let int32 = DataType::CUDNN_DATA_INT32;
-    let boolean = DataType::CUDNN_DATA_BOOLEAN;
-    // A virtual `[b, h, s, s]` tensor of the scores' row (axis 2) or column (axis 3) indices.
-    let index = |g: &mut GraphBuilder, axis| -> Result<TensorRef, GemmError> {
-        let y = g.virtual_of(&scores, int32)?;
-        let mode = PointwiseMode::CUDNN_POINTWISE_GEN_INDEX;
-        g.pointwise(mode, int32, x, None, None, &y, Some(axis))?;
-        Ok(y)
-    };
-    // A virtual boolean `[b, h, s, s]` tensor `mode(a, b)`.
-    let logic = |g: &mut GraphBuilder, mode, a: &TensorRef, b: &TensorRef| {
-        let y = g.virtual_of(&scores, boolean)?;
-        g.pointwise(mode, boolean, a, Some(b), None, &y, None)?;
-        Ok::<_, GemmError>(y)
-    };
-    let (row, col) = (index(g, 2)?, index(g, 3)?);
+    let row = score_index(g, &scores, x, int32, 2)?;
+    let col = score_index(g, &scores, x, int32, 3)?;
     let less = PointwiseMode::CUDNN_POINTWISE_CMP_LT;
-    let row_in = logic(g, less, &row, &ragged.seq_q)?;
-    let col_in = logic(g, less, &col, &ragged.seq_kv)?;
-    let inside = logic(
-        g,
-        PointwiseMode::CUDNN_POINTWISE_LOGICAL_AND,
-        &row_in,
-        &col_in,
-    )?;
-    let neg_inf = g.scalar_f32(uid::NEG_INF_PAD, f32::NEG_INFINITY)?;
-    let masked = g.virtual_f32(&scores)?;
-    g.pointwise(
-        PointwiseMode::CUDNN_POINTWISE_BINARY_SELECT,
-        F32,
-        x,
-        Some(&neg_inf),
-        Some(&inside),
-        &masked,
-        None,
-    )?;
-    Ok(masked)
+    let row_in = score_test(g, &scores, less, &row, &ragged.seq_q)?;
+    let col_in = score_test(g, &scores, less, &col, &ragged.seq_kv)?;
+    let and = PointwiseMode::CUDNN_POINTWISE_LOGICAL_AND;
+    let inside = score_test(g, &scores, and, &row_in, &col_in)?;
+    keep_or_neg_inf(g, &scores, x, &inside, uid::NEG_INF_PAD)
 }
 
 fn forward(g: &mut GraphBuilder, p: &Problem) -> Result<(), GemmError> {
