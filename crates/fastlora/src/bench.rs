@@ -490,7 +490,7 @@ fn random_batch(batch: usize, seq: usize, vocab: usize, packed: bool) -> Batch {
         for _ in 0..batch {
             let mut filled = 0;
             while filled < seq {
-                let len = lengths.next().map_or(seq, |&l| l).min(seq - filled);
+                let len = (*lengths.next().expect("a cycle never ends")).min(seq - filled);
                 let label = labels.last().map_or(0, |&l: &i64| l + 1);
                 labels.extend(std::iter::repeat_n(label, len));
                 filled += len;

@@ -224,40 +224,35 @@ pub(crate) fn forward<B: FusedMlpKernels>(
         ));
     });
     let (e, g) = (e.expect("set above"), g.expect("set above"));
-    if output == OutputUse::GraphOnly {
-        let [n, _] = x.shape().dims();
-        let hidden = w.down.weight.shape().dims::<2>()[0];
-        let y = B::float_empty([n, hidden].into(), &device, x.dtype().into());
-        let saved = Saved {
-            x,
-            e,
-            g,
-            weights: w,
-        };
-        return (y, saved);
-    }
-    let mut h = None;
-    phase("fwd 3 kernel 1 (SwiGLU)", &mut || {
-        h = Some(B::swiglu_forward(e.clone(), g.clone()));
-    });
-    let h = h.expect("set above");
-    let d = &w.down;
-    let mut y = None;
-    phase("fwd 4 down GEMMs", &mut || {
-        let ha = B::gemm(h.clone(), N, d.lora_a.clone(), T, 1.0, None);
-        let base = B::gemm(h.clone(), N, d.weight.clone(), T, 1.0, None);
-        y = Some(B::gemm(ha, N, d.lora_b.clone(), T, d.scaling, Some(base)));
-    });
-    let y = y.expect("set above");
-    (
-        y,
-        Saved {
-            x,
-            e,
-            g,
-            weights: w,
-        },
-    )
+    let y = match output {
+        OutputUse::GraphOnly => {
+            let [n, _] = x.shape().dims();
+            let hidden = w.down.weight.shape().dims::<2>()[0];
+            B::float_empty([n, hidden].into(), &device, x.dtype().into())
+        }
+        OutputUse::Values => {
+            let mut h = None;
+            phase("fwd 3 kernel 1 (SwiGLU)", &mut || {
+                h = Some(B::swiglu_forward(e.clone(), g.clone()));
+            });
+            let h = h.expect("set above");
+            let d = &w.down;
+            let mut y = None;
+            phase("fwd 4 down GEMMs", &mut || {
+                let ha = B::gemm(h.clone(), N, d.lora_a.clone(), T, 1.0, None);
+                let base = B::gemm(h.clone(), N, d.weight.clone(), T, 1.0, None);
+                y = Some(B::gemm(ha, N, d.lora_b.clone(), T, d.scaling, Some(base)));
+            });
+            y.expect("set above")
+        }
+    };
+    let saved = Saved {
+        x,
+        e,
+        g,
+        weights: w,
+    };
+    (y, saved)
 }
 
 /// The backward pass on primitives, given `dy = dL/dy` `[N, D]`.
