@@ -200,6 +200,11 @@ pub struct BenchArgs {
     /// Untimed steps first.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// Steps after the timed ones that sync the device between the step's phases, for the
+    /// per-phase times (their medians); the timed steps sync only where a step ends, as the
+    /// peers' do, because a sync inside a step idles the device while the host catches up.
+    #[arg(long, default_value_t = 3)]
+    pub phase_steps: usize,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cuda")]
     pub device: String,
@@ -259,9 +264,9 @@ pub struct BenchResult {
     pub peak_reserved_gib: Option<f64>,
     /// The peers' FLOP estimate per token × tokens / step time, TFLOP/s.
     pub approx_tflops: f64,
-    /// Loss of the last step.
+    /// Loss of the last timed step.
     pub loss: f64,
-    /// Median of each phase, milliseconds (see [`StepTimes`]).
+    /// Median of each phase over the `--phase-steps` steps, milliseconds (see [`StepTimes`]).
     pub forward_ms: f64,
     /// Backward, milliseconds.
     pub backward_ms: f64,
@@ -365,37 +370,55 @@ fn bench_steps<B: AutodiffBackend>(
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(peft, train);
-    trainer.set_profiling(true);
     let batch = random_batch(args.batch, args.seq, shape.vocab, args.packed);
-    let total = args.warmup + args.steps;
-    let mut steps: Vec<(f64, StepTimes)> = Vec::with_capacity(args.steps);
+    let total = args.warmup + args.steps + args.phase_steps;
+    let mut steps: Vec<f64> = Vec::with_capacity(args.steps);
+    let mut phases: Vec<StepTimes> = Vec::with_capacity(args.phase_steps);
     let mut loss = f64::NAN;
     let mut cudnn_before = flash_attention::cudnn_calls();
     for step in 0..total {
+        let timed = (args.warmup..args.warmup + args.steps).contains(&step);
+        let phased = step >= args.warmup + args.steps;
         if step == args.warmup {
             cudnn_before = flash_attention::cudnn_calls();
         }
+        trainer.set_profiling(phased);
+        let _ = B::sync(&device);
         let started = Instant::now();
         let record = trainer.step(std::slice::from_ref(&batch), total)?;
+        let _ = B::sync(&device);
         let seconds = started.elapsed().as_secs_f64();
-        let times = trainer.last_step_times().unwrap_or_default();
+        let label = match (step < args.warmup, phased) {
+            (true, _) => " (warm-up)",
+            (_, true) => " (phases)",
+            _ => "",
+        };
+        let phase_times = match trainer.last_step_times().filter(|_| phased) {
+            Some(t) => format!(
+                "  (forward {:.1}, backward {:.1}, clip {:.1}, optimizer {:.1} ms; host busy {:.1} ms)",
+                t.forward * 1e3,
+                t.backward * 1e3,
+                t.clip * 1e3,
+                t.optimizer * 1e3,
+                t.host * 1e3,
+            ),
+            None => String::new(),
+        };
         eprintln!(
-            "step {:>2}{} {:8.1} ms  loss {:.4}  (forward {:.1}, backward {:.1}, clip {:.1}, optimizer {:.1} ms; host busy {:.1} ms)",
+            "step {:>2}{label} {:8.1} ms  loss {:.4}{phase_times}",
             step + 1,
-            if step < args.warmup { " (warm-up)" } else { "" },
             seconds * 1e3,
             record.loss,
-            times.forward * 1e3,
-            times.backward * 1e3,
-            times.clip * 1e3,
-            times.optimizer * 1e3,
-            times.host * 1e3,
         );
-        loss = record.loss;
-        if step >= args.warmup {
-            steps.push((seconds, times));
+        if timed {
+            loss = record.loss;
+            steps.push(seconds);
+        }
+        if let Some(times) = trainer.last_step_times().filter(|_| phased) {
+            phases.push(times);
         }
     }
+    trainer.set_profiling(false);
     let attention = match AttentionPath::of::<B>() {
         AttentionPath::Materialised => "materialised",
         _ if flash_attention::cudnn_calls() != cudnn_before => "cudnn",
@@ -404,12 +427,12 @@ fn bench_steps<B: AutodiffBackend>(
     if args.profile {
         print_block_profile(&mut trainer, &batch, total)?;
     }
-    let median = |f: &dyn Fn(&(f64, StepTimes)) -> f64| {
-        let mut v: Vec<f64> = steps.iter().map(f).collect();
+    let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
-    let step_s = median(&|s| s.0);
+    let phase = |f: fn(&StepTimes) -> f64| median(phases.iter().map(f).collect());
+    let step_s = median(steps);
     let tokens = (args.batch * args.seq) as f64;
     let ckpt = args.use_gradient_checkpointing != "false";
     // The peers' estimate: 4N (+2N recompute) per token for a frozen-base LoRA step, plus
@@ -436,11 +459,11 @@ fn bench_steps<B: AutodiffBackend>(
         peak_reserved_gib: reserved_bytes(&device).map(gib),
         approx_tflops: (flops_tok * tokens / step_s / 1e12 * 10.0).round() / 10.0,
         loss: (loss * 1e4).round() / 1e4,
-        forward_ms: ms(median(&|s| s.1.forward)),
-        backward_ms: ms(median(&|s| s.1.backward)),
-        clip_ms: ms(median(&|s| s.1.clip)),
-        optimizer_ms: ms(median(&|s| s.1.optimizer)),
-        host_ms: ms(median(&|s| s.1.host)),
+        forward_ms: ms(phase(|t| t.forward)),
+        backward_ms: ms(phase(|t| t.backward)),
+        clip_ms: ms(phase(|t| t.clip)),
+        optimizer_ms: ms(phase(|t| t.optimizer)),
+        host_ms: ms(phase(|t| t.host)),
     })
 }
 
@@ -580,6 +603,7 @@ mod tests {
             r: 4,
             steps: 1,
             warmup: 0,
+            phase_steps: 1,
             device: "cpu".to_string(),
             dtype: None,
             portable: false,

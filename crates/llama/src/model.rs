@@ -629,6 +629,13 @@ impl<B: Backend> LlamaForCausalLm<B> {
             Some(documents) => self.rope.tables_at(documents.positions.clone()),
             None => self.rope.tables(start_pos, seq),
         };
+        // The fused RoPE kernel reads f32 tables: cast the pass's rows once here, not in each
+        // of the layers' q and k rotations (a no-op where the model is f32; the values are the
+        // model dtype's, so nothing else changes).
+        let rope_tables = (
+            rope_tables.0.cast(burn::tensor::DType::F32),
+            rope_tables.1.cast(burn::tensor::DType::F32),
+        );
         if allow_flash && start_pos == 0 && flash_attention::flash_available::<B>() {
             let segments = match (attention_mask, documents) {
                 (None, Some(documents)) => {

@@ -57,6 +57,7 @@ mod memory;
 mod norm;
 mod op;
 mod qkv;
+mod read;
 mod rope;
 #[cfg(feature = "wgpu")]
 mod vulkan;
@@ -74,6 +75,7 @@ pub use op::{
     fused_lora_mlp_2d,
 };
 pub use qkv::{FusedQkvBackend, QkvWeights, fused_lora_qkv_nd};
+pub use read::{PendingRead, start_read};
 pub use rope::{RopeBackend, RopeKernels, rope_portable};
 #[cfg(feature = "wgpu")]
 pub use vulkan::vulkan_test_device;

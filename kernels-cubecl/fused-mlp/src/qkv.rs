@@ -2,15 +2,18 @@
 //! backward (Unsloth's `LoRA_QKV`): every product goes through [`FusedMlpKernels::gemm`].
 //!
 //! ```text
-//! forward:  xa_p = x·A_pᵀ        y_p = x·W_pᵀ + s_p·xa_p·B_pᵀ              p ∈ {q, k, v}
+//! forward:  [xa_q | xa_k | xa_v]ᵀ = [A_q; A_k; A_v]·xᵀ     y_p = x·W_pᵀ + s_p·xa_p·B_pᵀ     p ∈ {q, k, v}
 //! backward: δxa_p = s_p·δy_p·B_p                 δxa = [δxa_q | δxa_k | δxa_v]   ([N, Σr])
 //!           [dA_q; dA_k; dA_v] = δxaᵀ·x          dB_p = s_p·δy_pᵀ·xa_p           dW_p = δy_pᵀ·x
 //!           dx = δxa·[A_q; A_k; A_v] + δy_q·W_q + δy_k·W_k + δy_v·W_v
 //! ```
 //!
-//! What one op buys over three projection ops is the backward: `dx` is one accumulator that the
-//! rank-Σr GEMM writes and the three base GEMMs add onto (three projection ops write three `[N, d]`
-//! partial `dx` and autodiff adds them), and the three `dA` come from one GEMM that reads `x` once.
+//! What one op buys over three projection ops: the three `xa_p` come from one GEMM that reads `x`
+//! once (computed transposed, `[Σr, N]`, so that each `xa_pᵀ` is a block of whole rows: a view,
+//! where a block of columns of `[N, Σr]` is misaligned for a view and would be copied); in the
+//! backward `dx` is one accumulator that the rank-Σr GEMM writes and the three base GEMMs add onto
+//! (three projection ops write three `[N, d]` partial `dx` and autodiff adds them), and the three
+//! `dA` come from one GEMM that reads `x` once.
 //!
 //! Burn's autodiff gives an operation one output. The op is therefore a graph node whose output
 //! is an empty placeholder, and `q`, `k`, `v` are three nodes whose only parent is that node.
@@ -31,7 +34,6 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{FloatDType, Slice, TensorMetadata, TensorPrimitive};
 
-use crate::linear::lora_forward;
 use crate::op::{FusedMlpKernels, LoraProj, Trans};
 
 /// The three projections of the fused QKV op, in PEFT's layouts (`D` input features).
@@ -91,11 +93,13 @@ pub trait FusedQkvBackend: Backend {
     ) -> [FloatTensor<Self>; 3];
 }
 
-/// What the backward needs: `x`, the three `xa_p` (`[N, r_p]`) and the weights.
+/// What the backward needs: `x`, the three `xa_pᵀ` (`[r_p, N]`), the stacked `[A_q; A_k; A_v]`
+/// (`[Σr, D]`) and the weights.
 #[derive(Debug, Clone)]
 struct QkvSaved<T> {
     x: T,
-    xa: [T; 3],
+    xa_t: [T; 3],
+    a_stack: T,
     weights: QkvWeights<T>,
 }
 
@@ -103,22 +107,31 @@ fn forward<B: FusedMlpKernels>(
     x: FloatTensor<B>,
     weights: QkvWeights<FloatTensor<B>>,
 ) -> ([FloatTensor<B>; 3], QkvSaved<FloatTensor<B>>) {
-    let outputs = weights.as_ref().into_projections().map(|p| {
-        lora_forward::<B>(
-            x.clone(),
-            p.weight.clone(),
-            p.lora_a.clone(),
-            p.lora_b.clone(),
-            p.scaling,
-        )
+    use Trans::{N, T};
+    let projections = weights.as_ref().into_projections();
+    let a_stack = B::float_cat(projections.iter().map(|p| p.lora_a.clone()).collect(), 0);
+    let xa_all_t = B::gemm(a_stack.clone(), N, x.clone(), T, 1.0, None);
+    let tokens = x.shape().dims::<2>()[0];
+    let mut first = 0;
+    let xa_t: [FloatTensor<B>; 3] = std::array::from_fn(|index| {
+        let rank = projections[index].lora_a.shape().dims::<2>()[0];
+        let rows = Slice::from(first..first + rank);
+        first += rank;
+        B::float_slice(xa_all_t.clone(), &[rows, Slice::from(0..tokens)])
     });
-    let [(y_q, xa_q), (y_k, xa_k), (y_v, xa_v)] = outputs;
+    let outputs = std::array::from_fn(|index| {
+        let p = &projections[index];
+        // The rank-r product first, the base GEMM accumulating onto it (as `lora_forward`).
+        let update = B::gemm(xa_t[index].clone(), T, p.lora_b.clone(), T, p.scaling, None);
+        B::gemm(x.clone(), N, p.weight.clone(), T, 1.0, Some(update))
+    });
     let saved = QkvSaved {
         x,
-        xa: [xa_q, xa_k, xa_v],
+        xa_t,
+        a_stack,
         weights,
     };
-    ([y_q, y_k, y_v], saved)
+    (outputs, saved)
 }
 
 /// The backward on primitives. `dy[p]` is `None` for an output that took no part in the loss.
@@ -130,7 +143,12 @@ fn backward<B: FusedMlpKernels>(
     need: [bool; 10],
 ) -> [Option<FloatTensor<B>>; 10] {
     use Trans::{N, T};
-    let QkvSaved { x, xa, weights } = saved;
+    let QkvSaved {
+        x,
+        xa_t,
+        a_stack,
+        weights,
+    } = saved;
     let projections = weights.into_projections();
     let mut out: [Option<FloatTensor<B>>; 10] = Default::default();
     let rows = x.shape().dims::<2>()[0];
@@ -154,8 +172,6 @@ fn backward<B: FusedMlpKernels>(
             .collect();
         B::float_cat(blocks, 1)
     });
-    let a_stack =
-        need_x.then(|| B::float_cat(projections.iter().map(|p| p.lora_a.clone()).collect(), 0));
 
     if let (Some(dxa), true) = (&dxa, need_any_a) {
         let da = B::gemm(dxa.clone(), T, x.clone(), N, 1.0, None);
@@ -173,17 +189,17 @@ fn backward<B: FusedMlpKernels>(
             first += rank;
         }
     }
-    for (index, ((p, dy), xa)) in projections.iter().zip(&dy).zip(xa).enumerate() {
+    for (index, ((p, dy), xa_t)) in projections.iter().zip(&dy).zip(xa_t).enumerate() {
         let Some(dy) = dy else { continue };
         if need[3 + 3 * index] {
-            out[3 + 3 * index] = Some(B::gemm(dy.clone(), T, xa, N, p.scaling, None));
+            out[3 + 3 * index] = Some(B::gemm(dy.clone(), T, xa_t, T, p.scaling, None));
         }
         if need[1 + 3 * index] {
             out[1 + 3 * index] = Some(B::gemm(dy.clone(), T, x.clone(), N, 1.0, None));
         }
     }
     if need_x {
-        let (dxa, a_stack) = (dxa.expect("computed for dx"), a_stack.expect("with δxa"));
+        let dxa = dxa.expect("computed for dx");
         // One accumulator: the rank-Σr term, then each base GEMM adds onto it.
         let mut dx = B::gemm(dxa, N, a_stack, N, 1.0, None);
         for (p, dy) in projections.iter().zip(dy) {

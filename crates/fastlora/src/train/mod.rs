@@ -370,11 +370,16 @@ fn step_gradients_timed<B: AutodiffBackend>(
         if let Some(clock) = clock.as_deref_mut() {
             times.forward += clock.mark();
         }
-        let grads = (sum.clone() / trained.max(1) as f64).backward();
+        // The loss is known once the forward has run: read it while the backward is issued, so
+        // the host holds it before the backward ends and prepares the optimizer step while the
+        // device still works (a plain read here would idle the device through that).
+        let loss_read = fused_mlp::start_read(sum.clone().inner());
+        let grads = (sum / trained.max(1) as f64).backward();
         if let Some(clock) = clock.as_deref_mut() {
             times.backward += clock.mark();
         }
-        loss_sum += f64::from(sum.into_scalar().elem::<f32>());
+        let loss = loss_read.finish().iter::<f64>().next();
+        loss_sum += loss.expect("the loss sum holds one value");
         tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }

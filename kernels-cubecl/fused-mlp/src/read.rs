@@ -1,0 +1,51 @@
+//! Reading values back without stalling the device.
+//!
+//! A read waits for every kernel issued before it. A trainer that reads the loss between the
+//! backward and the optimizer leaves the device idle while the host then prepares the optimizer
+//! step. [`start_read`] makes the read on a helper thread, on the calling thread's CubeCL stream
+//! so that it is ordered after the work already issued there, while the calling thread goes on
+//! issuing work; [`PendingRead::finish`] collects the values.
+
+use std::thread::{self, JoinHandle};
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+/// A tensor's values on their way to the host (see [`start_read`]).
+pub struct PendingRead {
+    reader: JoinHandle<TensorData>,
+}
+
+/// Starts reading `tensor`'s values on a helper thread (on the CubeCL backends, on the calling
+/// thread's stream: the read comes after every kernel issued so far, and later kernels are not
+/// held up by it).
+///
+/// # Panics
+/// If the helper thread cannot be started.
+pub fn start_read<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> PendingRead {
+    #[cfg(feature = "cubecl")]
+    let stream = cubecl::stream_id::StreamId::current();
+    let reader = thread::Builder::new()
+        .name("read-back".into())
+        .spawn(move || {
+            #[cfg(feature = "cubecl")]
+            return stream.executes(|| tensor.into_data());
+            #[cfg(not(feature = "cubecl"))]
+            tensor.into_data()
+        })
+        .expect("cannot start the read-back thread");
+    PendingRead { reader }
+}
+
+impl PendingRead {
+    /// Waits for the values.
+    ///
+    /// # Panics
+    /// If the read failed (the device failed computing or copying them), as Burn's `into_data`
+    /// does.
+    pub fn finish(self) -> TensorData {
+        self.reader
+            .join()
+            .unwrap_or_else(|_| panic!("reading a tensor back failed (see the panic above)"))
+    }
+}
