@@ -90,10 +90,13 @@ pub fn causal_lm_fused_loss_sum<B: AutodiffBackend>(
         }
         Some(head) => (head.base_weight(), head.bias.as_ref().map(|b| b.val())),
     };
-    let hidden = hidden
-        .narrow(1, 0, seq - 1)
-        .reshape([batch * (seq - 1), width]);
-    let targets = labels.narrow(1, 1, seq - 1).reshape([batch * (seq - 1)]);
+    // Every position takes part, the last of each row with an ignored target: the hidden
+    // states reshape without a copy and every buffer of the loss has the activations' sizes
+    // (`[batch·seq, ·]`), which exact-size CUDA memory shares with the layers, where dropping
+    // the last positions made `[batch·(seq − 1), ·]` buffers of sizes only the loss uses.
+    let hidden = hidden.reshape([batch * seq, width]);
+    let ignored = Tensor::<B, 2, Int>::full([batch, 1], IGNORE_INDEX, &labels.device());
+    let targets = Tensor::cat(vec![labels.narrow(1, 1, seq - 1), ignored], 1).reshape([batch * seq]);
     linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_tokens)
 }
 
