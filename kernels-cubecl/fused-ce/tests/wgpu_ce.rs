@@ -82,6 +82,32 @@ fn large_logits_do_not_overflow() {
 }
 
 #[test]
+fn long_rows_rescale_each_units_running_sum() {
+    // 40,000 logits a row: every unit of the cube reads several vectors, so its running max
+    // moves after its first one and the running sum is rescaled (a 128k vocabulary reads
+    // about 16 vectors a unit). Random rows, and a rising row whose max moves at every vector.
+    check(3, 40_000, 4.0, vec![39_999, 0, 20_000], 1e-6);
+    let Some(device) = fused_mlp::vulkan_test_device() else {
+        return;
+    };
+    let vocab = 40_000;
+    let rising: Vec<f32> = (0..vocab).map(|j| j as f32 * 1e-3).collect();
+    let logits = Tensor::<W, 2>::from_data(TensorData::new(rising.clone(), [1, vocab]), &device);
+    let targets = Tensor::<W, 1, Int>::from_data(TensorData::new(vec![7i64], [1]), &device);
+    let (nll, _) = cross_entropy_rows(logits, targets).expect("wgpu runs the kernel");
+    let max = f64::from(rising[vocab - 1]);
+    let lse = max
+        + rising
+            .iter()
+            .map(|&z| (f64::from(z) - max).exp())
+            .sum::<f64>()
+            .ln();
+    let got = nll.into_data().convert::<f64>().to_vec::<f64>().unwrap()[0];
+    let want = lse - f64::from(rising[7]);
+    assert!((got - want).abs() <= 1e-5 * want, "nll {got} vs {want}");
+}
+
+#[test]
 fn other_backends_get_their_operands_back() {
     let device = Default::default();
     let logits = Tensor::<NdArray<f32>, 2>::zeros([2, 3], &device);
