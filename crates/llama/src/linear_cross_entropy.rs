@@ -96,7 +96,8 @@ pub fn causal_lm_fused_loss_sum<B: AutodiffBackend>(
     // the last positions made `[batch·(seq − 1), ·]` buffers of sizes only the loss uses.
     let hidden = hidden.reshape([batch * seq, width]);
     let ignored = Tensor::<B, 2, Int>::full([batch, 1], IGNORE_INDEX, &labels.device());
-    let targets = Tensor::cat(vec![labels.narrow(1, 1, seq - 1), ignored], 1).reshape([batch * seq]);
+    let targets =
+        Tensor::cat(vec![labels.narrow(1, 1, seq - 1), ignored], 1).reshape([batch * seq]);
     linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_tokens)
 }
 
