@@ -110,15 +110,10 @@ fn forward<B: FusedMlpKernels>(
     use Trans::{N, T};
     let projections = weights.as_ref().into_projections();
     let a_stack = B::float_cat(projections.iter().map(|p| p.lora_a.clone()).collect(), 0);
-    let xa_all_t = B::gemm(a_stack.clone(), N, x.clone(), T, 1.0, None);
-    let tokens = x.shape().dims::<2>()[0];
-    let mut first = 0;
-    let xa_t: [FloatTensor<B>; 3] = std::array::from_fn(|index| {
-        let rank = projections[index].lora_a.shape().dims::<2>()[0];
-        let rows = Slice::from(first..first + rank);
-        first += rank;
-        B::float_slice(xa_all_t.clone(), &[rows, Slice::from(0..tokens)])
-    });
+    let ranks = projections
+        .each_ref()
+        .map(|p| p.lora_a.shape().dims::<2>()[0]);
+    let xa_t = rank_blocks::<B>(B::gemm(a_stack.clone(), N, x.clone(), T, 1.0, None), ranks);
     let outputs = std::array::from_fn(|index| {
         let p = &projections[index];
         // The rank-r product first, the base GEMM accumulating onto it (as `lora_forward`).
@@ -132,6 +127,21 @@ fn forward<B: FusedMlpKernels>(
         weights,
     };
     (outputs, saved)
+}
+
+/// The row blocks of `stacked` (`[Σr, ·]`, stacked in q, k, v order) of ranks `ranks`,
+/// `[r_p, ·]` each: views, no copies.
+fn rank_blocks<B: FusedMlpKernels>(
+    stacked: FloatTensor<B>,
+    ranks: [usize; 3],
+) -> [FloatTensor<B>; 3] {
+    let cols = stacked.shape().dims::<2>()[1];
+    let mut first = 0;
+    ranks.map(|rank| {
+        let rows = Slice::from(first..first + rank);
+        first += rank;
+        B::float_slice(stacked.clone(), &[rows, Slice::from(0..cols)])
+    })
 }
 
 /// The backward on primitives. `dy[p]` is `None` for an output that took no part in the loss.
@@ -175,18 +185,15 @@ fn backward<B: FusedMlpKernels>(
 
     if let (Some(dxa), true) = (&dxa, need_any_a) {
         let da = B::gemm(dxa.clone(), T, x.clone(), N, 1.0, None);
-        let cols = x.shape().dims::<2>()[1];
-        let mut first = 0;
-        for (index, p) in projections.iter().enumerate() {
-            let rank = p.lora_a.shape().dims::<2>()[0];
+        let ranks = projections
+            .each_ref()
+            .map(|p| p.lora_a.shape().dims::<2>()[0]);
+        for (index, da) in rank_blocks::<B>(da, ranks).into_iter().enumerate() {
             // An output that took no part in the loss leaves its A without a gradient, as
             // autodiff of the separate projections would.
             if need[2 + 3 * index] && dy[index].is_some() {
-                let rows = Slice::from(first..first + rank);
-                out[2 + 3 * index] =
-                    Some(B::float_slice(da.clone(), &[rows, Slice::from(0..cols)]));
+                out[2 + 3 * index] = Some(da);
             }
-            first += rank;
         }
     }
     for (index, ((p, dy), xa_t)) in projections.iter().zip(&dy).zip(xa_t).enumerate() {
