@@ -49,3 +49,39 @@ impl PendingRead {
             .unwrap_or_else(|_| panic!("reading a tensor back failed (see the panic above)"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    /// A sum that only exists once the device has run the reduction issued just before the
+    /// read, and whose value a read narrowed to bf16 would move by ≈ 1e-3 relative (f32 summation
+    /// order moves it by well under 1e-5).
+    fn check<B: Backend>(device: &B::Device) {
+        let terms: Vec<f32> = (0..10_000).map(|i| 1.0 + i as f32 * 1e-4).collect();
+        let want: f64 = terms.iter().map(|&t| f64::from(t)).sum();
+        let x = Tensor::<B, 1>::from_floats(terms.as_slice(), device);
+        let pending = start_read(x.sum());
+        let got = pending.finish().to_vec::<f32>().unwrap();
+        assert_eq!(got.len(), 1);
+        let got = f64::from(got[0]);
+        assert!(
+            (got - want).abs() <= want * 1e-6,
+            "read {got} against {want}"
+        );
+    }
+
+    #[test]
+    fn reads_what_was_issued_before_on_ndarray() {
+        check::<NdArray<f32>>(&Default::default());
+    }
+
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn reads_what_was_issued_before_on_wgpu() {
+        if let Some(device) = crate::vulkan_test_device() {
+            check::<crate::WgpuBackend<f32>>(&device);
+        }
+    }
+}
