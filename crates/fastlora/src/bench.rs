@@ -393,7 +393,8 @@ fn bench_steps<B: AutodiffBackend>(
             (_, true) => " (phases)",
             _ => "",
         };
-        let phase_times = match trainer.last_step_times().filter(|_| phased) {
+        let times = trainer.last_step_times().filter(|_| phased);
+        let phase_times = match times {
             Some(t) => format!(
                 "  (forward {:.1}, backward {:.1}, clip {:.1}, optimizer {:.1} ms; host busy {:.1} ms)",
                 t.forward * 1e3,
@@ -414,9 +415,7 @@ fn bench_steps<B: AutodiffBackend>(
             loss = record.loss;
             steps.push(seconds);
         }
-        if let Some(times) = trainer.last_step_times().filter(|_| phased) {
-            phases.push(times);
-        }
+        phases.extend(times);
     }
     trainer.set_profiling(false);
     let attention = match AttentionPath::of::<B>() {

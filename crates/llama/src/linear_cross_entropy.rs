@@ -131,8 +131,8 @@ pub fn linear_cross_entropy<B: AutodiffBackend>(
 ///
 /// Memory beyond the inputs: during the call, a few `[chunk_tokens, vocab]` buffers (the
 /// chunk's f32 logits, their exponentials, the logits' gradient and its copy in the inputs'
-/// dtype); kept for backward, `∂/∂hidden` (`[tokens, hidden]`, f32) and, when the head trains,
-/// `∂/∂weight` (`[vocab, hidden]`, f32). No logits are kept for backward.
+/// dtype); kept for backward, `∂/∂hidden` (`[tokens, hidden]`, in the hidden states' dtype) and,
+/// when the head trains, `∂/∂weight` (`[vocab, hidden]`, f32). No logits are kept for backward.
 ///
 /// Targets equal to [`IGNORE_INDEX`] carry no loss and no gradient. The loss is in f32 (f64 for
 /// f64 inputs) whatever the inputs' dtype. Gradients reach `hidden` always, and `weight` and

@@ -160,6 +160,9 @@ fn backward<B: FusedMlpKernels>(
         weights,
     } = saved;
     let projections = weights.into_projections();
+    let ranks = projections
+        .each_ref()
+        .map(|p| p.lora_a.shape().dims::<2>()[0]);
     let mut out: [Option<FloatTensor<B>>; 10] = Default::default();
     let rows = x.shape().dims::<2>()[0];
     let device = B::float_device(&x);
@@ -172,12 +175,10 @@ fn backward<B: FusedMlpKernels>(
         let blocks = projections
             .iter()
             .zip(&dy)
-            .map(|(p, dy)| match dy {
+            .zip(ranks)
+            .map(|((p, dy), rank)| match dy {
                 Some(dy) => B::gemm(dy.clone(), N, p.lora_b.clone(), N, p.scaling, None),
-                None => {
-                    let rank = p.lora_a.shape().dims::<2>()[0];
-                    B::float_zeros([rows, rank].into(), &device, dtype)
-                }
+                None => B::float_zeros([rows, rank].into(), &device, dtype),
             })
             .collect();
         B::float_cat(blocks, 1)
@@ -185,9 +186,6 @@ fn backward<B: FusedMlpKernels>(
 
     if let (Some(dxa), true) = (&dxa, need_any_a) {
         let da = B::gemm(dxa.clone(), T, x.clone(), N, 1.0, None);
-        let ranks = projections
-            .each_ref()
-            .map(|p| p.lora_a.shape().dims::<2>()[0]);
         for (index, da) in rank_blocks::<B>(da, ranks).into_iter().enumerate() {
             // An output that took no part in the loss leaves its A without a gradient, as
             // autodiff of the separate projections would.
