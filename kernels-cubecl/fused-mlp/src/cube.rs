@@ -5,12 +5,16 @@
 //! when burn's `fusion` feature is on (this workspace leaves it off); name the backend as
 //! `CubeBackend<Runtime, f32, i32, u32>` (`crate::WgpuBackend`, `crate::CudaBackend`) to be sure.
 
+use burn::tensor::DType;
 use burn::tensor::ops::FloatTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use crate::kernels::{swiglu_forward, swiglu_lora_backward};
+use crate::kernels::{
+    cast_group, lora_swiglu_backward, lora_swiglu_forward, swiglu_forward, swiglu_lora_backward,
+};
 use crate::op::{
-    FusedMlpBackend, FusedMlpKernels, MlpWeights, OutputUse, SwigluLoraBackward, Trans, forward,
+    DownLoraTerm, FoldedLora, FusedMlpBackend, FusedMlpKernels, MlpWeights, OutputUse,
+    SwigluLoraBackward, Trans, forward, weights_in,
 };
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpKernels
@@ -44,6 +48,28 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpKe
     ) -> SwigluLoraBackward<FloatTensor<Self>> {
         swiglu_lora_backward::launch(dh, e, g)
     }
+
+    fn cast_group(tensors: Vec<FloatTensor<Self>>, dtype: DType) -> Vec<FloatTensor<Self>> {
+        cast_group::launch(tensors, dtype)
+    }
+
+    fn lora_swiglu_forward(
+        e: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        lora: &FoldedLora<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        lora_swiglu_forward::launch(&e, &g, lora)
+    }
+
+    fn lora_swiglu_backward(
+        dh: FloatTensor<Self>,
+        e: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        lora: &FoldedLora<FloatTensor<Self>>,
+        down: &DownLoraTerm<FloatTensor<Self>>,
+    ) -> SwigluLoraBackward<FloatTensor<Self>> {
+        lora_swiglu_backward::launch(dh, e, g, lora, down)
+    }
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpBackend
@@ -54,6 +80,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpBa
         weights: MlpWeights<FloatTensor<Self>>,
         output: OutputUse,
     ) -> FloatTensor<Self> {
+        let weights = weights_in::<Self>(weights, x.dtype);
         forward::<Self>(x, weights, output).0
     }
 }

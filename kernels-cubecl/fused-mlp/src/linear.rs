@@ -17,8 +17,8 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
 use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
 
 use crate::op::{FusedMlpKernels, Trans};
 
@@ -27,10 +27,12 @@ use crate::op::{FusedMlpKernels, Trans};
 /// Implemented for `CubeBackend<R, F, I, BT>` (feature `cubecl`; forward only) and for
 /// `Autodiff` over any [`FusedMlpKernels`] backend (with the backward above).
 pub trait FusedLinearBackend: Backend {
-    /// `y = x·Wᵀ`, `x` `[N, d_in]`, `W` `[d_out, d_in]`, all in `x`'s dtype.
+    /// `y = x·Wᵀ`, `x` `[N, d_in]`, `W` `[d_out, d_in]`; `y` in `x`'s dtype (a weight of another
+    /// dtype is cast to it, and its gradient comes back in its own).
     fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
 
-    /// `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, `A` `[r, d_in]`, `B` `[d_out, r]`, all in `x`'s dtype.
+    /// `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, `A` `[r, d_in]`, `B` `[d_out, r]`; `y` in `x`'s dtype (weights
+    /// of other dtypes cast to it in one group, their gradients returned in their own).
     fn fused_lora_linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -71,6 +73,7 @@ where
     BT: burn_cubecl::BoolElement,
 {
     fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        let [weight] = crate::cast::all_in::<Self, 1>([weight], x.dtype);
         plain_forward::<Self>(&x, &weight)
     }
 
@@ -81,24 +84,28 @@ where
         lora_b: FloatTensor<Self>,
         scaling: f64,
     ) -> FloatTensor<Self> {
-        lora_forward::<Self>(x, weight, lora_a, lora_b, scaling).0
+        let [w, a, b] = crate::cast::all_in::<Self, 3>([weight, lora_a, lora_b], x.dtype);
+        lora_forward::<Self>(x, w, a, b, scaling).0
     }
 }
 
-/// Backward of the plain projection. Parents: `x`, `W`. State: `x` (for `dW`) and `W`.
+/// Backward of the plain projection. Parents: `x`, `W`. State: `x` (for `dW`), `W` in `x`'s
+/// dtype, and `W`'s own dtype (its gradient's).
 #[derive(Debug)]
 struct LinearBackward;
 
 impl<B: FusedMlpKernels> Backward<B, 2> for LinearBackward {
-    type State = (Option<FloatTensor<B>>, FloatTensor<B>);
+    type State = (Option<FloatTensor<B>>, FloatTensor<B>, DType);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         use Trans::{N, T};
         let dy = grads.consume::<B>(&ops.node);
-        let (x, w) = ops.state;
+        let (x, w, w_dtype) = ops.state;
         let [x_node, w_node] = ops.parents;
         if let (Some(node), Some(x)) = (w_node, x) {
-            grads.register::<B>(node.id, B::gemm(dy.clone(), T, x, N, 1.0, None));
+            let dw = B::gemm(dy.clone(), T, x, N, 1.0, None);
+            let [dw] = crate::cast::all_in::<B, 1>([dw], w_dtype);
+            grads.register::<B>(node.id, dw);
         }
         if let Some(node) = x_node {
             grads.register::<B>(node.id, B::gemm(dy, N, w, N, 1.0, None));
@@ -106,7 +113,8 @@ impl<B: FusedMlpKernels> Backward<B, 2> for LinearBackward {
     }
 }
 
-/// What the LoRA projection's backward needs.
+/// What the LoRA projection's backward needs: `x`, `xa`, the weights in `x`'s dtype, and the
+/// dtypes of the parents `x`, `W`, `A`, `B` (each gradient is returned in its parent's).
 #[derive(Debug, Clone)]
 struct LoraSaved<T> {
     x: T,
@@ -115,6 +123,7 @@ struct LoraSaved<T> {
     a: T,
     b: T,
     s: f64,
+    dtypes: [DType; 4],
 }
 
 /// Backward of the LoRA projection. Parents: `x`, `W`, `A`, `B`.
@@ -127,25 +136,40 @@ impl<B: FusedMlpKernels> Backward<B, 4> for LoraLinearBackward {
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
         use Trans::{N, T};
         let dy = grads.consume::<B>(&ops.node);
-        let LoraSaved { x, xa, w, a, b, s } = ops.state;
-        let [x_node, w_node, a_node, b_node] = ops.parents;
-        let dxa =
-            (x_node.is_some() || a_node.is_some()).then(|| B::gemm(dy.clone(), N, b, N, 1.0, None));
-        if let Some(node) = b_node {
-            grads.register::<B>(node.id, B::gemm(dy.clone(), T, xa, N, s, None));
+        let LoraSaved {
+            x,
+            xa,
+            w,
+            a,
+            b,
+            s,
+            dtypes,
+        } = ops.state;
+        let need = ops.parents.each_ref().map(Option::is_some);
+        let [need_x, need_w, need_a, need_b] = need;
+        let mut out: [Option<FloatTensor<B>>; 4] = Default::default();
+        let dxa = (need_x || need_a).then(|| B::gemm(dy.clone(), N, b, N, 1.0, None));
+        if need_b {
+            out[3] = Some(B::gemm(dy.clone(), T, xa, N, s, None));
         }
-        if let Some(node) = a_node {
+        if need_a {
             let dxa = dxa.clone().expect("computed for A");
-            grads.register::<B>(node.id, B::gemm(dxa, T, x.clone(), N, s, None));
+            out[2] = Some(B::gemm(dxa, T, x.clone(), N, s, None));
         }
-        if let Some(node) = w_node {
-            grads.register::<B>(node.id, B::gemm(dy.clone(), T, x, N, 1.0, None));
+        if need_w {
+            out[1] = Some(B::gemm(dy.clone(), T, x, N, 1.0, None));
         }
-        if let Some(node) = x_node {
+        if need_x {
             // As in forward: the rank-r term first, accumulated into by the base product.
             let dxa = dxa.expect("computed for x");
             let update = B::gemm(dxa, N, a, N, s, None);
-            grads.register::<B>(node.id, B::gemm(dy, N, w, N, 1.0, Some(update)));
+            out[0] = Some(B::gemm(dy, N, w, N, 1.0, Some(update)));
+        }
+        let out = crate::cast::each_in::<B, 4>(out, dtypes);
+        for (parent, grad) in ops.parents.into_iter().zip(out) {
+            if let (Some(node), Some(grad)) = (parent, grad) {
+                grads.register::<B>(node.id, grad);
+            }
         }
     }
 }
@@ -155,19 +179,19 @@ impl<B: FusedMlpKernels, C: CheckpointStrategy> FusedLinearBackend for Autodiff<
         let nodes = [x.node.clone(), weight.node.clone()];
         // x is kept only for a trainable weight's gradient.
         let keep_x = !weight.node.requirement.is_none();
+        let w_dtype = weight.primitive.dtype();
+        let [w] = crate::cast::all_in::<B, 1>([weight.primitive], x.primitive.dtype());
         match LinearBackward
             .prepare::<C>(nodes)
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let y = plain_forward::<B>(&x.primitive, &weight.primitive);
+                let y = plain_forward::<B>(&x.primitive, &w);
                 let x = keep_x.then_some(x.primitive);
-                prep.finish((x, weight.primitive), y)
+                prep.finish((x, w, w_dtype), y)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(plain_forward::<B>(&x.primitive, &weight.primitive))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(plain_forward::<B>(&x.primitive, &w)),
         }
     }
 
@@ -179,11 +203,11 @@ impl<B: FusedMlpKernels, C: CheckpointStrategy> FusedLinearBackend for Autodiff<
         scaling: f64,
     ) -> FloatTensor<Self> {
         let nodes = [&x, &weight, &lora_a, &lora_b].map(|t| t.node.clone());
-        let (x, w, a, b) = (
-            x.primitive,
-            weight.primitive,
-            lora_a.primitive,
-            lora_b.primitive,
+        let dtypes = [&x, &weight, &lora_a, &lora_b].map(|t| t.primitive.dtype());
+        let x = x.primitive;
+        let [w, a, b] = crate::cast::all_in::<B, 3>(
+            [weight.primitive, lora_a.primitive, lora_b.primitive],
+            dtypes[0],
         );
         match LoraLinearBackward
             .prepare::<C>(nodes)
@@ -200,6 +224,7 @@ impl<B: FusedMlpKernels, C: CheckpointStrategy> FusedLinearBackend for Autodiff<
                     a,
                     b,
                     s: scaling,
+                    dtypes,
                 };
                 prep.finish(saved, y)
             }
@@ -208,8 +233,8 @@ impl<B: FusedMlpKernels, C: CheckpointStrategy> FusedLinearBackend for Autodiff<
     }
 }
 
-/// `x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)` on `[..., d_in]` activations through [`FusedLinearBackend`], the
-/// weights cast to `x`'s dtype (autodiff casts their gradients back).
+/// `x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)` on `[..., d_in]` activations through [`FusedLinearBackend`] (the op
+/// uses the weights in `x`'s dtype and returns each weight's gradient in its own).
 ///
 /// # Shapes
 /// - x: `[..., d_in]`; weight: `[d_out, d_in]`; lora: `A` `[r, d_in]`, `B` `[d_out, r]`
@@ -223,12 +248,7 @@ pub fn fused_linear_nd<B: FusedLinearBackend, const D: usize>(
     let d_in = dims[D - 1];
     let d_out = weight.dims()[0];
     let rows = dims[..D - 1].iter().product();
-    let dtype = x.dtype();
-    let prim = |t: Tensor<B, 2>| {
-        if t.dtype() == dtype { t } else { t.cast(dtype) }
-            .into_primitive()
-            .tensor()
-    };
+    let prim = |t: Tensor<B, 2>| t.into_primitive().tensor();
     let x = x.reshape([rows, d_in]).into_primitive().tensor();
     let y = match lora {
         Some((a, b, s)) => B::fused_lora_linear(x, prim(weight), prim(a), prim(b), s),

@@ -32,7 +32,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{FloatDType, Slice, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, Slice, TensorMetadata, TensorPrimitive};
 
 use crate::op::{FusedMlpKernels, LoraProj, Trans};
 
@@ -66,6 +66,24 @@ impl<T> QkvWeights<T> {
         }
     }
 
+    /// The nine tensors through `f` at once (in [`QkvWeights::into_array`] order), keeping the
+    /// scalings.
+    fn map_array<U>(self, f: impl FnOnce([T; 9]) -> [U; 9]) -> QkvWeights<U> {
+        let scalings = [self.q.scaling, self.k.scaling, self.v.scaling];
+        let [qw, qa, qb, kw, ka, kb, vw, va, vb] = f(self.into_array());
+        let proj = |weight, lora_a, lora_b, scaling| LoraProj {
+            weight,
+            lora_a,
+            lora_b,
+            scaling,
+        };
+        QkvWeights {
+            q: proj(qw, qa, qb, scalings[0]),
+            k: proj(kw, ka, kb, scalings[1]),
+            v: proj(vw, va, vb, scalings[2]),
+        }
+    }
+
     /// The nine tensors in q, k, v order, each as `[W, A, B]`.
     pub fn into_array(self) -> [T; 9] {
         let [q, k, v] = [self.q, self.k, self.v];
@@ -85,8 +103,9 @@ impl<T> QkvWeights<T> {
 /// Implemented for `CubeBackend<R, F, I, BT>` (feature `cubecl`; forward only) and for
 /// `Autodiff` over any [`FusedMlpKernels`] backend (with the backward above).
 pub trait FusedQkvBackend: Backend {
-    /// `[y_q, y_k, y_v]` with `y_p = x·W_pᵀ + s_p·(x·A_pᵀ)·B_pᵀ`, `x` `[N, D]`, `y_p` `[N, d_p]`,
-    /// every tensor in `x`'s dtype (see [`fused_lora_qkv_nd`], which casts).
+    /// `[y_q, y_k, y_v]` with `y_p = x·W_pᵀ + s_p·(x·A_pᵀ)·B_pᵀ`, `x` `[N, D]`, `y_p` `[N, d_p]`
+    /// in `x`'s dtype. Weights of another dtype are cast to it in one group, and their gradients
+    /// come back in their own dtype.
     fn fused_lora_qkv(
         x: FloatTensor<Self>,
         weights: QkvWeights<FloatTensor<Self>>,
@@ -103,11 +122,14 @@ struct QkvSaved<T> {
     weights: QkvWeights<T>,
 }
 
+/// The forward on primitives, the weights of other dtypes than `x`'s cast to it first.
 fn forward<B: FusedMlpKernels>(
     x: FloatTensor<B>,
     weights: QkvWeights<FloatTensor<B>>,
 ) -> ([FloatTensor<B>; 3], QkvSaved<FloatTensor<B>>) {
     use Trans::{N, T};
+    let dtype = x.dtype();
+    let weights = weights.map_array(|all| crate::cast::all_in::<B, 9>(all, dtype));
     let projections = weights.as_ref().into_projections();
     let a_stack = B::float_cat(projections.iter().map(|p| p.lora_a.clone()).collect(), 0);
     let ranks = projections
@@ -252,13 +274,19 @@ impl<T> OutputGrads<T> {
 struct QkvBackward;
 
 impl<B: FusedMlpKernels> Backward<B, 10> for QkvBackward {
-    type State = (QkvSaved<FloatTensor<B>>, Arc<OutputGrads<FloatTensor<B>>>);
+    /// What the backward needs, the outputs' gradient slots, and the parents' dtypes (each
+    /// gradient is returned in its parent's).
+    type State = (
+        QkvSaved<FloatTensor<B>>,
+        Arc<OutputGrads<FloatTensor<B>>>,
+        [DType; 10],
+    );
 
     fn backward(self, ops: Ops<Self::State, 10>, grads: &mut Gradients, _: &mut Checkpointer) {
         // The node's own output is a placeholder that nothing reads: no gradient to consume.
-        let (saved, slots) = ops.state;
+        let (saved, slots, dtypes) = ops.state;
         let need = ops.parents.each_ref().map(Option::is_some);
-        let out = backward::<B>(slots.take(), saved, need);
+        let out = crate::cast::each_in::<B, 10>(backward::<B>(slots.take(), saved, need), dtypes);
         for (parent, grad) in ops.parents.into_iter().zip(out) {
             if let (Some(node), Some(grad)) = (parent, grad) {
                 grads.register::<B>(node.id, grad);
@@ -288,6 +316,7 @@ impl<B: FusedMlpKernels, C: CheckpointStrategy> FusedQkvBackend for Autodiff<B, 
     ) -> [FloatTensor<Self>; 3] {
         let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = weights.as_ref().into_array();
         let nodes = [&x, w0, w1, w2, w3, w4, w5, w6, w7, w8].map(|t| t.node.clone());
+        let dtypes = [&x, w0, w1, w2, w3, w4, w5, w6, w7, w8].map(|t| t.primitive.dtype());
         let inner = weights.map(|w| w.primitive);
         match Backward::<B, 10>::prepare::<C>(QkvBackward, nodes)
             .compute_bound()
@@ -299,7 +328,7 @@ impl<B: FusedMlpKernels, C: CheckpointStrategy> FusedQkvBackend for Autodiff<B, 
                 let (outputs, saved) = forward::<B>(x.primitive, inner);
                 let slots = Arc::new(OutputGrads(Mutex::new(Default::default())));
                 let placeholder = B::float_empty([1].into(), &device, dtype);
-                let op = prep.finish((saved, slots.clone()), placeholder);
+                let op = prep.finish((saved, slots.clone(), dtypes), placeholder);
                 let mut index = 0;
                 outputs.map(|y| {
                     let node = QkvOutputBackward { index };
@@ -319,7 +348,7 @@ impl<B: FusedMlpKernels, C: CheckpointStrategy> FusedQkvBackend for Autodiff<B, 
 }
 
 /// The fused QKV op on `[..., D]` activations: [`FusedQkvBackend::fused_lora_qkv`] with shape
-/// checks, the weights cast to `x`'s dtype (autodiff casts their gradients back).
+/// checks (the op uses the weights in `x`'s dtype and returns each weight's gradient in its own).
 ///
 /// # Shapes
 /// - x: `[..., D]`; weights as [`QkvWeights`]
@@ -354,12 +383,7 @@ pub fn fused_lora_qkv_nd<B: FusedQkvBackend, const D: usize>(
         );
     }
     let rows = dims[..D - 1].iter().product();
-    let dtype = x.dtype();
-    let weights = weights.map(|t| {
-        if t.dtype() == dtype { t } else { t.cast(dtype) }
-            .into_primitive()
-            .tensor()
-    });
+    let weights = weights.map(|t| t.into_primitive().tensor());
     let x = x.reshape([rows, d_in]).into_primitive().tensor();
     B::fused_lora_qkv(x, weights).map(|y| {
         let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y));
