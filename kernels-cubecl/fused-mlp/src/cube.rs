@@ -9,12 +9,10 @@ use burn::tensor::DType;
 use burn::tensor::ops::FloatTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use crate::kernels::{
-    cast_group, lora_swiglu_backward, lora_swiglu_forward, swiglu_forward, swiglu_lora_backward,
-};
+use crate::kernels::{cast_group, swiglu_forward, swiglu_lora_backward};
 use crate::op::{
-    DownLoraTerm, FoldedLora, FusedMlpBackend, FusedMlpKernels, MlpWeights, OutputUse,
-    SwigluLoraBackward, Trans, forward, weights_in,
+    FusedMlpBackend, FusedMlpKernels, MlpWeights, OutputUse, SwigluLoraBackward, Trans, forward,
+    weights_in,
 };
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpKernels
@@ -51,24 +49,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpKe
 
     fn cast_group(tensors: Vec<FloatTensor<Self>>, dtype: DType) -> Vec<FloatTensor<Self>> {
         cast_group::launch(tensors, dtype)
-    }
-
-    fn lora_swiglu_forward(
-        e: FloatTensor<Self>,
-        g: FloatTensor<Self>,
-        lora: &FoldedLora<FloatTensor<Self>>,
-    ) -> FloatTensor<Self> {
-        lora_swiglu_forward::launch(&e, &g, lora)
-    }
-
-    fn lora_swiglu_backward(
-        dh: FloatTensor<Self>,
-        e: FloatTensor<Self>,
-        g: FloatTensor<Self>,
-        lora: &FoldedLora<FloatTensor<Self>>,
-        down: &DownLoraTerm<FloatTensor<Self>>,
-    ) -> SwigluLoraBackward<FloatTensor<Self>> {
-        lora_swiglu_backward::launch(dh, e, g, lora, down)
     }
 }
 

@@ -72,8 +72,8 @@ pub use matmul::matmul;
 pub use memory::with_persistent_memory;
 pub use norm::{RmsNormBackend, RmsNormKernels, rms_norm_portable};
 pub use op::{
-    DownLoraTerm, FoldedLora, FusedMlpBackend, FusedMlpKernels, LoraProj, MlpWeights, OutputUse,
-    RankTerm, SwigluLoraBackward, Trans, fused_lora_mlp_2d,
+    FusedMlpBackend, FusedMlpKernels, LoraProj, MlpWeights, OutputUse, SwigluLoraBackward, Trans,
+    fused_lora_mlp_2d,
 };
 pub use qkv::{FusedQkvBackend, QkvWeights, fused_lora_qkv_nd};
 pub use read::{PendingRead, start_read};

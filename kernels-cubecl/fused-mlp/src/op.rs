@@ -131,39 +131,6 @@ pub struct SwigluLoraBackward<T> {
     pub dg: T,
 }
 
-/// A LoRA term `s·(xa·Bᵀ)` the SwiGLU kernels add per element: `xa = x·Aᵀ` `[N, r]`, `B`
-/// `[I, r]`.
-#[derive(Debug, Clone)]
-pub struct RankTerm<T> {
-    /// `x·Aᵀ`, `[N, r]`.
-    pub xa: T,
-    /// `lora_B`, `[I, r]`.
-    pub b: T,
-    /// The LoRA scaling `s`.
-    pub scaling: f64,
-}
-
-/// The gate and up LoRA terms, folded into the SwiGLU kernels instead of being added to `e`
-/// and `g` by GEMMs (ranks up to [`crate::kernels::rank_r_term::MAX_FOLDED_RANK`]).
-#[derive(Debug, Clone)]
-pub struct FoldedLora<T> {
-    /// The gate projection's term (added to `e`).
-    pub gate: RankTerm<T>,
-    /// The up projection's term (added to `g`).
-    pub up: RankTerm<T>,
-}
-
-/// The down projection's LoRA term in `δh = G·W_d + s_d·(G·B_d)·A_d`.
-#[derive(Debug, Clone)]
-pub struct DownLoraTerm<T> {
-    /// `G·B_d`, `[N, r]`.
-    pub gb: T,
-    /// `lora_A` of the down projection, `[r, I]`.
-    pub a: T,
-    /// The LoRA scaling `s_d`.
-    pub scaling: f64,
-}
-
 /// The building blocks of the fused MLP on a backend: the GEMM every matrix product goes
 /// through, and the two elementwise kernels. Implemented for `CubeBackend<R, F, I, BT>` (feature
 /// `cubecl`); the forward and backward passes are written once on top of these.
@@ -194,26 +161,6 @@ pub trait FusedMlpKernels: Backend {
     /// launches as the backend allows: the fused ops cast every LoRA factor on the way in and
     /// every factor's gradient on the way out.
     fn cast_group(tensors: Vec<FloatTensor<Self>>, dtype: DType) -> Vec<FloatTensor<Self>>;
-
-    /// Kernel 1 with the gate and up LoRA terms folded in: `h = silu(e + s_g·xa_g·B_gᵀ)·(g +
-    /// s_u·xa_u·B_uᵀ)` from the base projections `e`, `g` (`[N, I]`, read only), `h` a new
-    /// `[N, I]`.
-    fn lora_swiglu_forward(
-        e: FloatTensor<Self>,
-        g: FloatTensor<Self>,
-        lora: &FoldedLora<FloatTensor<Self>>,
-    ) -> FloatTensor<Self>;
-
-    /// Kernel 2 with the LoRA terms folded in: from `δh₀ = G·W_d` and the base `e`, `g`, adds
-    /// the gate/up terms to `e`, `g` and `s_d·(G·B_d)·A_d` to `δh₀`, then as
-    /// [`FusedMlpKernels::swiglu_lora_backward`].
-    fn lora_swiglu_backward(
-        dh: FloatTensor<Self>,
-        e: FloatTensor<Self>,
-        g: FloatTensor<Self>,
-        lora: &FoldedLora<FloatTensor<Self>>,
-        down: &DownLoraTerm<FloatTensor<Self>>,
-    ) -> SwigluLoraBackward<FloatTensor<Self>>;
 }
 
 /// A backend that runs the LoRA SwiGLU MLP as one fused operation.
@@ -242,13 +189,8 @@ pub trait FusedMlpBackend: Backend {
 #[derive(Debug, Clone)]
 pub(crate) struct Saved<T> {
     pub x: T,
-    /// The gate pre-activation: the base projection `x·W_gᵀ` when the LoRA terms are folded
-    /// into the kernels (`folded_xa` present), else with its LoRA term added.
     pub e: T,
-    /// The up pre-activation, as `e`.
     pub g: T,
-    /// `[x·A_gᵀ, x·A_uᵀ]` when the gate and up LoRA terms are folded into the kernels.
-    pub folded_xa: Option<[T; 2]>,
     pub weights: MlpWeights<T>,
 }
 
@@ -260,32 +202,8 @@ pub(crate) fn weights_in<B: FusedMlpKernels>(
     w.map_array(|all| crate::cast::all_in::<B, 9>(all, dtype))
 }
 
-/// Whether the SwiGLU kernels take the LoRA terms of these weights (every rank small enough).
-fn folds_lora<T: TensorMetadata>(w: &MlpWeights<T>) -> bool {
-    let ranks = [&w.gate, &w.up, &w.down].map(|p| p.lora_a.shape().dims::<2>()[0]);
-    crate::kernels::rank_r_term::folds(&ranks)
-}
-
-/// The folded gate and up terms from their `x·Aᵀ` factors.
-fn folded_terms<T: Clone>(w: &MlpWeights<T>, [xa_g, xa_u]: [T; 2]) -> FoldedLora<T> {
-    let term = |xa, p: &LoraProj<T>| RankTerm {
-        xa,
-        b: p.lora_b.clone(),
-        scaling: p.scaling,
-    };
-    FoldedLora {
-        gate: term(xa_g, &w.gate),
-        up: term(xa_u, &w.up),
-    }
-}
-
 /// The forward pass on primitives: `y` (unspecified values under [`OutputUse::GraphOnly`]) and
 /// what the backward needs.
-///
-/// With ranks up to [`crate::kernels::rank_r_term::MAX_FOLDED_RANK`] the gate and up LoRA
-/// terms are added inside kernel 1 (and again inside kernel 2 in backward), so `e` and `g` are
-/// plain base GEMMs and a checkpoint's graph-only recompute runs no LoRA work over `[N, I]` at
-/// all. Above it, the rank-r products are β-accumulated into the base GEMMs.
 pub(crate) fn forward<B: FusedMlpKernels>(
     x: FloatTensor<B>,
     w: MlpWeights<FloatTensor<B>>,
@@ -294,32 +212,50 @@ pub(crate) fn forward<B: FusedMlpKernels>(
     use Trans::{N, T};
     let device = B::float_device(&x);
     let phase = |name, f: &mut dyn FnMut()| phase_timing::phase::<B, _>(name, &device, f);
-    let folded = folds_lora(&w);
-    let mut xa = None;
+    let (mut xa_g, mut xa_u) = (None, None);
     phase("fwd 1 gate/up x·Aᵀ", &mut || {
-        xa = Some([&w.gate, &w.up].map(|p| B::gemm(x.clone(), N, p.lora_a.clone(), T, 1.0, None)));
+        xa_g = Some(B::gemm(x.clone(), N, w.gate.lora_a.clone(), T, 1.0, None));
+        xa_u = Some(B::gemm(x.clone(), N, w.up.lora_a.clone(), T, 1.0, None));
     });
-    let [xa_g, xa_u] = xa.expect("set above");
+    // e = x·W_gᵀ + s_g·xa_g·B_gᵀ: the rank-r product first, then the base GEMM accumulates onto
+    // it (β = 1), so the LoRA term costs one pass over [N, I] and no extra buffer.
     let (mut e, mut g) = (None, None);
-    if folded {
-        phase("fwd 2 gate/up base GEMMs", &mut || {
-            e = Some(B::gemm(x.clone(), N, w.gate.weight.clone(), T, 1.0, None));
-            g = Some(B::gemm(x.clone(), N, w.up.weight.clone(), T, 1.0, None));
-        });
-    } else {
-        // e = x·W_gᵀ + s_g·xa_g·B_gᵀ: the rank-r product first, then the base GEMM accumulates
-        // onto it (β = 1), so the LoRA term costs one pass over [N, I] and no extra buffer.
-        phase("fwd 2 gate/up GEMMs (LoRA-B, then base)", &mut || {
-            let lora_plus_base = |xa: &FloatTensor<B>, p: &LoraProj<FloatTensor<B>>| {
-                let lora = B::gemm(xa.clone(), N, p.lora_b.clone(), T, p.scaling, None);
-                B::gemm(x.clone(), N, p.weight.clone(), T, 1.0, Some(lora))
-            };
-            e = Some(lora_plus_base(&xa_g, &w.gate));
-            g = Some(lora_plus_base(&xa_u, &w.up));
-        });
-    }
+    phase("fwd 2 gate/up GEMMs (LoRA-B, then base)", &mut || {
+        let (gate, up) = (&w.gate, &w.up);
+        let lora_e = B::gemm(
+            xa_g.take().expect("set above"),
+            N,
+            gate.lora_b.clone(),
+            T,
+            gate.scaling,
+            None,
+        );
+        e = Some(B::gemm(
+            x.clone(),
+            N,
+            gate.weight.clone(),
+            T,
+            1.0,
+            Some(lora_e),
+        ));
+        let lora_g = B::gemm(
+            xa_u.take().expect("set above"),
+            N,
+            up.lora_b.clone(),
+            T,
+            up.scaling,
+            None,
+        );
+        g = Some(B::gemm(
+            x.clone(),
+            N,
+            up.weight.clone(),
+            T,
+            1.0,
+            Some(lora_g),
+        ));
+    });
     let (e, g) = (e.expect("set above"), g.expect("set above"));
-    let folded_xa = folded.then_some([xa_g, xa_u]);
     let y = match output {
         OutputUse::GraphOnly => {
             let [n, _] = x.shape().dims();
@@ -329,12 +265,7 @@ pub(crate) fn forward<B: FusedMlpKernels>(
         OutputUse::Values => {
             let mut h = None;
             phase("fwd 3 kernel 1 (SwiGLU)", &mut || {
-                h = Some(match &folded_xa {
-                    Some(xa) => {
-                        B::lora_swiglu_forward(e.clone(), g.clone(), &folded_terms(&w, xa.clone()))
-                    }
-                    None => B::swiglu_forward(e.clone(), g.clone()),
-                });
+                h = Some(B::swiglu_forward(e.clone(), g.clone()));
             });
             let h = h.expect("set above");
             let d = &w.down;
@@ -351,7 +282,6 @@ pub(crate) fn forward<B: FusedMlpKernels>(
         x,
         e,
         g,
-        folded_xa,
         weights: w,
     };
     (y, saved)
@@ -370,69 +300,44 @@ pub(crate) fn forward<B: FusedMlpKernels>(
 /// dA_g = s_g·(δe·B_g)ᵀ·x       dB_g = s_g·δeᵀ·(x·A_gᵀ)       dW_g = δeᵀ·x
 /// dx   = δe·W_g + δg·W_u + s_g·(δe·B_g)·A_g + s_u·(δg·B_u)·A_u
 /// ```
-///
-/// When the forward folded the LoRA terms into the kernels, the δh GEMM is the base product
-/// alone and kernel 2 adds `s_d·(G·B_d)·A_d` (and rebuilds `e`, `g` with their terms) per
-/// element; `x·A_gᵀ`, `x·A_uᵀ` come from the forward.
 pub(crate) fn backward<B: FusedMlpKernels>(
     dy: FloatTensor<B>,
     saved: Saved<FloatTensor<B>>,
     need: [bool; 10],
 ) -> [Option<FloatTensor<B>>; 10] {
     use Trans::{N, T};
-    let Saved {
-        x,
-        e,
-        g,
-        folded_xa,
-        weights,
-    } = saved;
+    let Saved { x, e, g, weights } = saved;
     let [need_x, ng0, ng1, ng2, nu0, nu1, nu2, nd0, nd1, nd2] = need;
-    let folded = folded_xa.map(|xa| folded_terms(&weights, xa));
     let MlpWeights { gate, up, down } = weights;
     let mut out: [Option<FloatTensor<B>>; 10] = Default::default();
 
     let device = B::float_device(&dy);
     let phase = |name, f: &mut dyn FnMut()| phase_timing::phase::<B, _>(name, &device, f);
 
-    // δh = G·W_d + s_d·(G·B_d)·A_d (the LoRA term left to kernel 2 when folded)
+    // δh = G·W_d + s_d·(G·B_d)·A_d
     let (mut gb_d, mut dh) = (None, None);
     phase("bwd 1 δh GEMMs", &mut || {
         let gb = B::gemm(dy.clone(), N, down.lora_b.clone(), N, 1.0, None);
         let base = B::gemm(dy.clone(), N, down.weight.clone(), N, 1.0, None);
-        dh = Some(match folded {
-            Some(_) => base,
-            None => B::gemm(
-                gb.clone(),
-                N,
-                down.lora_a.clone(),
-                N,
-                down.scaling,
-                Some(base),
-            ),
-        });
+        dh = Some(B::gemm(
+            gb.clone(),
+            N,
+            down.lora_a.clone(),
+            N,
+            down.scaling,
+            Some(base),
+        ));
         gb_d = Some(gb);
     });
     let gb_d = gb_d.expect("set above");
     let mut bwd = None;
     let (mut e, mut g) = (Some(e), Some(g));
     phase("bwd 2 kernel 2 (h, δe, δg)", &mut || {
-        let (dh, e, g) = (
+        bwd = Some(B::swiglu_lora_backward(
             dh.take().expect("set above"),
             e.take().expect("moved once"),
             g.take().expect("moved once"),
-        );
-        bwd = Some(match &folded {
-            Some(lora) => {
-                let down_term = DownLoraTerm {
-                    gb: gb_d.clone(),
-                    a: down.lora_a.clone(),
-                    scaling: down.scaling,
-                };
-                B::lora_swiglu_backward(dh, e, g, lora, &down_term)
-            }
-            None => B::swiglu_lora_backward(dh, e, g),
-        })
+        ))
     });
     let SwigluLoraBackward { h, de, dg } = bwd.expect("set above");
 
@@ -450,18 +355,11 @@ pub(crate) fn backward<B: FusedMlpKernels>(
     });
 
     // gate_proj with δe, up_proj with δg; dx accumulates over both.
-    let saved_xa = folded.map(|lora| [lora.gate.xa, lora.up.xa]);
-    let [xa_g, xa_u] = match saved_xa {
-        Some([g, u]) => [Some(g), Some(u)],
-        None => [None, None],
-    };
     let mut dx = None;
-    for (proj, delta, saved_xa, [need_w, need_a, need_b], first) in [
-        (gate, de, xa_g, [ng0, ng1, ng2], 1),
-        (up, dg, xa_u, [nu0, nu1, nu2], 4),
-    ] {
+    for (proj, delta, [need_w, need_a, need_b], first) in
+        [(gate, de, [ng0, ng1, ng2], 1), (up, dg, [nu0, nu1, nu2], 4)]
+    {
         let mut db = None;
-        let mut saved_xa = saved_xa;
         phase("bwd 4 gate/up LoRA gradients", &mut || {
             db = (need_a || need_x)
                 .then(|| B::gemm(delta.clone(), N, proj.lora_b.clone(), N, 1.0, None));
@@ -470,9 +368,7 @@ pub(crate) fn backward<B: FusedMlpKernels>(
                 out[first + 1] = Some(B::gemm(db, T, x.clone(), N, proj.scaling, None));
             }
             if need_b {
-                let xa = saved_xa
-                    .take()
-                    .unwrap_or_else(|| B::gemm(x.clone(), N, proj.lora_a.clone(), T, 1.0, None));
+                let xa = B::gemm(x.clone(), N, proj.lora_a.clone(), T, 1.0, None);
                 out[first + 2] = Some(B::gemm(delta.clone(), T, xa, N, proj.scaling, None));
             }
             if need_w {

@@ -11,14 +11,10 @@ use burn::backend::wgpu::WgpuDevice;
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::{Distribution, TensorPrimitive};
-use fused_mlp::kernels::rank_r_term::{MAX_FOLDED_RANK, TILE_ROWS};
-use fused_mlp::kernels::{
-    lora_swiglu_backward, lora_swiglu_forward, swiglu_forward, swiglu_lora_backward,
-};
+use fused_mlp::kernels::{swiglu_forward, swiglu_lora_backward};
 use fused_mlp::{
-    DownLoraTerm, FoldedLora, FusedMlpBackend, LoraProj, MlpWeights, OutputUse, RankTerm,
-    SwigluLoraBackward, WgpuBackend, fused_lora_mlp, fused_lora_mlp_2d, lora_mlp,
-    vulkan_test_device,
+    FusedMlpBackend, LoraProj, MlpWeights, OutputUse, SwigluLoraBackward, WgpuBackend,
+    fused_lora_mlp, fused_lora_mlp_2d, lora_mlp, vulkan_test_device,
 };
 use lora_layers::{LoraAdapterConfig, LoraInit, LoraLinear, LoraLinearConfig};
 
@@ -151,111 +147,6 @@ fn kernel2_matches_plain_burn() {
     assert_close("kernel 2 δg (strided)", tensor2(dg), want_dg);
 }
 
-/// Shapes for the folded kernels: rows spanning three cube tiles (the last one partial) and
-/// more columns than one cube's units cover, ranks unequal and not powers of two.
-const FOLD_N: usize = 2 * TILE_ROWS + 5;
-const FOLD_I: usize = 1030;
-const FOLD_RANKS: [usize; 3] = [8, 5, 3];
-
-/// The gate and up terms of the folded kernels and their `[N, I]` values `s·xa·Bᵀ`.
-fn folded_terms(device: &WgpuDevice) -> (FoldedLora<Tensor<B, 2>>, [Tensor<B, 2>; 2]) {
-    let term = |rank, scaling| RankTerm {
-        xa: random::<B, 2>([FOLD_N, rank], device),
-        b: random::<B, 2>([FOLD_I, rank], device),
-        scaling,
-    };
-    let value = |t: &RankTerm<Tensor<B, 2>>| {
-        t.xa.clone()
-            .matmul(t.b.clone().transpose())
-            .mul_scalar(t.scaling)
-    };
-    let lora = FoldedLora {
-        gate: term(FOLD_RANKS[0], 0.5),
-        up: term(FOLD_RANKS[1], 2.0),
-    };
-    let values = [value(&lora.gate), value(&lora.up)];
-    (lora, values)
-}
-
-fn prim_terms(
-    lora: &FoldedLora<Tensor<B, 2>>,
-) -> FoldedLora<burn_cubecl::tensor::CubeTensor<cubecl::wgpu::WgpuRuntime>> {
-    let term = |t: &RankTerm<Tensor<B, 2>>| RankTerm {
-        xa: prim(t.xa.clone()),
-        b: prim(t.b.clone()),
-        scaling: t.scaling,
-    };
-    FoldedLora {
-        gate: term(&lora.gate),
-        up: term(&lora.up),
-    }
-}
-
-/// Folded kernel 1 against plain Burn: `h = silu(e + s_g·xa_g·B_gᵀ)·(g + s_u·xa_u·B_uᵀ)`.
-#[test]
-fn folded_kernel1_matches_plain_burn() {
-    let Some(device) = vulkan_test_device() else {
-        return;
-    };
-    let e = random::<B, 2>([FOLD_N, FOLD_I], &device).mul_scalar(4.0);
-    let g = random::<B, 2>([FOLD_N, FOLD_I], &device);
-    let (lora, [lora_e, lora_g]) = folded_terms(&device);
-    let want = silu(e.clone() + lora_e) * (g.clone() + lora_g);
-    let before = (values(e.clone()), values(g.clone()));
-    let got = lora_swiglu_forward::launch(&prim(e.clone()), &prim(g.clone()), &prim_terms(&lora));
-    assert_close("folded kernel 1 h", tensor2(got), want);
-    assert_eq!((values(e), values(g)), before, "e and g are read only");
-}
-
-/// Folded kernel 2 against plain Burn: `h`, `δe`, `δg` from the base products plus all three
-/// LoRA terms.
-#[test]
-fn folded_kernel2_matches_plain_burn() {
-    let Some(device) = vulkan_test_device() else {
-        return;
-    };
-    let e0 = random::<B, 2>([FOLD_N, FOLD_I], &device).mul_scalar(4.0);
-    let g0 = random::<B, 2>([FOLD_N, FOLD_I], &device);
-    let dh0 = random::<B, 2>([FOLD_N, FOLD_I], &device);
-    let (lora, [lora_e, lora_g]) = folded_terms(&device);
-    let down = DownLoraTerm {
-        gb: random::<B, 2>([FOLD_N, FOLD_RANKS[2]], &device),
-        a: random::<B, 2>([FOLD_RANKS[2], FOLD_I], &device),
-        scaling: 1.5,
-    };
-
-    let e = e0.clone() + lora_e;
-    let g = g0.clone() + lora_g;
-    let dh = dh0.clone()
-        + down
-            .gb
-            .clone()
-            .matmul(down.a.clone())
-            .mul_scalar(down.scaling);
-    let sig = burn::tensor::activation::sigmoid(e.clone());
-    let silu_e = e.clone() * sig.clone();
-    let one = Tensor::<B, 2>::ones([FOLD_N, FOLD_I], &device);
-    let want_h = silu_e.clone() * g.clone();
-    let want_dg = dh.clone() * silu_e;
-    let want_de = dh * g * sig.clone() * (one.clone() + e * (one - sig));
-
-    let down_prim = DownLoraTerm {
-        gb: prim(down.gb.clone()),
-        a: prim(down.a.clone()),
-        scaling: down.scaling,
-    };
-    let SwigluLoraBackward { h, de, dg } = lora_swiglu_backward::launch(
-        prim(fresh(&dh0)),
-        prim(fresh(&e0)),
-        prim(fresh(&g0)),
-        &prim_terms(&lora),
-        &down_prim,
-    );
-    assert_close("folded kernel 2 h", tensor2(h), want_h);
-    assert_close("folded kernel 2 δe", tensor2(de), want_de);
-    assert_close("folded kernel 2 δg", tensor2(dg), want_dg);
-}
-
 /// gate, up, down on the autodiff backend, PEFT-style: frozen base, random nonzero A and B.
 fn projections(rank: usize, device: &WgpuDevice) -> [LoraLinear<AB>; 3] {
     let scalings = [0.5, 2.0, 1.5];
@@ -320,12 +211,6 @@ fn fused_op_matches_portable_autodiff_rank4() {
 #[test]
 fn fused_op_matches_portable_autodiff_rank8() {
     fused_op_matches_portable_autodiff(8);
-}
-
-/// A rank the kernels do not fold in: the LoRA terms go through the rank-r GEMMs.
-#[test]
-fn fused_op_matches_portable_autodiff_above_the_folded_ranks() {
-    fused_op_matches_portable_autodiff(MAX_FOLDED_RANK + 8);
 }
 
 /// Every one of the ten inputs tracked (base weights too), on `[N, D]` through

@@ -3,9 +3,6 @@
 //! `CubeTensor<R>`.
 
 pub mod cast_group;
-pub mod lora_swiglu_backward;
-pub mod lora_swiglu_forward;
-pub mod rank_r_term;
 pub mod rms_norm_backward;
 pub mod rms_norm_forward;
 pub mod rope;

@@ -8,7 +8,13 @@
 //! `g` arrive complete, LoRA terms included: the rank-r products `s·(x·Aᵀ)·Bᵀ` are β-accumulated
 //! into the base GEMMs' outputs by the GEMM provider. (A first version added them here as
 //! length-r dots per element; on the H200 that took 2.7 ms at 8192 × 8192, r = 16, against
-//! ~0.1 ms for the two rank-r GEMMs: 64 scalar loads per element, B's rows read uncoalesced.)
+//! ~0.1 ms for the two rank-r GEMMs: 64 scalar loads per element, B's rows read uncoalesced. A
+//! tiled second version, measured on the H100 in session 15 — each cube's `x·Aᵀ` rows staged in
+//! shared memory, each unit's `B` rows in registers — took 0.39 ms here and 0.79 ms in kernel 2
+//! with the down projection's term too, against 0.17 + 0.19 ms and 0.31 + 0.07 ms for the plain
+//! kernels plus the passes the rank-r GEMMs spend on the terms: 32–48 FMAs and the factor loads
+//! per element put these memory-bound kernels past their instruction budget. BENCHMARKS.md,
+//! session 15.)
 //! The backward kernel recomputes exactly this `h` from the stored `e` and `g`.
 
 use burn_cubecl::CubeRuntime;
