@@ -38,6 +38,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{TensorData, TensorMetadata, TensorPrimitive};
+use caller_stream::CallerStream;
 
 use crate::dispatch::cast;
 
@@ -381,30 +382,6 @@ where
         }
         drop((x, y, taps, tx));
         Ad::<I, C>::backward(root);
-    }
-}
-
-/// The CubeCL stream of the thread that creates it, to run work from another thread on.
-#[derive(Clone, Copy)]
-struct CallerStream {
-    #[cfg(any(feature = "cuda", feature = "wgpu"))]
-    id: cubecl::stream_id::StreamId,
-}
-
-impl CallerStream {
-    fn current() -> Self {
-        Self {
-            #[cfg(any(feature = "cuda", feature = "wgpu"))]
-            id: cubecl::stream_id::StreamId::current(),
-        }
-    }
-
-    /// Runs `f` with this stream as the calling thread's CubeCL stream.
-    fn run<T>(self, f: impl FnOnce() -> T) -> T {
-        #[cfg(any(feature = "cuda", feature = "wgpu"))]
-        return self.id.executes(f);
-        #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
-        f()
     }
 }
 

@@ -113,6 +113,7 @@ fn hidden_and_input_grad(
 
 #[test]
 fn model_attention_paths_agree() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };
@@ -168,6 +169,7 @@ fn model_attention_paths_agree() {
 /// document alone.
 #[test]
 fn packed_documents_agree_across_paths_and_with_each_alone() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };
@@ -243,6 +245,7 @@ fn packed_documents_agree_across_paths_and_with_each_alone() {
 /// and the forward's hidden states are unchanged.
 #[test]
 fn checkpointed_layers_give_the_gradients_of_plain_layers() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };

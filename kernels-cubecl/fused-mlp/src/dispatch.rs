@@ -78,6 +78,20 @@ pub fn fused_enabled() -> bool {
     FUSED_ENABLED.load(Ordering::SeqCst)
 }
 
+/// A process-wide lock for code that flips the switches ([`set_fused_enabled`],
+/// [`set_graph_only_enabled`], flash-attention's) and for code that must not run while they are
+/// flipped: the tests of one test binary run on parallel threads, and a test that turns fusing
+/// off for its reference run would change the path a concurrent test takes (a concurrent
+/// checkpoint recompute would find the fast attention its forward chose switched off). Each such
+/// test holds it for its whole run.
+pub fn switch_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that panicked while holding it left the switches as they were; the lock itself
+    // protects no data.
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Whether [`mlp`] honours [`OutputUse::GraphOnly`] (on by default). Benchmarks switch it off to
 /// time the full recompute Unsloth runs.
 static GRAPH_ONLY_ENABLED: AtomicBool = AtomicBool::new(true);

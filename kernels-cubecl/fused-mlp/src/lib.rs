@@ -65,7 +65,7 @@ mod vulkan;
 
 pub use dispatch::{
     fused_backend, fused_enabled, linear, mlp, qkv, rms_norm, rope, set_fused_enabled,
-    set_graph_only_enabled,
+    set_graph_only_enabled, switch_lock,
 };
 pub use linear::{FusedLinearBackend, fused_linear_nd};
 pub use matmul::matmul;

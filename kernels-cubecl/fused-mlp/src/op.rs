@@ -49,6 +49,20 @@ impl<T> LoraProj<T> {
         }
     }
 
+    /// Three projections from their nine tensors (each as `[W, A, B]`) and their scalings.
+    pub(crate) fn three_from_array(tensors: [T; 9], scalings: [f64; 3]) -> [LoraProj<T>; 3] {
+        let mut tensors = tensors.into_iter();
+        scalings.map(|scaling| {
+            let mut next = || tensors.next().expect("three tensors a projection");
+            LoraProj {
+                weight: next(),
+                lora_a: next(),
+                lora_b: next(),
+                scaling,
+            }
+        })
+    }
+
     pub(crate) fn as_ref(&self) -> LoraProj<&T> {
         LoraProj {
             weight: &self.weight,
@@ -82,18 +96,8 @@ impl<T> MlpWeights<T> {
     /// scalings.
     pub(crate) fn map_array<U>(self, f: impl FnOnce([T; 9]) -> [U; 9]) -> MlpWeights<U> {
         let scalings = [self.gate.scaling, self.up.scaling, self.down.scaling];
-        let [gw, ga, gb, uw, ua, ub, dw, da, db] = f(self.into_array());
-        let proj = |weight, lora_a, lora_b, scaling| LoraProj {
-            weight,
-            lora_a,
-            lora_b,
-            scaling,
-        };
-        MlpWeights {
-            gate: proj(gw, ga, gb, scalings[0]),
-            up: proj(uw, ua, ub, scalings[1]),
-            down: proj(dw, da, db, scalings[2]),
-        }
+        let [gate, up, down] = LoraProj::three_from_array(f(self.into_array()), scalings);
+        MlpWeights { gate, up, down }
     }
 
     /// The nine tensors in gate, up, down order, each as `[W, A, B]`.

@@ -70,18 +70,8 @@ impl<T> QkvWeights<T> {
     /// scalings.
     fn map_array<U>(self, f: impl FnOnce([T; 9]) -> [U; 9]) -> QkvWeights<U> {
         let scalings = [self.q.scaling, self.k.scaling, self.v.scaling];
-        let [qw, qa, qb, kw, ka, kb, vw, va, vb] = f(self.into_array());
-        let proj = |weight, lora_a, lora_b, scaling| LoraProj {
-            weight,
-            lora_a,
-            lora_b,
-            scaling,
-        };
-        QkvWeights {
-            q: proj(qw, qa, qb, scalings[0]),
-            k: proj(kw, ka, kb, scalings[1]),
-            v: proj(vw, va, vb, scalings[2]),
-        }
+        let [q, k, v] = LoraProj::three_from_array(f(self.into_array()), scalings);
+        QkvWeights { q, k, v }
     }
 
     /// The nine tensors in q, k, v order, each as `[W, A, B]`.

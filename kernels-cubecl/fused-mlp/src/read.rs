@@ -10,6 +10,7 @@ use std::thread::{self, JoinHandle};
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
+use caller_stream::CallerStream;
 
 /// A tensor's values on their way to the host (see [`start_read`]).
 pub struct PendingRead {
@@ -23,16 +24,10 @@ pub struct PendingRead {
 /// # Panics
 /// If the helper thread cannot be started.
 pub fn start_read<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> PendingRead {
-    #[cfg(feature = "cubecl")]
-    let stream = cubecl::stream_id::StreamId::current();
+    let stream = CallerStream::current();
     let reader = thread::Builder::new()
         .name("read-back".into())
-        .spawn(move || {
-            #[cfg(feature = "cubecl")]
-            return stream.executes(|| tensor.into_data());
-            #[cfg(not(feature = "cubecl"))]
-            tensor.into_data()
-        })
+        .spawn(move || stream.run(|| tensor.into_data()))
         .expect("cannot start the read-back thread");
     PendingRead { reader }
 }

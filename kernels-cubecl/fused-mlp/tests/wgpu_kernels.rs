@@ -84,6 +84,7 @@ fn silu<BK: Backend, const R: usize>(t: Tensor<BK, R>) -> Tensor<BK, R> {
 /// NaN-poisoned output buffer.
 #[test]
 fn kernel1_matches_plain_burn() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };
@@ -111,6 +112,7 @@ fn kernel1_matches_plain_burn() {
 
 #[test]
 fn kernel2_matches_plain_burn() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };
@@ -205,11 +207,13 @@ fn fused_op_matches_portable_autodiff(rank: usize) {
 
 #[test]
 fn fused_op_matches_portable_autodiff_rank4() {
+    let _switches = fused_mlp::switch_lock();
     fused_op_matches_portable_autodiff(4);
 }
 
 #[test]
 fn fused_op_matches_portable_autodiff_rank8() {
+    let _switches = fused_mlp::switch_lock();
     fused_op_matches_portable_autodiff(8);
 }
 
@@ -218,6 +222,7 @@ fn fused_op_matches_portable_autodiff_rank8() {
 /// written with plain Burn ops.
 #[test]
 fn all_ten_gradients_match_when_everything_is_tracked() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };
@@ -273,6 +278,7 @@ fn all_ten_gradients_match_when_everything_is_tracked() {
 /// output as the portable path.
 #[test]
 fn untracked_forwards_match_portable() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };
@@ -291,6 +297,7 @@ fn untracked_forwards_match_portable() {
 /// The trait is what a model is generic over.
 #[test]
 fn both_backends_implement_the_trait() {
+    let _switches = fused_mlp::switch_lock();
     fn is_fused<T: FusedMlpBackend>() {}
     is_fused::<B>();
     is_fused::<AB>();
@@ -300,6 +307,7 @@ fn both_backends_implement_the_trait() {
 /// path in output and in the gradients a trainer reads.
 #[test]
 fn model_entry_point_dispatches_to_the_fused_op() {
+    let _switches = fused_mlp::switch_lock();
     assert!(fused_mlp::fused_backend::<AB>() && fused_mlp::fused_backend::<B>());
     assert!(!fused_mlp::fused_backend::<burn::backend::NdArray<f32>>());
     let Some(device) = vulkan_test_device() else {
@@ -325,6 +333,7 @@ fn model_entry_point_dispatches_to_the_fused_op() {
 /// oracle the GPU matrix uses for f32, so a harness bug shows up here without a GPU.
 #[test]
 fn fused_on_wgpu_matches_portable_on_the_cpu() {
+    let _switches = fused_mlp::switch_lock();
     type Cpu = Autodiff<burn::backend::NdArray<f32>>;
     let Some(device) = vulkan_test_device() else {
         return;
@@ -443,16 +452,19 @@ fn check_linear_op(bias: bool, train_base: bool) {
 
 #[test]
 fn linear_op_matches_portable() {
+    let _switches = fused_mlp::switch_lock();
     check_linear_op(false, false);
 }
 
 #[test]
 fn linear_op_with_bias_matches_portable() {
+    let _switches = fused_mlp::switch_lock();
     check_linear_op(true, false);
 }
 
 #[test]
 fn linear_op_with_trained_base_matches_portable() {
+    let _switches = fused_mlp::switch_lock();
     check_linear_op(false, true);
 }
 
@@ -460,6 +472,7 @@ fn linear_op_with_trained_base_matches_portable() {
 /// `LoraLinear::forward`: output and dx.
 #[test]
 fn plain_linear_op_matches_portable() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };
@@ -581,16 +594,19 @@ fn check_qkv_op(train_base: bool, used: [bool; 3]) {
 
 #[test]
 fn qkv_op_matches_separate_projections() {
+    let _switches = fused_mlp::switch_lock();
     check_qkv_op(false, [true; 3]);
 }
 
 #[test]
 fn qkv_op_with_trained_bases_matches_separate_projections() {
+    let _switches = fused_mlp::switch_lock();
     check_qkv_op(true, [true; 3]);
 }
 
 #[test]
 fn qkv_op_with_an_output_left_out_of_the_loss_matches_separate_projections() {
+    let _switches = fused_mlp::switch_lock();
     check_qkv_op(false, [true, false, true]);
     check_qkv_op(false, [false, true, false]);
 }
@@ -598,6 +614,7 @@ fn qkv_op_with_an_output_left_out_of_the_loss_matches_separate_projections() {
 /// With nothing tracked (inference), the op's outputs equal the separate projections'.
 #[test]
 fn untracked_qkv_op_matches_separate_projections() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };
@@ -615,6 +632,7 @@ fn untracked_qkv_op_matches_separate_projections() {
 /// arriving transposed (made contiguous first), one already f16 (returned as it is), one empty.
 #[test]
 fn cast_group_matches_burn_casts() {
+    let _switches = fused_mlp::switch_lock();
     use burn::tensor::DType;
     use fused_mlp::kernels::cast_group::{self, MAX_GROUP};
     let Some(device) = vulkan_test_device() else {

@@ -31,6 +31,7 @@ fn values<BK: Backend, const R: usize>(t: Tensor<BK, R>) -> Vec<f32> {
 /// units, rows that are no multiple of anything, a rank-3 input.
 #[test]
 fn fused_rms_norm_matches_the_portable_path_and_f64() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };
@@ -83,6 +84,7 @@ fn fused_rms_norm_matches_the_portable_path_and_f64() {
 /// autodiff gives the gain its gradient.
 #[test]
 fn a_trainable_gain_gets_its_gradient() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };
@@ -99,6 +101,7 @@ fn a_trainable_gain_gets_its_gradient() {
 /// dimension holds on wgpu (65,535 cubes).
 #[test]
 fn inference_backend_runs_the_kernel() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };

@@ -86,6 +86,7 @@ fn host_rope(x: &[f32], [b, h, s, d]: [usize; 4], angles: &[f64]) -> Vec<f32> {
 /// packed document starts.
 #[test]
 fn fused_rope_matches_f64_and_the_portable_autodiff() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };
@@ -139,6 +140,7 @@ fn fused_rope_matches_f64_and_the_portable_autodiff() {
 /// `upstream = y`: `d(½|y|²)/dx = Rᵀy = x`.
 #[test]
 fn the_gradient_of_half_the_squared_norm_is_the_input() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };
@@ -155,6 +157,7 @@ fn the_gradient_of_half_the_squared_norm_is_the_input() {
 /// The non-autodiff backend runs the kernel alone.
 #[test]
 fn inference_backend_runs_the_kernel() {
+    let _switches = fused_mlp::switch_lock();
     let Some(device) = vulkan_test_device() else {
         return;
     };
