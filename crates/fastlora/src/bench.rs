@@ -344,8 +344,6 @@ fn bench_steps<B: AutodiffBackend>(
 ) -> Result<BenchResult> {
     let shape = BenchShape::by_name(&args.shape)?;
     let config = shape.config(args.seq)?;
-    let base =
-        FastLanguageModel::<B>::from_source(config, &mut BenchWeights::new(0.02), None, &device)?;
     let lora = TrainArgs {
         r: Some(args.r),
         lora_alpha: Some(args.r as f64),
@@ -356,6 +354,9 @@ fn bench_steps<B: AutodiffBackend>(
         ..TrainArgs::default()
     }
     .lora_config()?;
+    crate::pretrained::reserve_lora_columns(&lora);
+    let base =
+        FastLanguageModel::<B>::from_source(config, &mut BenchWeights::new(0.02), None, &device)?;
     let peft = base.get_peft_model(lora)?;
     let counts = peft.parameter_counts();
     eprint!("{}", peft.report);

@@ -29,6 +29,15 @@ pub struct FastLanguageModel<B: Backend> {
     pub source: PathBuf,
 }
 
+/// Gives the gate and up weights of models loaded from now on room for LoRA factors of
+/// `lora`'s largest rank beside them (both projections' factors side by side, see
+/// [`fused_mlp::set_spare_lora_columns`]), so the fused MLP folds their LoRA terms into the
+/// base GEMMs. Only the backends the fused ops run on store the room.
+pub(crate) fn reserve_lora_columns(lora: &LoraConfig) {
+    let rank = lora.rank_pattern.values().copied().fold(lora.r, usize::max);
+    fused_mlp::set_spare_lora_columns(2 * rank);
+}
+
 /// How [`FastLanguageModel::from_pretrained_with`] loads a model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoadOptions {

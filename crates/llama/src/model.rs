@@ -780,18 +780,26 @@ fn build_layers<B: Backend>(
             head_dim: config.head_dim,
         };
         let mlp = Mlp {
-            gate_proj: loader.linear(
+            gate_proj: loader.mlp_linear(
                 &format!("{p}.mlp.gate_proj"),
                 hidden,
                 inter,
                 config.mlp_bias,
+                SpareRoom::Columns,
             )?,
-            up_proj: loader.linear(&format!("{p}.mlp.up_proj"), hidden, inter, config.mlp_bias)?,
-            down_proj: loader.linear(
+            up_proj: loader.mlp_linear(
+                &format!("{p}.mlp.up_proj"),
+                hidden,
+                inter,
+                config.mlp_bias,
+                SpareRoom::Columns,
+            )?,
+            down_proj: loader.mlp_linear(
                 &format!("{p}.mlp.down_proj"),
                 inter,
                 hidden,
                 config.mlp_bias,
+                SpareRoom::RowsAndColumns,
             )?,
         };
         layers.push(DecoderLayer {
@@ -882,15 +890,52 @@ impl<B: Backend> Loader<'_, B> {
         d_out: usize,
         bias: bool,
     ) -> Result<LoraLinear<B>, ModelError> {
+        self.linear_stored(name, d_in, d_out, bias, SpareRoom::None)
+    }
+
+    /// A projection of the MLP, whose dense base weight gets spare room for its LoRA factors
+    /// beside it (see [`SpareRoom`]): the fused MLP then folds their LoRA terms into the base
+    /// GEMMs.
+    fn mlp_linear(
+        &mut self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        room: SpareRoom,
+    ) -> Result<LoraLinear<B>, ModelError> {
+        self.linear_stored(name, d_in, d_out, bias, room)
+    }
+
+    fn linear_stored(
+        &mut self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        room: SpareRoom,
+    ) -> Result<LoraLinear<B>, ModelError> {
         let weight = format!("{name}.weight");
         let bias = match bias {
             true => Some(self.vector(&format!("{name}.bias"), d_out)?),
             false => None,
         };
-        Ok(match self.source.packed(&weight, [d_out, d_in])? {
-            Some(packed) => LoraLinear::from_packed(packed, bias, self.device),
-            None => LoraLinear::from_weights(self.matrix(&weight, d_out, d_in)?, bias),
-        })
+        if let Some(packed) = self.source.packed(&weight, [d_out, d_in])? {
+            return Ok(LoraLinear::from_packed(packed, bias, self.device));
+        }
+        let shape = [d_out, d_in];
+        let weight = match room {
+            SpareRoom::None => self.matrix(&weight, d_out, d_in)?,
+            SpareRoom::Columns => {
+                let values = self.required(&weight, &shape)?;
+                fused_mlp::weight_with_spare_columns(values, shape, self.device)
+            }
+            SpareRoom::RowsAndColumns => {
+                let values = self.required(&weight, &shape)?;
+                fused_mlp::weight_with_spare_rows_and_columns(values, shape, self.device)
+            }
+        };
+        Ok(LoraLinear::from_weights(weight, bias))
     }
 
     fn norm(&mut self, name: &str, hidden: usize, eps: f64) -> Result<RmsNorm<B>, ModelError> {
@@ -899,6 +944,19 @@ impl<B: Backend> Loader<'_, B> {
             eps,
         ))
     }
+}
+
+/// Room a dense base weight gets beside it for its LoRA factors, on the backends the fused ops
+/// run on ([`fused_mlp::weight_with_spare_columns`]; elsewhere every weight is a plain tensor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SpareRoom {
+    /// None: the attention's projections (the LoRA linear and QKV ops accumulate their terms).
+    None,
+    /// Columns for `B` beside it: gate and up, whose forward takes its LoRA term so.
+    Columns,
+    /// Columns for `B` and rows for `A` below: down, whose forward and input gradient take
+    /// their LoRA terms so.
+    RowsAndColumns,
 }
 
 /// The projections of a decoder layer with their names inside the layer, in HF module order.

@@ -9,7 +9,7 @@ use burn::tensor::DType;
 use burn::tensor::ops::FloatTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use crate::kernels::{cast_group, swiglu_forward, swiglu_lora_backward};
+use crate::kernels::{cast_group, spare_room, swiglu_forward, swiglu_lora_backward};
 use crate::op::{
     FusedMlpBackend, FusedMlpKernels, MlpWeights, OutputUse, SwigluLoraBackward, Trans, forward,
     weights_in,
@@ -29,13 +29,19 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpKe
         crate::gemm::gemm::<Self>(a, trans_a, b, trans_b, alpha, acc)
     }
 
-    fn swiglu_forward(e: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self> {
-        let h = burn_cubecl::ops::numeric::empty_device_dtype(
+    fn swiglu_forward(
+        e: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        spare_columns: usize,
+    ) -> FloatTensor<Self> {
+        let [n, i] = e.meta.shape().dims::<2>();
+        let h = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
             e.client.clone(),
             e.device.clone(),
-            e.meta.shape().clone(),
+            [n, i + spare_columns].into(),
             e.dtype,
         );
+        let h = spare_room::spare_view(h, n, i).expect("a new contiguous buffer");
         swiglu_forward::launch(&e, &g, h)
     }
 
@@ -49,6 +55,32 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpKe
 
     fn cast_group(tensors: Vec<FloatTensor<Self>>, dtype: DType) -> Vec<FloatTensor<Self>> {
         cast_group::launch(tensors, dtype)
+    }
+
+    fn spare_columns(weight: &FloatTensor<Self>) -> usize {
+        spare_room::spare_columns(weight)
+    }
+
+    fn spare_rows(weight: &FloatTensor<Self>) -> usize {
+        spare_room::spare_rows(weight)
+    }
+
+    fn widen(
+        weight: &FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        at: usize,
+        width: usize,
+    ) -> FloatTensor<Self> {
+        spare_room::widen(weight, &factor, at, width)
+    }
+
+    fn lengthen(
+        weight: &FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        at: usize,
+        height: usize,
+    ) -> FloatTensor<Self> {
+        spare_room::lengthen(weight, &factor, at, height)
     }
 }
 

@@ -9,10 +9,12 @@
 //!
 //! - **portable** ([`lora_mlp`]): plain Burn ops, every backend, autodiff by Burn. It is the
 //!   oracle for the fused path.
-//! - **fused** ([`fused_lora_mlp`], [`fused_lora_mlp_2d`], on a [`FusedMlpBackend`]): the rank-r
-//!   LoRA products `s·(x·Aᵀ)·Bᵀ` written first and the base GEMMs β-accumulated onto them (the
-//!   LoRA term costs one pass over `[N, I]`, `ΔW` is never formed), then one CubeCL kernel for
-//!   SwiGLU, then the down projection the same way. Its backward is hand-written as
+//! - **fused** ([`fused_lora_mlp`], [`fused_lora_mlp_2d`], on a [`FusedMlpBackend`]): each
+//!   projection one GEMM over a longer inner dimension, `[x | s·x·Aᵀ]·[W | B]ᵀ`, when its base
+//!   weight has spare room for `B` beside it (the model loader stores the MLP's weights so:
+//!   [`weight_with_spare_columns`]); else the rank-r product `s·(x·Aᵀ)·Bᵀ` written first and
+//!   the base GEMM β-accumulated onto it (one more pass over `[N, I]`). `ΔW` is never formed.
+//!   Then one CubeCL kernel for SwiGLU, then the down projection the same way. Its backward is hand-written as
 //!   Unsloth's: only `x`, `e`, `g` are saved; a second kernel recomputes `h` and forms `δe`, `δg`
 //!   in place; the LoRA gradients are GEMMs in activation space (`ΔW` is never formed).
 //!   Every GEMM goes through [`FusedMlpKernels::gemm`], the hook for a vendor GEMM.
@@ -60,6 +62,7 @@ mod op;
 mod qkv;
 mod read;
 mod rope;
+mod spare;
 #[cfg(feature = "wgpu")]
 mod vulkan;
 
@@ -78,6 +81,10 @@ pub use op::{
 pub use qkv::{FusedQkvBackend, QkvWeights, fused_lora_qkv_nd};
 pub use read::{PendingRead, start_read};
 pub use rope::{RopeBackend, RopeKernels, rope_portable};
+pub use spare::{
+    set_spare_lora_columns, spare_lora_columns, weight_with_spare_columns,
+    weight_with_spare_rows_and_columns,
+};
 #[cfg(feature = "wgpu")]
 pub use vulkan::vulkan_test_device;
 

@@ -150,8 +150,14 @@ pub trait FusedMlpKernels: Backend {
         acc: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self>;
 
-    /// Kernel 1: `h = silu(e)·g`, `e` and `g` `[N, I]` (read only), `h` a new `[N, I]`.
-    fn swiglu_forward(e: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Kernel 1: `h = silu(e)·g`, `e` and `g` `[N, I]` (read only), `h` a new `[N, I]` with
+    /// `spare_columns` [spare columns](Self::spare_columns) (for the down projection's
+    /// `s·h·Aᵀ` beside it).
+    fn swiglu_forward(
+        e: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        spare_columns: usize,
+    ) -> FloatTensor<Self>;
 
     /// Kernel 2: from `δh`, `e`, `g` (all `[N, I]`), `h` (into `δh`'s buffer), `δe` (into
     /// `e`'s), `δg` (into `g`'s), buffers reused when not shared.
@@ -165,6 +171,35 @@ pub trait FusedMlpKernels: Backend {
     /// launches as the backend allows: the fused ops cast every LoRA factor on the way in and
     /// every factor's gradient on the way out.
     fn cast_group(tensors: Vec<FloatTensor<Self>>, dtype: DType) -> Vec<FloatTensor<Self>>;
+
+    /// Columns past the end of each row of `weight` that its buffer holds for the fused ops
+    /// alone: a base weight the model loader stored with room for a LoRA factor beside it
+    /// (`kernels::spare_room`), else 0.
+    fn spare_columns(weight: &FloatTensor<Self>) -> usize;
+
+    /// Rows below `weight` that its buffer holds for the fused ops alone (as
+    /// [`spare_columns`](Self::spare_columns)), else 0.
+    fn spare_rows(weight: &FloatTensor<Self>) -> usize;
+
+    /// `weight` (`[d_out, d_in]`, at least `width` [spare columns](Self::spare_columns)) seen
+    /// as `[d_out, d_in + width]`, after writing `factor` (`[d_out, r]`) into the spare columns
+    /// `at..at + r` and zeros into the rest of the first `width`.
+    fn widen(
+        weight: &FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        at: usize,
+        width: usize,
+    ) -> FloatTensor<Self>;
+
+    /// `weight` (`[d_out, d_in]`, at least `height` [spare rows](Self::spare_rows)) seen as
+    /// `[d_out + height, d_in]`, after writing `factor` (`[r, d_in]`) into the spare rows
+    /// `at..at + r` and zeros into the rest of the first `height`.
+    fn lengthen(
+        weight: &FloatTensor<Self>,
+        factor: FloatTensor<Self>,
+        at: usize,
+        height: usize,
+    ) -> FloatTensor<Self>;
 }
 
 /// A backend that runs the LoRA SwiGLU MLP as one fused operation.
@@ -216,13 +251,116 @@ pub(crate) fn forward<B: FusedMlpKernels>(
     use Trans::{N, T};
     let device = B::float_device(&x);
     let phase = |name, f: &mut dyn FnMut()| phase_timing::phase::<B, _>(name, &device, f);
+    let (e, g) = match spare_column_width::<B>(&w) {
+        Some(width) => gate_up_in_spare_columns::<B>(&x, &w, width, &phase),
+        None => gate_up_accumulated::<B>(&x, &w, &phase),
+    };
+    let y = match output {
+        OutputUse::GraphOnly => {
+            let [n, _] = x.shape().dims();
+            let hidden = w.down.weight.shape().dims::<2>()[0];
+            B::float_empty([n, hidden].into(), &device, x.dtype().into())
+        }
+        OutputUse::Values => {
+            let d = &w.down;
+            // y = [h | s_d·h·A_dᵀ]·[W_d | B_d]ᵀ when W_d has room for B_d beside it (h then
+            // gets room for its LoRA columns too), else the rank-r product accumulated.
+            let r_d = rank::<B>(d);
+            let fold = B::spare_columns(&d.weight) >= r_d;
+            let mut h = None;
+            phase("fwd 3 kernel 1 (SwiGLU)", &mut || {
+                let spare = if fold { r_d } else { 0 };
+                h = Some(B::swiglu_forward(e.clone(), g.clone(), spare));
+            });
+            let h = h.expect("set above");
+            let mut y = None;
+            phase("fwd 4 down GEMMs", &mut || {
+                let ha = B::gemm(h.clone(), N, d.lora_a.clone(), T, d.scaling, None);
+                y = Some(match fold {
+                    true => {
+                        let h_wide = B::widen(&h, ha, 0, r_d);
+                        let w_wide = B::widen(&d.weight, d.lora_b.clone(), 0, r_d);
+                        B::gemm(h_wide, N, w_wide, T, 1.0, None)
+                    }
+                    false => {
+                        let base = B::gemm(h.clone(), N, d.weight.clone(), T, 1.0, None);
+                        B::gemm(ha, N, d.lora_b.clone(), T, 1.0, Some(base))
+                    }
+                });
+            });
+            y.expect("set above")
+        }
+    };
+    let saved = Saved {
+        x,
+        e,
+        g,
+        weights: w,
+    };
+    (y, saved)
+}
+
+/// A projection's LoRA rank.
+fn rank<B: Backend>(p: &LoraProj<FloatTensor<B>>) -> usize {
+    p.lora_a.shape().dims::<2>()[0]
+}
+
+/// The spare columns both gate and up weights need for their LoRA factors side by side
+/// (`r_g + r_u`), when both have that many ([`FusedMlpKernels::spare_columns`]).
+fn spare_column_width<B: FusedMlpKernels>(w: &MlpWeights<FloatTensor<B>>) -> Option<usize> {
+    let width = rank::<B>(&w.gate) + rank::<B>(&w.up);
+    let room = B::spare_columns(&w.gate.weight).min(B::spare_columns(&w.up.weight));
+    (room >= width).then_some(width)
+}
+
+/// `e`, `g` as one GEMM each over a longer inner dimension, the LoRA factors written into the
+/// weights' spare columns:
+///
+/// ```text
+/// x⁺ = [x | s_u·x·A_uᵀ | s_g·x·A_gᵀ]            [N, D + r_u + r_g]
+/// e  = x⁺·[W_g | 0 | B_g]ᵀ,   g = x⁺·[W_u | B_u | 0]ᵀ
+/// ```
+///
+/// A copy of `x` (`[N, D]`) replaces a write and a read of `[N, I]` for each of `e` and `g`.
+fn gate_up_in_spare_columns<B: FusedMlpKernels>(
+    x: &FloatTensor<B>,
+    w: &MlpWeights<FloatTensor<B>>,
+    width: usize,
+    phase: &dyn Fn(&'static str, &mut dyn FnMut()),
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    use Trans::{N, T};
+    let (gate, up) = (&w.gate, &w.up);
+    let mut x_wide = None;
+    phase("fwd 1 gate/up x·Aᵀ", &mut || {
+        let xa_u = B::gemm(x.clone(), N, up.lora_a.clone(), T, up.scaling, None);
+        let xa_g = B::gemm(x.clone(), N, gate.lora_a.clone(), T, gate.scaling, None);
+        x_wide = Some(B::float_cat(vec![x.clone(), xa_u, xa_g], 1));
+    });
+    let x_wide = x_wide.expect("set above");
+    let r_u = rank::<B>(up);
+    let (mut e, mut g) = (None, None);
+    phase("fwd 2 gate/up GEMMs (LoRA in spare columns)", &mut || {
+        let w_g = B::widen(&gate.weight, gate.lora_b.clone(), r_u, width);
+        let w_u = B::widen(&up.weight, up.lora_b.clone(), 0, width);
+        e = Some(B::gemm(x_wide.clone(), N, w_g, T, 1.0, None));
+        g = Some(B::gemm(x_wide.clone(), N, w_u, T, 1.0, None));
+    });
+    (e.expect("set above"), g.expect("set above"))
+}
+
+/// `e`, `g` with the rank-r products written first and the base GEMMs accumulating onto them
+/// (β = 1): the LoRA term costs one pass over `[N, I]` and no extra buffer.
+fn gate_up_accumulated<B: FusedMlpKernels>(
+    x: &FloatTensor<B>,
+    w: &MlpWeights<FloatTensor<B>>,
+    phase: &dyn Fn(&'static str, &mut dyn FnMut()),
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    use Trans::{N, T};
     let (mut xa_g, mut xa_u) = (None, None);
     phase("fwd 1 gate/up x·Aᵀ", &mut || {
         xa_g = Some(B::gemm(x.clone(), N, w.gate.lora_a.clone(), T, 1.0, None));
         xa_u = Some(B::gemm(x.clone(), N, w.up.lora_a.clone(), T, 1.0, None));
     });
-    // e = x·W_gᵀ + s_g·xa_g·B_gᵀ: the rank-r product first, then the base GEMM accumulates onto
-    // it (β = 1), so the LoRA term costs one pass over [N, I] and no extra buffer.
     let (mut e, mut g) = (None, None);
     phase("fwd 2 gate/up GEMMs (LoRA-B, then base)", &mut || {
         let (gate, up) = (&w.gate, &w.up);
@@ -259,36 +397,7 @@ pub(crate) fn forward<B: FusedMlpKernels>(
             Some(lora_g),
         ));
     });
-    let (e, g) = (e.expect("set above"), g.expect("set above"));
-    let y = match output {
-        OutputUse::GraphOnly => {
-            let [n, _] = x.shape().dims();
-            let hidden = w.down.weight.shape().dims::<2>()[0];
-            B::float_empty([n, hidden].into(), &device, x.dtype().into())
-        }
-        OutputUse::Values => {
-            let mut h = None;
-            phase("fwd 3 kernel 1 (SwiGLU)", &mut || {
-                h = Some(B::swiglu_forward(e.clone(), g.clone()));
-            });
-            let h = h.expect("set above");
-            let d = &w.down;
-            let mut y = None;
-            phase("fwd 4 down GEMMs", &mut || {
-                let ha = B::gemm(h.clone(), N, d.lora_a.clone(), T, 1.0, None);
-                let base = B::gemm(h.clone(), N, d.weight.clone(), T, 1.0, None);
-                y = Some(B::gemm(ha, N, d.lora_b.clone(), T, d.scaling, Some(base)));
-            });
-            y.expect("set above")
-        }
-    };
-    let saved = Saved {
-        x,
-        e,
-        g,
-        weights: w,
-    };
-    (y, saved)
+    (e.expect("set above"), g.expect("set above"))
 }
 
 /// The backward pass on primitives, given `dy = dL/dy` `[N, D]`.
@@ -318,19 +427,23 @@ pub(crate) fn backward<B: FusedMlpKernels>(
     let device = B::float_device(&dy);
     let phase = |name, f: &mut dyn FnMut()| phase_timing::phase::<B, _>(name, &device, f);
 
-    // δh = G·W_d + s_d·(G·B_d)·A_d
+    // δh = G·W_d + s_d·(G·B_d)·A_d, as [G | s_d·G·B_d]·[W_d ; A_d] when W_d has room for A_d
+    // below it. gb_d = s_d·G·B_d either way.
     let (mut gb_d, mut dh) = (None, None);
     phase("bwd 1 δh GEMMs", &mut || {
-        let gb = B::gemm(dy.clone(), N, down.lora_b.clone(), N, 1.0, None);
-        let base = B::gemm(dy.clone(), N, down.weight.clone(), N, 1.0, None);
-        dh = Some(B::gemm(
-            gb.clone(),
-            N,
-            down.lora_a.clone(),
-            N,
-            down.scaling,
-            Some(base),
-        ));
+        let gb = B::gemm(dy.clone(), N, down.lora_b.clone(), N, down.scaling, None);
+        let r_d = rank::<B>(&down);
+        dh = Some(match B::spare_rows(&down.weight) >= r_d {
+            true => {
+                let dy_wide = B::float_cat(vec![dy.clone(), gb.clone()], 1);
+                let w_tall = B::lengthen(&down.weight, down.lora_a.clone(), 0, r_d);
+                B::gemm(dy_wide, N, w_tall, N, 1.0, None)
+            }
+            false => {
+                let base = B::gemm(dy.clone(), N, down.weight.clone(), N, 1.0, None);
+                B::gemm(gb.clone(), N, down.lora_a.clone(), N, 1.0, Some(base))
+            }
+        });
         gb_d = Some(gb);
     });
     let gb_d = gb_d.expect("set above");
@@ -347,7 +460,7 @@ pub(crate) fn backward<B: FusedMlpKernels>(
 
     phase("bwd 3 down_proj gradients", &mut || {
         if nd1 {
-            out[8] = Some(B::gemm(gb_d.clone(), T, h.clone(), N, down.scaling, None));
+            out[8] = Some(B::gemm(gb_d.clone(), T, h.clone(), N, 1.0, None));
         }
         if nd2 {
             let ha = B::gemm(h.clone(), N, down.lora_a.clone(), T, 1.0, None);

@@ -655,3 +655,88 @@ fn cast_group_matches_burn_casts() {
         assert_eq!(values(got), values(want), "tensor {k}");
     }
 }
+
+/// The MLP's base weights stored as the model loader stores them on these backends: gate and up
+/// with spare columns, down with spare rows and columns. The op writes the LoRA factors beside
+/// them and runs each projection's forward, and the down projection's `δh`, as one GEMM over a
+/// longer inner dimension. Output and the gradients of x and of every LoRA factor against
+/// autodiff of plain Burn math, for two rank sets on the same base weights (the second call
+/// must overwrite the first one's factors and zeros); the base weights read back unchanged.
+#[test]
+fn spare_room_weights_match_plain_math() {
+    use fused_mlp::{
+        FusedMlpKernels, weight_with_spare_columns, weight_with_spare_rows_and_columns,
+    };
+    let _switches = fused_mlp::switch_lock();
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
+    let base = |d_out: usize, d_in: usize| values(random::<AB, 2>([d_out, d_in], &device));
+    let (w_g, w_u, w_d) = (base(I, D), base(I, D), base(D, I));
+    let columns = |v: &Vec<f32>| weight_with_spare_columns::<AB>(v.clone(), [I, D], &device);
+    let (gate_w, up_w) = (columns(&w_g), columns(&w_u));
+    let down_w = weight_with_spare_rows_and_columns::<AB>(w_d.clone(), [D, I], &device);
+    let room = |t: &Tensor<AB, 2>| {
+        let p = t.clone().inner().into_primitive().tensor();
+        [B::spare_rows(&p), B::spare_columns(&p)]
+    };
+    let spare = fused_mlp::spare_lora_columns();
+    assert_eq!(room(&gate_w), [0, spare]);
+    assert_eq!(room(&down_w), [spare, spare]);
+    // A plain tensor and Burn slices of a larger one have no spare room.
+    let plain = random::<AB, 2>([I + 8, D + 8], &device);
+    assert_eq!(room(&plain), [0, 0]);
+    assert_eq!(room(&plain.clone().slice([0..I, 0..D])), [0, 0]);
+    assert_eq!(room(&plain.slice([0..I, 0..D + 8])), [0, 0]);
+
+    for (r_g, r_u, r_d) in [(5, 3, 4), (2, 6, 7)] {
+        let proj = |weight: Tensor<AB, 2>, d_in: usize, d_out: usize, rank, scaling| LoraProj {
+            weight,
+            lora_a: random::<AB, 2>([rank, d_in], &device).require_grad(),
+            lora_b: random::<AB, 2>([d_out, rank], &device).require_grad(),
+            scaling,
+        };
+        let w = MlpWeights {
+            gate: proj(gate_w.clone(), D, I, r_g, 0.5),
+            up: proj(up_w.clone(), D, I, r_u, 2.0),
+            down: proj(down_w.clone(), I, D, r_d, 1.5),
+        };
+        let x = random::<AB, 2>([N, D], &device).require_grad();
+        let cot = random::<AB, 2>([N, D], &device);
+        let plain = |v: &Vec<f32>, shape: [usize; 2]| {
+            Tensor::<AB, 2>::from_data(TensorData::new(v.clone(), shape), &device)
+        };
+        let lin = |x: Tensor<AB, 2>, p: &LoraProj<Tensor<AB, 2>>, weight: Tensor<AB, 2>| {
+            x.clone().matmul(weight.transpose())
+                + x.matmul(p.lora_a.clone().transpose())
+                    .matmul(p.lora_b.clone().transpose())
+                    .mul_scalar(p.scaling)
+        };
+        let h = silu(lin(x.clone(), &w.gate, plain(&w_g, [I, D])))
+            * lin(x.clone(), &w.up, plain(&w_u, [I, D]));
+        let y_ref = lin(h, &w.down, plain(&w_d, [D, I]));
+        let grads_ref = (y_ref.clone() * cot.clone()).sum().backward();
+
+        let y = fused_lora_mlp_2d(x.clone(), w.clone(), OutputUse::Values);
+        let grads = (y.clone() * cot).sum().backward();
+        let case = format!("ranks {r_g}, {r_u}, {r_d}");
+        assert_close(&format!("{case}: y"), y.inner(), y_ref.inner());
+        assert_close(
+            &format!("{case}: dx"),
+            x.grad(&grads).unwrap(),
+            x.grad(&grads_ref).unwrap(),
+        );
+        for (name, p) in [("gate", &w.gate), ("up", &w.up), ("down", &w.down)] {
+            for (factor, t) in [("A", &p.lora_a), ("B", &p.lora_b)] {
+                assert_close(
+                    &format!("{case}: d{factor}_{name}"),
+                    t.grad(&grads).expect("grad"),
+                    t.grad(&grads_ref).expect("grad ref"),
+                );
+            }
+        }
+    }
+    assert_eq!(values(gate_w), w_g, "gate weight changed");
+    assert_eq!(values(up_w), w_u, "up weight changed");
+    assert_eq!(values(down_w), w_d, "down weight changed");
+}

@@ -21,7 +21,12 @@
 //!   no checkpointing runs a second time (`ckpt-off`), which shows the kernels' own run-to-run
 //!   spread.
 //! - **f32, op level**: the fused MLP op on CUDA against the portable MLP on the CPU (ndarray),
-//!   same host-made weights and inputs: y, dx and the six LoRA gradients within 1e-4. The CPU is
+//!   same host-made weights and inputs: y, dx and the six LoRA gradients within 1e-4. The base
+//!   weights are stored as the model loader stores them, gate and up with spare columns and
+//!   down with spare rows and columns (32 by default, [`fused_mlp::weight_with_spare_columns`]):
+//!   at r 8 and 16 the op folds the LoRA terms into the base GEMMs, at r 64 it accumulates them
+//!   as rank-r products. The bf16 layer-level cells load their model through the loader, so
+//!   the same split holds there. The CPU is
 //!   the f32 oracle because Burn's CUDA matmul, which the portable path and attention use,
 //!   rounds f32 through TF32 (~1e-3): a whole-layer f32 comparison measures that, not the
 //!   kernels. r {8, 16, 64} × rsLoRA × both shapes.
@@ -221,13 +226,25 @@ fn host_random(len: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// A LoRA projection with host-made weights (identical on every backend).
+/// How a host-made base weight is stored on the device.
+#[derive(Clone, Copy)]
+enum Storage {
+    Plain,
+    /// As the model loader stores gate and up ([`fused_mlp::weight_with_spare_columns`]).
+    SpareColumns,
+    /// As it stores down ([`fused_mlp::weight_with_spare_rows_and_columns`]).
+    SpareRowsAndColumns,
+}
+
+/// A LoRA projection with host-made weights (identical on every backend), the base weight
+/// stored as `storage` says (the spare room exists on CUDA only).
 fn host_projection<B: Backend>(
     d_in: usize,
     d_out: usize,
     rank: usize,
     scaling: f64,
     seed: u64,
+    storage: Storage,
     device: &B::Device,
 ) -> LoraLinear<B> {
     let tensor = |shape: [usize; 2], seed: u64, scale: f32| {
@@ -237,7 +254,17 @@ fn host_projection<B: Backend>(
         )
     };
     let bound = 1.0 / (d_in as f32).sqrt();
-    let mut linear = LoraLinear::from_weights(tensor([d_out, d_in], seed, bound), None);
+    let values = || host_random(d_out * d_in, seed, bound);
+    let weight = match storage {
+        Storage::Plain => tensor([d_out, d_in], seed, bound),
+        Storage::SpareColumns => {
+            fused_mlp::weight_with_spare_columns::<B>(values(), [d_out, d_in], device)
+        }
+        Storage::SpareRowsAndColumns => {
+            fused_mlp::weight_with_spare_rows_and_columns::<B>(values(), [d_out, d_in], device)
+        }
+    };
+    let mut linear = LoraLinear::from_weights(weight, None);
     linear.adapter = Some(LoraAdapter {
         lora_a: Param::from_tensor(tensor([rank, d_in], seed + 1, bound)),
         lora_b: Param::from_tensor(tensor([d_out, rank], seed + 2, 0.1)),
@@ -261,9 +288,17 @@ fn mlp_op_once<B: burn::tensor::backend::AutodiffBackend>(
     let poison = Tensor::<B, 2>::full([tokens, shape.intermediate * 4], f32::NAN, device);
     drop(poison);
     let (d, i) = (shape.hidden, shape.intermediate);
-    let gate = host_projection::<B>(d, i, rank, scaling, 10, device);
-    let up = host_projection::<B>(d, i, rank, scaling, 20, device);
-    let down = host_projection::<B>(i, d, rank, scaling, 30, device);
+    let gate = host_projection::<B>(d, i, rank, scaling, 10, Storage::SpareColumns, device);
+    let up = host_projection::<B>(d, i, rank, scaling, 20, Storage::SpareColumns, device);
+    let down = host_projection::<B>(
+        i,
+        d,
+        rank,
+        scaling,
+        30,
+        Storage::SpareRowsAndColumns,
+        device,
+    );
     let host = |seed| {
         Tensor::<B, 3>::from_data(
             TensorData::new(host_random(tokens * d, seed, 1.0), [1, tokens, d]),
@@ -314,7 +349,7 @@ fn linear_op_once<B: burn::tensor::backend::AutodiffBackend>(
     let poison = Tensor::<B, 2>::full([tokens, d_out.max(d_in) * 4], f32::NAN, device);
     drop(poison);
     let (rank, scaling) = lora.unwrap_or((1, 1.0));
-    let mut proj = host_projection::<B>(d_in, d_out, rank, scaling, 60, device);
+    let mut proj = host_projection::<B>(d_in, d_out, rank, scaling, 60, Storage::Plain, device);
     if lora.is_none() {
         proj.adapter = None;
     }
@@ -364,7 +399,7 @@ fn qkv_op_once<B: burn::tensor::backend::AutodiffBackend>(
         (kv_out, (rank / 2).max(1), 0.5, 120),
         (kv_out, rank, 16.0 / (rank as f64).sqrt(), 130),
     ]
-    .map(|(d_out, r, s, seed)| host_projection::<B>(d, d_out, r, s, seed, device));
+    .map(|(d_out, r, s, seed)| host_projection::<B>(d, d_out, r, s, seed, Storage::Plain, device));
     let host = |len: usize, seed| {
         Tensor::<B, 3>::from_data(
             TensorData::new(host_random(tokens * len, seed, 1.0), [1, tokens, len]),

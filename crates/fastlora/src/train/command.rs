@@ -476,6 +476,7 @@ fn train_on<B: AutodiffBackend>(
     let options = LoadOptions {
         quantized_base: args.quantized_base.unwrap_or(false),
     };
+    crate::pretrained::reserve_lora_columns(&lora);
     let base = FastLanguageModel::<B>::from_pretrained_with(&model_dir, options, &device)?;
     if options.quantized_base {
         println!("{}", base.base_memory_report());

@@ -6,6 +6,7 @@ pub mod cast_group;
 pub mod rms_norm_backward;
 pub mod rms_norm_forward;
 pub mod rope;
+pub mod spare_room;
 pub mod swiglu_forward;
 pub mod swiglu_lora_backward;
 
