@@ -780,21 +780,21 @@ fn build_layers<B: Backend>(
             head_dim: config.head_dim,
         };
         let mlp = Mlp {
-            gate_proj: loader.mlp_linear(
+            gate_proj: loader.linear_with_room(
                 &format!("{p}.mlp.gate_proj"),
                 hidden,
                 inter,
                 config.mlp_bias,
                 SpareRoom::Columns,
             )?,
-            up_proj: loader.mlp_linear(
+            up_proj: loader.linear_with_room(
                 &format!("{p}.mlp.up_proj"),
                 hidden,
                 inter,
                 config.mlp_bias,
                 SpareRoom::Columns,
             )?,
-            down_proj: loader.mlp_linear(
+            down_proj: loader.linear_with_room(
                 &format!("{p}.mlp.down_proj"),
                 inter,
                 hidden,
@@ -890,24 +890,12 @@ impl<B: Backend> Loader<'_, B> {
         d_out: usize,
         bias: bool,
     ) -> Result<LoraLinear<B>, ModelError> {
-        self.linear_stored(name, d_in, d_out, bias, SpareRoom::None)
+        self.linear_with_room(name, d_in, d_out, bias, SpareRoom::None)
     }
 
-    /// A projection of the MLP, whose dense base weight gets spare room for its LoRA factors
-    /// beside it (see [`SpareRoom`]): the fused MLP then folds their LoRA terms into the base
-    /// GEMMs.
-    fn mlp_linear(
-        &mut self,
-        name: &str,
-        d_in: usize,
-        d_out: usize,
-        bias: bool,
-        room: SpareRoom,
-    ) -> Result<LoraLinear<B>, ModelError> {
-        self.linear_stored(name, d_in, d_out, bias, room)
-    }
-
-    fn linear_stored(
+    /// A projection whose dense base weight gets `room` for its LoRA factors beside it (see
+    /// [`SpareRoom`]): the MLP's, whose LoRA terms the fused MLP then folds into the base GEMMs.
+    fn linear_with_room(
         &mut self,
         name: &str,
         d_in: usize,

@@ -34,6 +34,10 @@ pub fn spare_lora_columns() -> usize {
 /// Either way the tensor holds exactly `values` and behaves as any `[d_out, d_in]` tensor. The
 /// loader stores the gate and up projections so.
 ///
+/// The fused MLP writes the LoRA factors of the call into the room before each product that
+/// reads them, on the caller's stream: adapters that share one base model (clones of it) must
+/// not run the MLP at the same time on different threads' streams.
+///
 /// # Shapes
 /// - output: `[d_out, d_in]`
 ///

@@ -121,7 +121,6 @@ fn reshaped<R: CubeRuntime>(mut t: CubeTensor<R>, rows: usize, cols: usize) -> C
 
 /// Writes `factor` at `(at_row, at_col)` of the `[rows, cols]` block at `(row0, col0)` of the
 /// buffer of `weight`, zeros in the rest of the block.
-#[allow(clippy::too_many_arguments)]
 fn write_block<R: CubeRuntime>(
     weight: &CubeTensor<R>,
     factor: &CubeTensor<R>,
