@@ -320,7 +320,7 @@ pub(crate) fn cast<T: 'static, U: 'static>(value: T) -> U {
 
 /// Views `value` as `&U`, which the caller has checked is `T` itself.
 #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
-fn cast_ref<T: 'static, U: 'static>(value: &T) -> &U {
+pub(crate) fn cast_ref<T: 'static, U: 'static>(value: &T) -> &U {
     (value as &dyn Any)
         .downcast_ref::<U>()
         .unwrap_or_else(|| unreachable!("TypeId checked before the cast"))

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use burn::prelude::*;
 
 #[cfg(feature = "cubecl")]
-use crate::dispatch::cast;
+use crate::dispatch::{cast, cast_ref};
 
 /// Spare columns (and rows) the model loader gives the MLP's weights (see
 /// [`set_spare_lora_columns`]).
@@ -94,7 +94,7 @@ fn weight_with_spare<B: Backend>(
             type Ad = burn::backend::Autodiff<$KB>;
             let id = TypeId::of::<B>();
             if spare > 0 && (id == TypeId::of::<$KB>() || id == TypeId::of::<Ad>()) {
-                let kernel_device = cast_device::<B, $KB>(device);
+                let kernel_device = cast_ref(device);
                 let values = values.take().expect("taken once");
                 let view =
                     padded_upload::<$KB>(values, [d_out, d_in], [rows, spare], kernel_device);
@@ -114,13 +114,6 @@ fn weight_with_spare<B: Backend>(
     on!(crate::WgpuBackend<f32>);
     let values = values.take().expect("not taken");
     Tensor::from_data(TensorData::new(values, [d_out, d_in]), device)
-}
-
-#[cfg(feature = "cubecl")]
-fn cast_device<B: Backend, KB: Backend>(device: &B::Device) -> &KB::Device {
-    (device as &dyn std::any::Any)
-        .downcast_ref::<KB::Device>()
-        .unwrap_or_else(|| unreachable!("the backend types were compared"))
 }
 
 /// Uploads `values` as `[d_out + spare_rows, d_in + spare_columns]` (zeros in the spare room)
