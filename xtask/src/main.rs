@@ -285,9 +285,12 @@ fn bench(out: &Path, peers: &Path, unsloth_wheels: Option<&Path>, no_build: bool
     std::fs::create_dir_all(out.join("peers"))
         .with_context(|| format!("creating {}", out.display()))?;
     stage_binary(root, &out, "fastlora", &out.join("run.sh"), "")?;
-    let script = root.join("xtask/bench/run-bench.sh");
-    std::fs::copy(&script, out.join("run-bench.sh"))
-        .with_context(|| format!("copying {}", script.display()))?;
+    // The run script, and the CUPTI timeline tools (`trace.sh`: where a step's device time goes).
+    for name in ["run-bench.sh", "trace.sh", "cupti_trace.c", "timeline.py"] {
+        let from = root.join("xtask/bench").join(name);
+        std::fs::copy(&from, out.join(name))
+            .with_context(|| format!("copying {}", from.display()))?;
+    }
     let peers = root.join(peers);
     for name in ["peft_bench.py", "unsloth_bench.py"] {
         let from = peers.join(name);

@@ -262,6 +262,35 @@ pub fn gemm(
     c: Option<&CudaTensor>,
     op: GemmOp,
 ) -> Result<CudaTensor, GemmError> {
+    gemm_to(a, b, c, op, None)
+}
+
+/// `D = α·op(A)·op(B)` written into `out`, a `[M, N]` matrix stored row by row with any row
+/// pitch (unit column stride), e.g. a block of columns of a wider buffer: a product placed
+/// beside other data without a concatenation. Ordered as [`gemm`]. Returns `out`.
+///
+/// # Shapes
+/// As [`gemm`], rank 2 only; `out`: `[M, N]`.
+///
+/// # Errors
+/// As [`gemm`], and [`GemmError::Shape`] when `out` is not `[M, N]` or not stored row by row.
+pub fn gemm_into(
+    a: &CudaTensor,
+    b: &CudaTensor,
+    out: &CudaTensor,
+    op: GemmOp,
+) -> Result<CudaTensor, GemmError> {
+    gemm_to(a, b, None, GemmOp { beta: 0.0, ..op }, Some(out))
+}
+
+/// [`gemm`] into a new tensor, or into `out` (β = 0, rank 2) when given.
+fn gemm_to(
+    a: &CudaTensor,
+    b: &CudaTensor,
+    c: Option<&CudaTensor>,
+    op: GemmOp,
+    out: Option<&CudaTensor>,
+) -> Result<CudaTensor, GemmError> {
     let dt = dt_of("A", a)?;
     let dtypes_match = dt_of("B", b)? == dt
         && c.map(|c| dt_of("C", c))
@@ -358,7 +387,13 @@ pub fn gemm(
         }
     }
     if m == 0 || n == 0 || k == 0 || batch == 0 {
-        return Ok(empty_product(a, c, op.beta, out_shape));
+        return match out {
+            None => Ok(empty_product(a, c, op.beta, out_shape)),
+            Some(out) if m == 0 || n == 0 => Ok(out.clone()),
+            Some(_) => Err(shape_err(
+                "a product over an empty inner dimension into an output block".into(),
+            )),
+        };
     }
 
     let (a_t, a_op) = operand("A", a, op.trans_a)?;
@@ -370,21 +405,43 @@ pub fn gemm(
         }
         None => (None, None),
     };
-    let plan = layout::plan(&a_op, &b_op, c_acc.as_ref(), batched_output)
+    let mut plan = layout::plan(&a_op, &b_op, c_acc.as_ref(), batched_output)
         .map_err(|e| shape_err(e.to_string()))?;
 
-    // The output: allocated through CubeCL on the caller's stream, so Burn owns it.
     let elem = dt.size();
-    let client = a.client.clone();
-    let out_bytes = batch * m * n * elem;
-    let out_handle = client.empty(out_bytes);
-    let out = CubeTensor::new_contiguous(
-        client,
-        a.device.clone(),
-        out_shape.into(),
-        out_handle,
-        a.dtype,
-    );
+    let (out, out_bytes) = match out {
+        Some(out) => {
+            let into_err = |reason: String| Err(shape_err(format!("output block: {reason}")));
+            if out.dtype != a.dtype || out.device != a.device {
+                return into_err(format!("{:?} on {:?}", out.dtype, out.device));
+            }
+            if batched_output || out.meta.shape().as_slice() != [m, n] {
+                return into_err(format!("{:?} for a [{m}, {n}] product", out.meta.shape()));
+            }
+            let strides = out.meta.strides();
+            let Some(layout::Storage::RowMajor { ld }) =
+                layout::classify(m, n, strides[0], strides[1])
+            else {
+                return into_err(format!("strides {strides:?} are not row by row"));
+            };
+            plan.d_ld = ld;
+            (out.clone(), ((m - 1) * ld + n) * elem)
+        }
+        None => {
+            // Allocated through CubeCL on the caller's stream, so Burn owns it.
+            let client = a.client.clone();
+            let out_bytes = batch * m * n * elem;
+            let out_handle = client.empty(out_bytes);
+            let out = CubeTensor::new_contiguous(
+                client,
+                a.device.clone(),
+                out_shape.into(),
+                out_handle,
+                a.dtype,
+            );
+            (out, out_bytes)
+        }
+    };
 
     let spans = [
         (

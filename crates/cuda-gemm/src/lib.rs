@@ -142,8 +142,8 @@ mod stream_debug;
 pub use error::GemmError;
 #[cfg(feature = "cuda")]
 pub use gemm::{
-    CudaBackend, CudaTensor, Engine, GemmOp, gemm, gemm_tensor, matmul_nt, matmul_nt_tensor,
-    stream_ordering,
+    CudaBackend, CudaTensor, Engine, GemmOp, gemm, gemm_into, gemm_tensor, matmul_nt,
+    matmul_nt_tensor, stream_ordering,
 };
 #[cfg(feature = "cuda")]
 pub use host_copy::{HostCopy, copy_to_device, copy_to_host, prefetch_latest_offload};

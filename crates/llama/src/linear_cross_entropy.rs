@@ -55,9 +55,11 @@ pub fn default_chunk_tokens(vocab: usize) -> usize {
     }
 }
 
-/// Summed next-token cross-entropy of a causal LM from its final hidden states, and the number
-/// of positions that count: [`causal_lm_loss_sum`] of `model.logits(hidden)`, computed by
-/// [`linear_cross_entropy_sum`] without materialising the logits.
+/// Summed next-token cross-entropy of a causal LM from its final hidden states:
+/// [`causal_lm_loss_sum`]'s sum for `model.logits(hidden)`, computed by
+/// [`linear_cross_entropy_sum`] without materialising the logits. The number of positions that
+/// count is not returned: counting them on the device would stall the host until the forward
+/// ends (the trainer counts its labels on the host).
 ///
 /// Position `t` predicts `labels[t + 1]`; [`IGNORE_INDEX`] labels carry no loss. The head is
 /// `lm_head` (its base weight, dequantized if packed, and its bias) or, when tied, the embedding
@@ -68,7 +70,7 @@ pub fn default_chunk_tokens(vocab: usize) -> usize {
 /// # Shapes
 /// - hidden: `[batch, seq, hidden]`, from [`LlamaForCausalLm::hidden_states`]
 /// - labels: `[batch, seq]`
-/// - output: (`[1]` sum, counted positions)
+/// - output: `[1]`
 ///
 /// # Panics
 /// If `chunk_tokens` is 0, if `seq` is below 2, or if the shapes disagree.
@@ -77,7 +79,7 @@ pub fn causal_lm_fused_loss_sum<B: AutodiffBackend>(
     hidden: Tensor<B, 3>,
     labels: Tensor<B, 2, Int>,
     chunk_tokens: usize,
-) -> (Tensor<B, 1>, usize) {
+) -> Tensor<B, 1> {
     let [batch, seq, width] = hidden.dims();
     assert!(
         seq >= 2,
@@ -86,7 +88,7 @@ pub fn causal_lm_fused_loss_sum<B: AutodiffBackend>(
     let (weight, bias) = match &model.lm_head {
         None => (model.embed_tokens.weight.val(), None),
         Some(head) if head.adapter.as_ref().is_some_and(|a| !a.merged) => {
-            return causal_lm_loss_sum(model.logits(hidden), labels);
+            return causal_lm_loss_sum(model.logits(hidden), labels).0;
         }
         Some(head) => (head.base_weight(), head.bias.as_ref().map(|b| b.val())),
     };
@@ -98,7 +100,7 @@ pub fn causal_lm_fused_loss_sum<B: AutodiffBackend>(
     let ignored = Tensor::<B, 2, Int>::full([batch, 1], IGNORE_INDEX, &labels.device());
     let targets =
         Tensor::cat(vec![labels.narrow(1, 1, seq - 1), ignored], 1).reshape([batch * seq]);
-    linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_tokens)
+    loss_sum(hidden, weight, bias, targets, chunk_tokens, false).0
 }
 
 /// Mean cross-entropy of the logits `hidden·weightᵀ + bias` against `targets`, skipping
@@ -157,6 +159,19 @@ pub fn linear_cross_entropy_sum<B: AutodiffBackend>(
     targets: Tensor<B, 1, Int>,
     chunk_tokens: usize,
 ) -> (Tensor<B, 1>, usize) {
+    loss_sum(hidden, weight, bias, targets, chunk_tokens, true)
+}
+
+/// [`linear_cross_entropy_sum`], the targets counted only when `count` (else 0): a count is a
+/// read from the device, which waits for everything queued before it.
+fn loss_sum<B: AutodiffBackend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    targets: Tensor<B, 1, Int>,
+    chunk_tokens: usize,
+    count: bool,
+) -> (Tensor<B, 1>, usize) {
     assert!(chunk_tokens > 0, "chunk_tokens must be positive");
     let [tokens, width] = hidden.dims();
     let [vocab, weight_width] = weight.dims();
@@ -178,6 +193,7 @@ pub fn linear_cross_entropy_sum<B: AutodiffBackend>(
         bias.clone().map(|b| b.inner().cast(acc)),
         targets.inner(),
         chunk_tokens,
+        count,
         Wanted {
             weight: weight.is_require_grad(),
             bias: bias.as_ref().is_some_and(Tensor::is_require_grad),
@@ -223,7 +239,7 @@ struct Wanted {
 struct ChunkSums<I: Backend> {
     /// `[1]`; `None` when there are no tokens.
     loss: Option<Tensor<I, 1>>,
-    /// Targets that count.
+    /// Targets that count (0 when not counted).
     counted: usize,
     /// `∂loss/∂hidden`, `[tokens, hidden]` in the hidden states' dtype, filled chunk by chunk;
     /// `None` when there are no tokens.
@@ -242,19 +258,23 @@ fn chunked_cross_entropy<I: Backend>(
     bias: Option<Tensor<I, 1>>,
     targets: Tensor<I, 1, Int>,
     chunk_tokens: usize,
+    count: bool,
     wanted: Wanted,
 ) -> ChunkSums<I> {
     let [tokens, _] = hidden.dims();
     let [vocab, _] = weight.dims();
     let compute = hidden.dtype();
     let acc = accumulation_dtype(compute);
-    let counted = targets
-        .clone()
-        .not_equal_elem(IGNORE_INDEX)
-        .int()
-        .sum()
-        .into_scalar()
-        .elem::<i64>() as usize;
+    let counted = match count {
+        true => targets
+            .clone()
+            .not_equal_elem(IGNORE_INDEX)
+            .int()
+            .sum()
+            .into_scalar()
+            .elem::<i64>() as usize,
+        false => 0,
+    };
     let mut sums = ChunkSums {
         loss: None,
         counted,

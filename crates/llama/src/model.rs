@@ -64,6 +64,16 @@ impl<B: Backend> RmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         fused_mlp::rms_norm(x, self.weight.val(), self.eps)
     }
+
+    /// [`forward`](Self::forward) with `spare_columns` columns of room after each output row
+    /// for the fused MLP it feeds ([`fused_mlp::rms_norm_with_room`]); the same values.
+    pub fn forward_with_room<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        spare_columns: usize,
+    ) -> Tensor<B, D> {
+        fused_mlp::rms_norm_with_room(x, self.weight.val(), self.eps, spare_columns)
+    }
 }
 
 /// Rotary position embedding tables, `cos`/`sin` of `position · inv_freq`, duplicated over both
@@ -384,8 +394,11 @@ impl<B: Backend> DecoderLayer<B> {
             attention(normed.take().expect("phase runs once"))
         });
         let h = x + attended;
+        let mlp = &self.mlp;
+        let room = fused_mlp::mlp_input_room(&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj);
         let normed = phase("model.norm (mlp)", &mut || {
-            self.post_attention_layernorm.forward(h.clone())
+            self.post_attention_layernorm
+                .forward_with_room(h.clone(), room)
         });
         // In a checkpoint's recompute the layer output's value is never read, and the MLP's
         // output reaches it through the residual addition only.

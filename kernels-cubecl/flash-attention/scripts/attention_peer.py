@@ -5,7 +5,10 @@ on CUDA, at the shapes the Rust benchmark uses. One JSON line per result on stdo
 
 - time: b4×32 heads×2048×d64 and b2×32×2048×d128 (8 KV heads); median of 10 after 3 warm-up,
   each iteration `o = sdpa(q, k, v)`, `o.backward(cot)`, then `torch.cuda.synchronize()`;
-  also an eager (materialised) reference, `softmax(q·kᵀ/√d + causal)·v` with K/V repeated.
+  also in the model's layout (`torch_sdpa_model_layout`: q, k, v `[b, s, heads, d]` seen as
+  `[b, heads, s, d]`, the output made `[b, s, heads·d]` for `o_proj` as transformers' Llama
+  attention does, its gradient arriving in that layout: the layout `attention-bench` times), and
+  an eager (materialised) reference, `softmax(q·kᵀ/√d + causal)·v` with K/V repeated.
 - memory: b1, 32 heads, 8 KV heads, d128, s 2k, 8k, 32k: `torch.cuda.max_memory_allocated`
   over one forward + backward, minus the inputs, plus the inputs' own size.
 
@@ -34,6 +37,14 @@ def eager(q, k, v):
     scores = scores.masked_fill(mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     return probs @ v
+
+
+def model_layout(q, k, v):
+    """SDPA as a Llama layer calls it: projections' `[b, s, heads, d]` seen as `[b, heads, s, d]`,
+    the output made `[b, s, heads·d]` (transformers' `transpose(1, 2).contiguous()`)."""
+    b, s, h, d = q.shape
+    o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return o.transpose(1, 2).contiguous().reshape(b, s, h * d)
 
 
 def inputs(b, h, kvh, s, d):
@@ -83,6 +94,11 @@ def main():
         impls = [("torch_sdpa", sdpa)] + ([] if skip_eager else [("torch_eager", eager)])
         for name, fn in impls:
             ms = median_ms(lambda: fwd_bwd(fn, q, k, v, cot))
+            print(json.dumps({"bench": "attention_fwd_bwd", "impl": name, "dtype": "bf16", "b": b, "heads": h, "kv_heads": kvh, "seq": s, "head_dim": d, "ms": round(ms, 3), "causal_tflops": round(flops / ms / 1e9, 1)}))
+        token_major = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
+        cot_model = cot.transpose(1, 2).reshape(b, s, h * d).contiguous()
+        for name, fn in [("torch_sdpa_model_layout", model_layout)]:
+            ms = median_ms(lambda: fwd_bwd(fn, *token_major, cot_model))
             print(json.dumps({"bench": "attention_fwd_bwd", "impl": name, "dtype": "bf16", "b": b, "heads": h, "kv_heads": kvh, "seq": s, "head_dim": d, "ms": round(ms, 3), "causal_tflops": round(flops / ms / 1e9, 1)}))
         del q, k, v, cot
     b, h, kvh, d = 1, 32, 8, 128

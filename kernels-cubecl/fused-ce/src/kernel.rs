@@ -124,28 +124,36 @@ fn cross_entropy_rows_kernel<F: Float, I: Int, L: Float>(
 /// rescaled on every vector, costs two. Exponentials and the final logarithm take the fast
 /// hardware forms (`__expf`, `__logf` in CUDA: relative error ≈ 1e-6 at these magnitudes, far
 /// below the bf16 logits' own rounding).
+///
+/// The second pass walks each unit's share of the row backwards: the cubes in flight read more
+/// rows than the L2 cache holds (a 128k-vocabulary bf16 row is 256 KB), so a second pass in the
+/// first one's order finds the row's start evicted, where the backward walk begins with what
+/// was read last. Arrays and scalar sizes rather than tensors: a tensor's shape and strides
+/// reach a CUDA kernel through a host-to-device copy queued before each launch, scalars as
+/// launch parameters.
 #[cube(
     launch,
     address_type = "dynamic",
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
 )]
 fn cross_entropy_rows_vector_kernel<F: Float, I: Int, L: Float, N: Size>(
-    z: &mut Tensor<Vector<F, N>>,
-    targets: &Tensor<I>,
-    nll: &mut Tensor<L>,
+    z: &mut Array<Vector<F, N>>,
+    targets: &Array<I>,
+    nll: &mut Array<L>,
+    layout: RowsLayout,
     #[comptime] cube: u32,
     #[define(F, I, L)] _dtypes: [StorageType; 3],
 ) {
     let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
-    if row >= z.shape(0) {
+    if row >= layout.rows {
         terminate!();
     }
     let width = z.vector_size();
-    let vectors = z.shape(1) / width;
-    let base = row * z.stride(0) / width;
+    let vectors = layout.cols / width;
+    let base = row * layout.row_stride / width;
     let unit = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
-    let target = i32::cast_from(targets[row * targets.stride(0)]);
+    let target = i32::cast_from(targets[row * layout.target_stride]);
     let kept = target >= 0;
 
     let mut m = f32::new(-3.0e38);
@@ -178,14 +186,18 @@ fn cross_entropy_rows_vector_kernel<F: Float, I: Int, L: Float, N: Size>(
         if kept {
             loss = lse - f32::cast_from(z[base + t / width][t % width]);
         }
-        nll[row * nll.stride(0)] = L::cast_from(loss);
+        nll[row * layout.nll_stride] = L::cast_from(loss);
     }
     // As in the scalar kernel: every read of z above happens before the writes below.
     sync_cube();
 
     let lse = Vector::<f32, N>::new(lse);
-    let mut j = unit;
-    while j < vectors {
+    // This unit's vectors are `unit + k·step` for `k < share`; walked from the last.
+    let share = (vectors + step - 1 - unit) / step;
+    let mut k = share;
+    while k > 0 {
+        k -= 1;
+        let j = unit + k * step;
         let mut d = Vector::<f32, N>::new(0.0);
         if kept {
             d = Vector::exp(Vector::cast_from(z[base + j]) - lse);
@@ -194,8 +206,17 @@ fn cross_entropy_rows_vector_kernel<F: Float, I: Int, L: Float, N: Size>(
             }
         }
         z[base + j] = Vector::cast_from(d);
-        j += step;
     }
+}
+
+/// The chunk's sizes and strides, passed to [`cross_entropy_rows_vector_kernel`] by value.
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+struct RowsLayout {
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    target_stride: usize,
+    nll_stride: usize,
 }
 
 /// The widest vector (elements per load) the device loads at once that divides the row length
@@ -270,9 +291,16 @@ pub fn launch<R: CubeRuntime>(
                 CubeDim::new_1d(VECTOR_CUBE),
                 address,
                 width,
-                logits.clone().into_tensor_arg(),
-                targets.clone().into_tensor_arg(),
-                nll.clone().into_tensor_arg(),
+                logits.clone().into_array_arg(),
+                targets.clone().into_array_arg(),
+                nll.clone().into_array_arg(),
+                RowsLayoutLaunch::new(
+                    rows,
+                    vocab,
+                    logits.meta.strides()[0],
+                    targets.meta.strides()[0],
+                    nll.meta.strides()[0],
+                ),
                 VECTOR_CUBE,
                 dtypes,
             ),

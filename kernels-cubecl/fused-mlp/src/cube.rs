@@ -57,12 +57,43 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpKe
         cast_group::launch(tensors, dtype)
     }
 
+    fn cast_group_with_stack(
+        tensors: Vec<FloatTensor<Self>>,
+        stacked: Vec<FloatTensor<Self>>,
+        dtype: DType,
+    ) -> (Vec<FloatTensor<Self>>, FloatTensor<Self>) {
+        cast_group::launch_with_stack(tensors, stacked, dtype)
+    }
+
     fn spare_columns(weight: &FloatTensor<Self>) -> usize {
         spare_room::spare_columns(weight)
     }
 
     fn spare_rows(weight: &FloatTensor<Self>) -> usize {
         spare_room::spare_rows(weight)
+    }
+
+    fn with_spare_columns(x: &FloatTensor<Self>, width: usize) -> FloatTensor<Self> {
+        spare_room::with_spare_columns(x, width)
+    }
+
+    fn gemm_into_columns(
+        a: FloatTensor<Self>,
+        trans_a: Trans,
+        b: FloatTensor<Self>,
+        trans_b: Trans,
+        alpha: f64,
+        out: &FloatTensor<Self>,
+        col0: usize,
+    ) {
+        let (a, b) = match crate::gemm::try_gemm_into_columns::<Self>(
+            a, trans_a, b, trans_b, alpha, out, col0,
+        ) {
+            Ok(()) => return,
+            Err(operands) => operands,
+        };
+        let product = Self::gemm(a, trans_a, b, trans_b, alpha, None);
+        spare_room::write_columns(out, &product, col0);
     }
 
     fn widen(

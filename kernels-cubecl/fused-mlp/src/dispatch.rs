@@ -151,6 +151,24 @@ pub fn mlp<B: Backend>(
     }
 }
 
+/// The spare columns [`mlp`]'s input should carry ([`rms_norm_with_room`]) for the fused op to
+/// place its gate and up `x·Aᵀ` terms beside `x`: `r_gate + r_up` when the fused path will run
+/// (see [`mlp`]), else 0.
+pub fn mlp_input_room<B: Backend>(
+    gate: &LoraLinear<B>,
+    up: &LoraLinear<B>,
+    down: &LoraLinear<B>,
+) -> usize {
+    if !fused_enabled() || !fused_backend::<B>() || check_fusable(gate, up, down).is_err() {
+        return 0;
+    }
+    [gate, up]
+        .iter()
+        .filter_map(|p| p.adapter.as_ref())
+        .map(|a| a.lora_a.dims()[0])
+        .sum()
+}
+
 /// A [`LoraLinear`] projection through [`crate::FusedLinearBackend`] (cuBLAS GEMMs on CUDA, a
 /// hand-written backward) on the backends it is compiled for, else [`LoraLinear::forward`]; the
 /// same result either way (within the backend's float rounding).
@@ -242,11 +260,30 @@ pub fn qkv<B: Backend, const D: usize>(
 /// # Shapes
 /// - x: `[..., H]`; weight: `[H]`
 /// - output: `[..., H]`
-#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_mut))]
 pub fn rms_norm<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 1>,
     eps: f64,
+) -> Tensor<B, D> {
+    rms_norm_with_room(x, weight, eps, 0)
+}
+
+/// [`rms_norm`] whose output, on the fused path, is stored with `spare_columns` columns of room
+/// after each row for the fused MLP it feeds ([`mlp_input_room`]): the MLP then writes its
+/// `s·x·Aᵀ` terms there and runs gate and up over `[x | s_u·x·A_uᵀ | s_g·x·A_gᵀ]` without
+/// copying `x`. The values are those of [`rms_norm`]; the portable path ignores the room.
+///
+/// # Shapes
+/// As [`rms_norm`].
+#[cfg_attr(
+    not(any(feature = "cuda", feature = "wgpu")),
+    allow(unused_mut, unused_variables)
+)]
+pub fn rms_norm_with_room<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+    spare_columns: usize,
 ) -> Tensor<B, D> {
     if !fused_enabled() || weight.is_require_grad() || weight.dtype() != x.dtype() {
         return crate::rms_norm_portable(x, weight, eps);
@@ -260,7 +297,8 @@ pub fn rms_norm<B: Backend, const D: usize>(
         let x: Tensor<FB, D> = cast(x);
         let weight: Tensor<FB, 1> = cast(weight);
         let x = x.reshape([rows, hidden]).into_primitive().tensor();
-        let y = <FB as crate::RmsNormBackend>::rms_norm(x, weight.into_primitive().tensor(), eps);
+        let weight = weight.into_primitive().tensor();
+        let y = <FB as crate::RmsNormBackend>::rms_norm(x, weight, eps, spare_columns);
         let y = Tensor::<FB, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(y));
         Some(cast::<Tensor<FB, D>, Tensor<B, D>>(y.reshape(dims)))
     });

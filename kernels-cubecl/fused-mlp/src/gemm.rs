@@ -40,6 +40,27 @@ pub(crate) fn gemm<B: Backend>(
     }
 }
 
+/// `alpha·op(a)·op(b)` written by cuBLASLt straight into columns `col0..` of `out` when the
+/// tensors are CUDA tensors (see [`crate::FusedMlpKernels::gemm_into_columns`]); otherwise, or
+/// when cuBLAS refuses, the operands back for the caller's portable path.
+pub(crate) fn try_gemm_into_columns<B: Backend>(
+    a: FloatTensor<B>,
+    trans_a: Trans,
+    b: FloatTensor<B>,
+    trans_b: Trans,
+    alpha: f64,
+    out: &FloatTensor<B>,
+    col0: usize,
+) -> Result<(), (FloatTensor<B>, FloatTensor<B>)> {
+    #[cfg(feature = "cuda")]
+    return cublas::try_gemm_into_columns::<B>(a, trans_a, b, trans_b, alpha, out, col0);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (trans_a, trans_b, alpha, out, col0);
+        Err((a, b))
+    }
+}
+
 /// cuBLASLt for `CubeTensor<CudaRuntime>` operands.
 #[cfg(feature = "cuda")]
 mod cublas {
@@ -48,7 +69,7 @@ mod cublas {
 
     use burn::tensor::backend::Backend;
     use burn::tensor::ops::FloatTensor;
-    use fastlora_cuda_gemm::{CudaTensor, GemmOp, gemm};
+    use fastlora_cuda_gemm::{CudaTensor, GemmOp, gemm, gemm_into};
 
     use crate::op::Trans;
 
@@ -85,6 +106,49 @@ mod cublas {
                     tracing::warn!("cuBLAS GEMM failed, using Burn's matmul instead: {error}");
                 });
                 Err((a, b, acc))
+            }
+        }
+    }
+
+    /// [`super::try_gemm_into_columns`] on CUDA tensors: the block of columns as a view of
+    /// `out`'s buffer (a byte offset CUDA takes as it is), written by cuBLASLt.
+    pub(super) fn try_gemm_into_columns<B: Backend>(
+        a: FloatTensor<B>,
+        trans_a: Trans,
+        b: FloatTensor<B>,
+        trans_b: Trans,
+        alpha: f64,
+        out: &FloatTensor<B>,
+        col0: usize,
+    ) -> Result<(), (FloatTensor<B>, FloatTensor<B>)> {
+        if TypeId::of::<FloatTensor<B>>() != TypeId::of::<CudaTensor>() || !cublas_enabled() {
+            return Err((a, b));
+        }
+        let (ca, cb, whole) = (as_cuda(&a), as_cuda(&b), as_cuda(out));
+        let rows = |t: &CudaTensor, trans: bool| t.meta.shape()[usize::from(trans)];
+        let m = rows(ca, trans_a == Trans::T);
+        let n = rows(cb, trans_b == Trans::N);
+        let mut block = whole.clone();
+        block.handle = block
+            .handle
+            .offset_start((col0 * whole.dtype.size()) as u64);
+        let ld = whole.meta.strides()[0];
+        *block.meta.shape_mut() = [m, n].into();
+        *block.meta.strides_mut() = [ld, 1].into();
+        let op = GemmOp {
+            trans_a: trans_a == Trans::T,
+            trans_b: trans_b == Trans::T,
+            alpha: alpha as f32,
+            ..GemmOp::default()
+        };
+        match gemm_into(ca, cb, &block, op) {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                static WARNED: Once = Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!("cuBLAS GEMM into a block failed, using Burn's matmul: {error}");
+                });
+                Err((a, b))
             }
         }
     }

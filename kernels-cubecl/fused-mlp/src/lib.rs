@@ -67,8 +67,8 @@ mod spare;
 mod vulkan;
 
 pub use dispatch::{
-    fused_backend, fused_enabled, linear, mlp, qkv, rms_norm, rope, set_fused_enabled,
-    set_graph_only_enabled, switch_lock,
+    fused_backend, fused_enabled, linear, mlp, mlp_input_room, qkv, rms_norm, rms_norm_with_room,
+    rope, set_fused_enabled, set_graph_only_enabled, switch_lock,
 };
 pub use linear::{FusedLinearBackend, fused_linear_nd};
 pub use matmul::matmul;

@@ -13,7 +13,8 @@ use burn::tensor::ops::FloatTensor;
 
 /// The two RMSNorm kernels on a backend's primitives.
 pub trait RmsNormKernels: Backend {
-    /// `y = F(x·r)·w` and `r = 1/√(mean(x²) + ε)` per row.
+    /// `y = F(x·r)·w` and `r = 1/√(mean(x²) + ε)` per row; `y` with `spare_columns` spare
+    /// columns (see [`RmsNormBackend::rms_norm`]).
     ///
     /// # Shapes
     /// - x: `[N, H]`; weight: `[H]` (x's dtype)
@@ -22,6 +23,7 @@ pub trait RmsNormKernels: Backend {
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         eps: f64,
+        spare_columns: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// `dx` for the upstream gradient `dy` (see `kernels::rms_norm_backward`).
@@ -39,12 +41,19 @@ pub trait RmsNormKernels: Backend {
 
 /// RMSNorm over the last dimension of `[N, H]` as one op (autodiff: one graph node).
 pub trait RmsNormBackend: Backend {
-    /// The normalised rows times the frozen `weight`.
+    /// The normalised rows times the frozen `weight`, stored with `spare_columns` columns of
+    /// room after each row that only the fused MLP writes (its `x·Aᵀ` terms beside `x`, see
+    /// [`crate::FusedMlpKernels::spare_columns`]); the values are the same either way.
     ///
     /// # Shapes
     /// - x: `[N, H]`; weight: `[H]`
     /// - returns `[N, H]`
-    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
+    fn rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+        spare_columns: usize,
+    ) -> FloatTensor<Self>;
 }
 
 #[cfg(feature = "cubecl")]
@@ -62,8 +71,9 @@ mod cube {
             x: FloatTensor<Self>,
             weight: FloatTensor<Self>,
             eps: f64,
+            spare_columns: usize,
         ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-            rms_norm_forward::launch(&x, &weight, eps as f32)
+            rms_norm_forward::launch(&x, &weight, eps as f32, spare_columns)
         }
 
         fn rms_norm_backward(
@@ -83,8 +93,9 @@ mod cube {
             x: FloatTensor<Self>,
             weight: FloatTensor<Self>,
             eps: f64,
+            spare_columns: usize,
         ) -> FloatTensor<Self> {
-            Self::rms_norm_forward(x, weight, eps).0
+            Self::rms_norm_forward(x, weight, eps, spare_columns).0
         }
     }
 }
@@ -115,7 +126,12 @@ impl<B: RmsNormKernels> Backward<B, 1> for RmsNormBackward {
 }
 
 impl<B: RmsNormKernels, C: CheckpointStrategy> RmsNormBackend for Autodiff<B, C> {
-    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+    fn rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+        spare_columns: usize,
+    ) -> FloatTensor<Self> {
         assert!(
             !weight.is_tracked(),
             "rms_norm: the fused op has no gradient for the gain; a trainable norm takes the \
@@ -130,7 +146,8 @@ impl<B: RmsNormKernels, C: CheckpointStrategy> RmsNormBackend for Autodiff<B, C>
         let weight = weight.primitive;
         match prep {
             OpsKind::Tracked(prep) => {
-                let (y, rstd) = B::rms_norm_forward(x.primitive.clone(), weight.clone(), eps);
+                let (y, rstd) =
+                    B::rms_norm_forward(x.primitive.clone(), weight.clone(), eps, spare_columns);
                 let saved = Saved {
                     x: x.primitive,
                     weight,
@@ -139,7 +156,7 @@ impl<B: RmsNormKernels, C: CheckpointStrategy> RmsNormBackend for Autodiff<B, C>
                 prep.finish(saved, y)
             }
             OpsKind::UnTracked(prep) => {
-                prep.finish(B::rms_norm_forward(x.primitive, weight, eps).0)
+                prep.finish(B::rms_norm_forward(x.primitive, weight, eps, spare_columns).0)
             }
         }
     }

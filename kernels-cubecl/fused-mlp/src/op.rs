@@ -172,6 +172,15 @@ pub trait FusedMlpKernels: Backend {
     /// every factor's gradient on the way out.
     fn cast_group(tensors: Vec<FloatTensor<Self>>, dtype: DType) -> Vec<FloatTensor<Self>>;
 
+    /// [`cast_group`](Self::cast_group) of `tensors`, and `stacked` (matrices of one width) in
+    /// `dtype` one under another in one new matrix, written by the same launches (no
+    /// concatenation kernels).
+    fn cast_group_with_stack(
+        tensors: Vec<FloatTensor<Self>>,
+        stacked: Vec<FloatTensor<Self>>,
+        dtype: DType,
+    ) -> (Vec<FloatTensor<Self>>, FloatTensor<Self>);
+
     /// Columns past the end of each row of `weight` that its buffer holds for the fused ops
     /// alone: a base weight the model loader stored with room for a LoRA factor beside it
     /// (`kernels::spare_room`), else 0.
@@ -180,6 +189,27 @@ pub trait FusedMlpKernels: Backend {
     /// Rows below `weight` that its buffer holds for the fused ops alone (as
     /// [`spare_columns`](Self::spare_columns)), else 0.
     fn spare_rows(weight: &FloatTensor<Self>) -> usize;
+
+    /// `x` (`[N, D]`, at least `width` [spare columns](Self::spare_columns)) seen as
+    /// `[N, D + width]`: the room's current contents included, nothing written.
+    fn with_spare_columns(x: &FloatTensor<Self>, width: usize) -> FloatTensor<Self>;
+
+    /// `alpha·op(a)·op(b)` (`[M, n]`) written into columns `col0..col0 + n` of `out` (`[M, ≥
+    /// col0 + n]`, rows stored one after another, e.g. a [`with_spare_columns`] view), every
+    /// other element of `out`'s buffer left as it was: a product placed beside other data
+    /// without a concatenation.
+    ///
+    /// [`with_spare_columns`]: Self::with_spare_columns
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_into_columns(
+        a: FloatTensor<Self>,
+        trans_a: Trans,
+        b: FloatTensor<Self>,
+        trans_b: Trans,
+        alpha: f64,
+        out: &FloatTensor<Self>,
+        col0: usize,
+    );
 
     /// `weight` (`[d_out, d_in]`, at least `width` [spare columns](Self::spare_columns)) seen
     /// as `[d_out, d_in + width]`, after writing `factor` (`[d_out, r]`) into the spare columns
@@ -275,14 +305,17 @@ pub(crate) fn forward<B: FusedMlpKernels>(
             let h = h.expect("set above");
             let mut y = None;
             phase("fwd 4 down GEMMs", &mut || {
-                let ha = B::gemm(h.clone(), N, d.lora_a.clone(), T, d.scaling, None);
                 y = Some(match fold {
                     true => {
-                        let h_wide = B::widen(&h, ha, 0, r_d);
+                        let i = h.shape().dims::<2>()[1];
+                        let h_wide = B::with_spare_columns(&h, r_d);
+                        let a_d = d.lora_a.clone();
+                        B::gemm_into_columns(h.clone(), N, a_d, T, d.scaling, &h_wide, i);
                         let w_wide = B::widen(&d.weight, d.lora_b.clone(), 0, r_d);
                         B::gemm(h_wide, N, w_wide, T, 1.0, None)
                     }
                     false => {
+                        let ha = B::gemm(h.clone(), N, d.lora_a.clone(), T, d.scaling, None);
                         let base = B::gemm(h.clone(), N, d.weight.clone(), T, 1.0, None);
                         B::gemm(ha, N, d.lora_b.clone(), T, 1.0, Some(base))
                     }
@@ -330,14 +363,27 @@ fn gate_up_in_spare_columns<B: FusedMlpKernels>(
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     use Trans::{N, T};
     let (gate, up) = (&w.gate, &w.up);
+    let r_u = rank::<B>(up);
     let mut x_wide = None;
     phase("fwd 1 gate/up x·Aᵀ", &mut || {
-        let xa_u = B::gemm(x.clone(), N, up.lora_a.clone(), T, up.scaling, None);
-        let xa_g = B::gemm(x.clone(), N, gate.lora_a.clone(), T, gate.scaling, None);
-        x_wide = Some(B::float_cat(vec![x.clone(), xa_u, xa_g], 1));
+        x_wide = Some(match B::spare_columns(x) >= width {
+            // The norm left room after each row of x: the two products go straight there.
+            true => {
+                let d = x.shape().dims::<2>()[1];
+                let wide = B::with_spare_columns(x, width);
+                let (a_u, a_g) = (up.lora_a.clone(), gate.lora_a.clone());
+                B::gemm_into_columns(x.clone(), N, a_u, T, up.scaling, &wide, d);
+                B::gemm_into_columns(x.clone(), N, a_g, T, gate.scaling, &wide, d + r_u);
+                wide
+            }
+            false => {
+                let xa_u = B::gemm(x.clone(), N, up.lora_a.clone(), T, up.scaling, None);
+                let xa_g = B::gemm(x.clone(), N, gate.lora_a.clone(), T, gate.scaling, None);
+                B::float_cat(vec![x.clone(), xa_u, xa_g], 1)
+            }
+        });
     });
     let x_wide = x_wide.expect("set above");
-    let r_u = rank::<B>(up);
     let (mut e, mut g) = (None, None);
     phase("fwd 2 gate/up GEMMs (LoRA in spare columns)", &mut || {
         let w_g = B::widen(&gate.weight, gate.lora_b.clone(), r_u, width);

@@ -119,9 +119,23 @@ fn forward<B: FusedMlpKernels>(
 ) -> ([FloatTensor<B>; 3], QkvSaved<FloatTensor<B>>) {
     use Trans::{N, T};
     let dtype = x.dtype();
-    let weights = weights.map_array(|all| crate::cast::all_in::<B, 9>(all, dtype));
+    let mut a_stack = None;
+    // The A factors are cast straight into their stack; the weights keep them in their own
+    // dtype (only their shapes are read from there).
+    let weights = weights.map_array(|[wq, aq, bq, wk, ak, bk, wv, av, bv]| {
+        let (cast, stack) = B::cast_group_with_stack(
+            vec![wq, bq, wk, bk, wv, bv],
+            vec![aq.clone(), ak.clone(), av.clone()],
+            dtype,
+        );
+        a_stack = Some(stack);
+        let [wq, bq, wk, bk, wv, bv]: [FloatTensor<B>; 6] = cast
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one tensor per input"));
+        [wq, aq, bq, wk, ak, bk, wv, av, bv]
+    });
+    let a_stack = a_stack.expect("set above");
     let projections = weights.as_ref().into_projections();
-    let a_stack = B::float_cat(projections.iter().map(|p| p.lora_a.clone()).collect(), 0);
     let ranks = projections
         .each_ref()
         .map(|p| p.lora_a.shape().dims::<2>()[0]);
@@ -182,18 +196,23 @@ fn backward<B: FusedMlpKernels>(
     let need_x = need[0];
     let need_any_a = (0..3).any(|p| need[2 + 3 * p]);
 
-    // δxa_p = s_p·δy_p·B_p, the scaling folded in so that dA and dx take it unchanged.
+    // δxa_p = s_p·δy_p·B_p, the scaling folded in so that dA and dx take it unchanged; each
+    // product written straight into its columns of one `[N, Σr]` buffer.
     let dxa = (need_x || need_any_a).then(|| {
-        let blocks = projections
-            .iter()
-            .zip(&dy)
-            .zip(ranks)
-            .map(|((p, dy), rank)| match dy {
-                Some(dy) => B::gemm(dy.clone(), N, p.lora_b.clone(), N, p.scaling, None),
-                None => B::float_zeros([rows, rank].into(), &device, dtype),
-            })
-            .collect();
-        B::float_cat(blocks, 1)
+        let shape = [rows, ranks.iter().sum::<usize>()].into();
+        let dxa = match dy.iter().all(Option::is_some) {
+            true => B::float_empty(shape, &device, dtype),
+            false => B::float_zeros(shape, &device, dtype),
+        };
+        let mut col0 = 0;
+        for ((p, dy), rank) in projections.iter().zip(&dy).zip(ranks) {
+            if let Some(dy) = dy {
+                let b = p.lora_b.clone();
+                B::gemm_into_columns(dy.clone(), N, b, N, p.scaling, &dxa, col0);
+            }
+            col0 += rank;
+        }
+        dxa
     });
 
     if let (Some(dxa), true) = (&dxa, need_any_a) {

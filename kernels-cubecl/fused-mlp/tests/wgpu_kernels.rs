@@ -656,6 +656,97 @@ fn cast_group_matches_burn_casts() {
     }
 }
 
+/// `cast_group::launch_with_stack` against Burn's casts and concatenation: three factors of one
+/// width stacked along rows (one arriving transposed) beside tensors cast on their own or
+/// passed through, in one launch; then with a stacked member of another dtype (the path that
+/// casts first); then into the dtype the factors already have (a copy).
+#[test]
+fn cast_group_with_stack_matches_burn_cast_and_cat() {
+    let _switches = fused_mlp::switch_lock();
+    use burn::tensor::DType;
+    use fused_mlp::kernels::cast_group;
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
+    let big = |shape: [usize; 2]| random::<B, 2>(shape, &device).mul_scalar(100.0);
+    let stacked = vec![big([3, 24]), big([24, 5]).transpose(), big([2, 24])];
+    let others = vec![big([7, 9]), big([4, 4]).cast(DType::F16), big([1, 30])];
+    for (case, stacked, dtype) in [
+        ("one launch", stacked.clone(), DType::F16),
+        (
+            "a stacked member in f16",
+            vec![
+                stacked[0].clone(),
+                stacked[1].clone().cast(DType::F16),
+                stacked[2].clone(),
+            ],
+            DType::F16,
+        ),
+        ("already f32", stacked.clone(), DType::F32),
+    ] {
+        let want_stack = Tensor::cat(stacked.iter().map(|t| t.clone().cast(dtype)).collect(), 0);
+        let want: Vec<Tensor<B, 2>> = others.iter().map(|t| t.clone().cast(dtype)).collect();
+        let (got, stack) = cast_group::launch_with_stack(
+            others.iter().cloned().map(prim).collect(),
+            stacked.into_iter().map(prim).collect(),
+            dtype,
+        );
+        let stack = tensor2(stack);
+        assert_eq!(stack.dtype(), dtype, "{case}: stack dtype");
+        assert_eq!(stack.dims(), [10, 24], "{case}: stack shape");
+        assert_eq!(values(stack), values(want_stack), "{case}: stack");
+        for (k, (got, want)) in got.into_iter().zip(want).enumerate() {
+            let got = tensor2(got);
+            assert_eq!(got.dtype(), dtype, "{case}: tensor {k}");
+            assert_eq!(values(got), values(want), "{case}: tensor {k}");
+        }
+    }
+}
+
+/// `gemm_into_columns` (its portable path here: the product, then a copy kernel into the block)
+/// writes `α·op(a)·op(b)` into its columns of a wider buffer and leaves every other element.
+#[test]
+fn gemm_into_columns_writes_only_its_block() {
+    use fused_mlp::{FusedMlpKernels, Trans};
+    let _switches = fused_mlp::switch_lock();
+    let Some(device) = vulkan_test_device() else {
+        return;
+    };
+    let wide = random::<B, 2>([N, 20], &device);
+    let before = values(wide.clone());
+    let (a, b) = (
+        random::<B, 2>([N, D], &device),
+        random::<B, 2>([6, D], &device),
+    );
+    let out = prim(wide.clone());
+    B::gemm_into_columns(
+        prim(a.clone()),
+        Trans::N,
+        prim(b.clone()),
+        Trans::T,
+        0.5,
+        &out,
+        9,
+    );
+    let got = values(tensor2(out));
+    let product = values(a.matmul(b.transpose()).mul_scalar(0.5));
+    for row in 0..N {
+        for col in 0..20 {
+            let at = row * 20 + col;
+            match col {
+                9..15 => {
+                    let want = product[row * 6 + col - 9];
+                    assert!(
+                        (got[at] - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "({row}, {col})"
+                    );
+                }
+                _ => assert_eq!(got[at], before[at], "({row}, {col}) changed"),
+            }
+        }
+    }
+}
+
 /// The MLP's base weights stored as the model loader stores them on these backends: gate and up
 /// with spare columns, down with spare rows and columns. The op writes the LoRA factors beside
 /// them and runs each projection's forward, and the down projection's `δh`, as one GEMM over a
@@ -701,38 +792,48 @@ fn spare_room_weights_match_plain_math() {
             up: proj(up_w.clone(), D, I, r_u, 2.0),
             down: proj(down_w.clone(), I, D, r_d, 1.5),
         };
-        let x = random::<AB, 2>([N, D], &device).require_grad();
-        let cot = random::<AB, 2>([N, D], &device);
-        let plain = |v: &Vec<f32>, shape: [usize; 2]| {
-            Tensor::<AB, 2>::from_data(TensorData::new(v.clone(), shape), &device)
-        };
-        let lin = |x: Tensor<AB, 2>, p: &LoraProj<Tensor<AB, 2>>, weight: Tensor<AB, 2>| {
-            x.clone().matmul(weight.transpose())
-                + x.matmul(p.lora_a.clone().transpose())
-                    .matmul(p.lora_b.clone().transpose())
-                    .mul_scalar(p.scaling)
-        };
-        let h = silu(lin(x.clone(), &w.gate, plain(&w_g, [I, D])))
-            * lin(x.clone(), &w.up, plain(&w_u, [I, D]));
-        let y_ref = lin(h, &w.down, plain(&w_d, [D, I]));
-        let grads_ref = (y_ref.clone() * cot.clone()).sum().backward();
+        for input_room in [false, true] {
+            let x_in = random::<AB, 2>([N, D], &device).require_grad();
+            let gain = random::<AB, 1>([D], &device);
+            // The input as the decoder layer makes it: the norm's output, with room for the gate
+            // and up `x·Aᵀ` terms beside it or without.
+            let room_width = if input_room { r_g + r_u } else { 0 };
+            let x = fused_mlp::rms_norm_with_room(x_in.clone(), gain.clone(), 1e-5, room_width);
+            assert_eq!(room(&x), [0, room_width], "the norm's output room");
+            let cot = random::<AB, 2>([N, D], &device);
+            let plain = |v: &Vec<f32>, shape: [usize; 2]| {
+                Tensor::<AB, 2>::from_data(TensorData::new(v.clone(), shape), &device)
+            };
+            let lin = |x: Tensor<AB, 2>, p: &LoraProj<Tensor<AB, 2>>, weight: Tensor<AB, 2>| {
+                x.clone().matmul(weight.transpose())
+                    + x.matmul(p.lora_a.clone().transpose())
+                        .matmul(p.lora_b.clone().transpose())
+                        .mul_scalar(p.scaling)
+            };
+            let x_ref = fused_mlp::rms_norm_portable(x_in.clone(), gain, 1e-5);
+            let h = silu(lin(x_ref.clone(), &w.gate, plain(&w_g, [I, D])))
+                * lin(x_ref.clone(), &w.up, plain(&w_u, [I, D]));
+            let y_ref = lin(h, &w.down, plain(&w_d, [D, I]));
+            let grads_ref = (y_ref.clone() * cot.clone()).sum().backward();
 
-        let y = fused_lora_mlp_2d(x.clone(), w.clone(), OutputUse::Values);
-        let grads = (y.clone() * cot).sum().backward();
-        let case = format!("ranks {r_g}, {r_u}, {r_d}");
-        assert_close(&format!("{case}: y"), y.inner(), y_ref.inner());
-        assert_close(
-            &format!("{case}: dx"),
-            x.grad(&grads).unwrap(),
-            x.grad(&grads_ref).unwrap(),
-        );
-        for (name, p) in [("gate", &w.gate), ("up", &w.up), ("down", &w.down)] {
-            for (factor, t) in [("A", &p.lora_a), ("B", &p.lora_b)] {
-                assert_close(
-                    &format!("{case}: d{factor}_{name}"),
-                    t.grad(&grads).expect("grad"),
-                    t.grad(&grads_ref).expect("grad ref"),
-                );
+            let y = fused_lora_mlp_2d(x.clone(), w.clone(), OutputUse::Values);
+            let grads = (y.clone() * cot).sum().backward();
+            let case = format!("ranks {r_g}, {r_u}, {r_d}, input room {input_room}");
+            assert_close(&format!("{case}: y"), y.inner(), y_ref.inner());
+            assert_close(&format!("{case}: x"), x.inner(), x_ref.inner());
+            assert_close(
+                &format!("{case}: dx"),
+                x_in.grad(&grads).unwrap(),
+                x_in.grad(&grads_ref).unwrap(),
+            );
+            for (name, p) in [("gate", &w.gate), ("up", &w.up), ("down", &w.down)] {
+                for (factor, t) in [("A", &p.lora_a), ("B", &p.lora_b)] {
+                    assert_close(
+                        &format!("{case}: d{factor}_{name}"),
+                        t.grad(&grads).expect("grad"),
+                        t.grad(&grads_ref).expect("grad ref"),
+                    );
+                }
             }
         }
     }

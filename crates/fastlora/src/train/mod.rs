@@ -364,7 +364,7 @@ fn step_gradients_timed<B: AutodiffBackend>(
             .map(|d| PackedDocuments::from_labels(d, [batch.batch, batch.seq], &device));
         // The head and loss run chunk by chunk: [tokens, vocab] f32 logits never exist whole.
         let hidden = model.hidden_states_packed(ids, mask, documents.as_ref());
-        let (sum, _) = phase_timing::phase::<B, _>("loss (chunked head + CE)", &device, || {
+        let sum = phase_timing::phase::<B, _>("loss (chunked head + CE)", &device, || {
             causal_lm_fused_loss_sum(model, hidden, labels, chunk_tokens)
         });
         if let Some(clock) = clock.as_deref_mut() {

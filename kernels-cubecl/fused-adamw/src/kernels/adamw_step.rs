@@ -59,13 +59,13 @@ const VIEW_ALIGN: usize = 256;
 #[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 fn adamw_step_kernel<F: Float>(
-    params: &Sequence<Tensor<F>>,
-    grads: &Sequence<Tensor<F>>,
-    moments_1: &Sequence<Tensor<F>>,
-    moments_2: &Sequence<Tensor<F>>,
-    params_out: &mut Sequence<Tensor<F>>,
-    moments_1_out: &mut Sequence<Tensor<F>>,
-    moments_2_out: &mut Sequence<Tensor<F>>,
+    params: &Sequence<Array<F>>,
+    grads: &Sequence<Array<F>>,
+    moments_1: &Sequence<Array<F>>,
+    moments_2: &Sequence<Array<F>>,
+    params_out: &mut Sequence<Array<F>>,
+    moments_1_out: &mut Sequence<Array<F>>,
+    moments_2_out: &mut Sequence<Array<F>>,
     beta_1: f32,
     factor_1: f32,
     beta_2: f32,
@@ -291,21 +291,18 @@ pub fn launch<R: CubeRuntime>(
         CubeCount::Static(cubes_x, count, 1),
         CubeDim::new_1d(CUBE),
         address,
-        params.into_iter().map(|t| t.into_tensor_arg()).collect(),
-        grads.into_iter().map(|t| t.into_tensor_arg()).collect(),
-        moments_1.into_iter().map(|t| t.into_tensor_arg()).collect(),
-        moments_2.into_iter().map(|t| t.into_tensor_arg()).collect(),
-        params_out
-            .into_iter()
-            .map(|t| t.into_tensor_arg())
-            .collect(),
+        params.into_iter().map(|t| t.into_array_arg()).collect(),
+        grads.into_iter().map(|t| t.into_array_arg()).collect(),
+        moments_1.into_iter().map(|t| t.into_array_arg()).collect(),
+        moments_2.into_iter().map(|t| t.into_array_arg()).collect(),
+        params_out.into_iter().map(|t| t.into_array_arg()).collect(),
         moments_1_out
             .into_iter()
-            .map(|t| t.into_tensor_arg())
+            .map(|t| t.into_array_arg())
             .collect(),
         moments_2_out
             .into_iter()
-            .map(|t| t.into_tensor_arg())
+            .map(|t| t.into_array_arg())
             .collect(),
         scalars.beta_1,
         1.0 - scalars.beta_1,

@@ -24,11 +24,13 @@ const MAX_CUBES_X: usize = 64;
 pub const MAX_GROUP: usize = 12;
 
 /// Cube row `y` casts tensor `y` (a comptime-sized sequence of bindings, unrolled), its units
-/// striding over the elements.
+/// striding over the elements. Arrays, not tensors: a tensor's shape and strides reach a CUDA
+/// kernel through a host-to-device copy queued before each launch, an array's length as a
+/// launch parameter.
 #[cube(launch, address_type = "dynamic")]
 fn cast_group_kernel<I: Float, O: Float>(
-    inputs: &Sequence<Tensor<I>>,
-    outputs: &mut Sequence<Tensor<O>>,
+    inputs: &Sequence<Array<I>>,
+    outputs: &mut Sequence<Array<O>>,
     #[define(I, O)] _dtypes: [StorageType; 2],
 ) {
     let count = comptime![inputs.len()];
@@ -48,6 +50,44 @@ fn cast_group_kernel<I: Float, O: Float>(
     }
 }
 
+/// [`cast_group_kernel`] whose first `stacked` inputs are written one after another into
+/// `stack` (each at the sum of the earlier ones' lengths: matrices of one width stacked along
+/// rows) and the rest into `outputs`. One buffer with running offsets rather than a view per
+/// member: a view's offset into a buffer must be aligned on wgpu, a row block need not be.
+#[cube(launch, address_type = "dynamic")]
+fn cast_stack_kernel<I: Float, O: Float>(
+    inputs: &Sequence<Array<I>>,
+    outputs: &mut Sequence<Array<O>>,
+    stack: &mut Array<O>,
+    #[comptime] stacked: usize,
+    #[define(I, O)] _dtypes: [StorageType; 2],
+) {
+    let count = comptime![inputs.len()];
+    let step = (CUBE_COUNT_X * CUBE_DIM_X) as usize;
+    let mut offset = 0usize;
+    #[unroll]
+    for t in 0..count {
+        let input = inputs.index(t);
+        if CUBE_POS_Y as usize == t {
+            let n = input.len();
+            let mut i = ABSOLUTE_POS_X as usize;
+            if comptime![t < stacked] {
+                while i < n {
+                    stack[offset + i] = O::cast_from(input[i]);
+                    i += step;
+                }
+            } else {
+                let output = outputs.index_mut(comptime![t - stacked]);
+                while i < n {
+                    output[i] = O::cast_from(input[i]);
+                    i += step;
+                }
+            }
+        }
+        offset += input.len();
+    }
+}
+
 /// Casts every tensor to `dtype`: a tensor already of that dtype is returned as it is; the
 /// others, by runs of one input dtype, in launches of up to [`MAX_GROUP`] tensors, each into a
 /// new contiguous tensor of its shape. Non-contiguous inputs are made contiguous first.
@@ -56,64 +96,187 @@ fn cast_group_kernel<I: Float, O: Float>(
 /// If the tensors are not all on one device.
 pub fn launch<R: CubeRuntime>(tensors: Vec<CubeTensor<R>>, dtype: DType) -> Vec<CubeTensor<R>> {
     let mut out: Vec<Option<CubeTensor<R>>> = Vec::with_capacity(tensors.len());
-    let mut pending: Vec<(usize, CubeTensor<R>)> = Vec::new();
+    let mut pending = Vec::new();
     for (k, tensor) in tensors.into_iter().enumerate() {
         if tensor.dtype == dtype {
             out.push(Some(tensor));
         } else {
             out.push(None);
-            let tensor = if tensor.is_contiguous() {
-                tensor
-            } else {
-                burn_cubecl::kernel::into_contiguous(tensor)
-            };
-            pending.push((k, tensor));
+            let output = new_like(&tensor, tensor.meta.shape().clone(), dtype);
+            pending.push((k, tensor, output));
         }
     }
-    let mut rest = pending.as_slice();
-    while let Some((_, first)) = rest.first() {
-        let run = rest
-            .iter()
-            .take(MAX_GROUP)
-            .take_while(|(_, t)| t.dtype == first.dtype)
-            .count();
-        let (group, tail) = rest.split_at(run);
-        for (k, cast) in group.iter().map(|(k, _)| *k).zip(cast_run(group, dtype)) {
-            out[k] = Some(cast);
-        }
-        rest = tail;
+    for (k, cast) in cast_runs(pending) {
+        out[k] = Some(cast);
     }
     out.into_iter()
         .map(|t| t.expect("every tensor passed through or cast"))
         .collect()
 }
 
-/// One launch over `group` (one input dtype, contiguous), returning the cast tensors in order.
-fn cast_run<R: CubeRuntime>(group: &[(usize, CubeTensor<R>)], dtype: DType) -> Vec<CubeTensor<R>> {
-    let first = &group[0].1;
-    for (_, t) in group {
-        first.assert_is_on_same_device(t);
-    }
-    let outputs: Vec<CubeTensor<R>> = group
+/// [`launch`] for `tensors`, and `stacked` (matrices of one width) cast and written one under
+/// another into one new `[Σ rows, width]` buffer: the fused QKV op's three `A` factors as one
+/// GEMM operand without a concatenation (one copy kernel per factor). One launch when every
+/// tensor that needs a cast and every stacked one share an input dtype and fit a group (the
+/// fused ops' case: f32 factors), else the rest cast first. `stacked` members are copied even
+/// when already in `dtype`.
+///
+/// # Panics
+/// If `stacked` is empty, its members are not matrices of one width, or the tensors are not all
+/// on one device.
+pub fn launch_with_stack<R: CubeRuntime>(
+    tensors: Vec<CubeTensor<R>>,
+    stacked: Vec<CubeTensor<R>>,
+    dtype: DType,
+) -> (Vec<CubeTensor<R>>, CubeTensor<R>) {
+    let first = stacked.first().expect("at least one matrix to stack");
+    let width = first.meta.shape()[1];
+    let rows: usize = stacked
         .iter()
-        .map(|(_, t)| {
-            empty_device_contiguous_dtype(
-                t.client.clone(),
-                t.device.clone(),
-                t.meta.shape().clone(),
-                dtype,
-            )
+        .map(|t| {
+            let &[r, w] = t.meta.shape().as_slice() else {
+                panic!("stacked tensors must be matrices, got {:?}", t.meta.shape());
+            };
+            assert_eq!(w, width, "stacked matrices must share one width");
+            first.assert_is_on_same_device(t);
+            r
         })
-        .collect();
-    let largest = outputs
+        .sum();
+    let input_dtype = first.dtype;
+    let one_launch = stacked.iter().all(|t| t.dtype == input_dtype)
+        && tensors
+            .iter()
+            .all(|t| t.dtype == dtype || t.dtype == input_dtype)
+        && stacked.len() + tensors.iter().filter(|t| t.dtype != dtype).count() <= MAX_GROUP;
+    if !one_launch {
+        // The rest on their own, the stacked ones brought to `dtype` first (then copied).
+        let tensors = launch(tensors, dtype);
+        let stack = new_like(first, [rows, width].into(), dtype);
+        let stacked = launch(stacked, dtype).into_iter().map(contiguous).collect();
+        launch_stack(stacked, Vec::new(), &stack);
+        return (tensors, stack);
+    }
+    let stack = new_like(first, [rows, width].into(), dtype);
+    let mut out = Vec::with_capacity(tensors.len());
+    let mut casts = Vec::new();
+    for tensor in tensors {
+        if tensor.dtype == dtype {
+            out.push(tensor);
+        } else {
+            let output = new_like(&tensor, tensor.meta.shape().clone(), dtype);
+            casts.push((contiguous(tensor), output.clone()));
+            out.push(output);
+        }
+    }
+    launch_stack(stacked.into_iter().map(contiguous).collect(), casts, &stack);
+    (out, stack)
+}
+
+/// One [`cast_stack_kernel`] launch: `stacked` (contiguous, one input dtype) into `stack`, each
+/// `(input, output)` of `casts` (contiguous, the same input dtype) into its output.
+fn launch_stack<R: CubeRuntime>(
+    stacked: Vec<CubeTensor<R>>,
+    casts: Vec<(CubeTensor<R>, CubeTensor<R>)>,
+    stack: &CubeTensor<R>,
+) {
+    let first = &stacked[0];
+    let largest = stacked
         .iter()
+        .chain(casts.iter().map(|(input, _)| input))
         .map(|t| t.meta.shape().num_elements())
         .max()
         .unwrap_or(0);
     if largest == 0 {
-        return outputs;
+        return;
     }
-    let all: Vec<&CubeTensor<R>> = group.iter().map(|(_, t)| t).chain(&outputs).collect();
+    let members = stacked.len() + casts.len();
+    let all: Vec<&CubeTensor<R>> = stacked
+        .iter()
+        .chain(casts.iter().flat_map(|(i, o)| [i, o]))
+        .chain([stack])
+        .collect();
+    let cubes_x = largest.div_ceil(CUBE as usize).min(MAX_CUBES_X) as u32;
+    cast_stack_kernel::launch::<R>(
+        &first.client,
+        CubeCount::Static(cubes_x, members as u32, 1),
+        CubeDim::new_1d(CUBE),
+        address_type(&all),
+        stacked
+            .iter()
+            .chain(casts.iter().map(|(input, _)| input))
+            .map(|t| t.clone().into_array_arg())
+            .collect(),
+        casts
+            .iter()
+            .map(|(_, output)| output.clone().into_array_arg())
+            .collect(),
+        stack.clone().into_array_arg(),
+        stacked.len(),
+        [first.dtype.into(), stack.dtype.into()],
+    );
+}
+
+/// `tensor`, or a contiguous copy of it.
+fn contiguous<R: CubeRuntime>(tensor: CubeTensor<R>) -> CubeTensor<R> {
+    if tensor.is_contiguous() {
+        tensor
+    } else {
+        burn_cubecl::kernel::into_contiguous(tensor)
+    }
+}
+
+/// A new contiguous tensor on `like`'s device.
+fn new_like<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    shape: burn::tensor::Shape,
+    dtype: DType,
+) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+}
+
+/// Runs the casts `input → output` (each output contiguous, of the input's shape), grouped by
+/// runs of one input dtype into launches of up to [`MAX_GROUP`]; returns each output with its
+/// entry's index.
+fn cast_runs<R: CubeRuntime>(
+    pending: Vec<(usize, CubeTensor<R>, CubeTensor<R>)>,
+) -> Vec<(usize, CubeTensor<R>)> {
+    let pending: Vec<_> = pending
+        .into_iter()
+        .map(|(k, input, output)| (k, contiguous(input), output))
+        .collect();
+    let mut rest = pending.as_slice();
+    while let Some((_, first, _)) = rest.first() {
+        let run = rest
+            .iter()
+            .take(MAX_GROUP)
+            .take_while(|(_, t, _)| t.dtype == first.dtype)
+            .count();
+        let (group, tail) = rest.split_at(run);
+        cast_run(group);
+        rest = tail;
+    }
+    pending
+        .into_iter()
+        .map(|(k, _, output)| (k, output))
+        .collect()
+}
+
+/// One launch over `group` (one input dtype, contiguous inputs and outputs).
+fn cast_run<R: CubeRuntime>(group: &[(usize, CubeTensor<R>, CubeTensor<R>)]) {
+    let first = &group[0].1;
+    for (_, input, output) in group {
+        first.assert_is_on_same_device(input);
+        first.assert_is_on_same_device(output);
+    }
+    let largest = group
+        .iter()
+        .map(|(_, _, t)| t.meta.shape().num_elements())
+        .max()
+        .unwrap_or(0);
+    if largest == 0 {
+        return;
+    }
+    let all: Vec<&CubeTensor<R>> = group.iter().flat_map(|(_, i, o)| [i, o]).collect();
     let cubes_x = largest.div_ceil(CUBE as usize).min(MAX_CUBES_X) as u32;
     cast_group_kernel::launch::<R>(
         &first.client,
@@ -122,13 +285,12 @@ fn cast_run<R: CubeRuntime>(group: &[(usize, CubeTensor<R>)], dtype: DType) -> V
         address_type(&all),
         group
             .iter()
-            .map(|(_, t)| t.clone().into_tensor_arg())
+            .map(|(_, t, _)| t.clone().into_array_arg())
             .collect(),
-        outputs
+        group
             .iter()
-            .map(|t| t.clone().into_tensor_arg())
+            .map(|(_, _, t)| t.clone().into_array_arg())
             .collect(),
-        [first.dtype.into(), dtype.into()],
+        [first.dtype.into(), group[0].2.dtype.into()],
     );
-    outputs
 }

@@ -116,6 +116,23 @@ fn row_sum(value: f32, #[comptime] cube: u32) -> f32 {
     shared[0]
 }
 
+/// The row strides of three matrices, passed to a kernel by value (see
+/// [`swiglu_forward`]'s vector kernel for why not as tensors).
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+struct RowStrides3 {
+    first: usize,
+    second: usize,
+    third: usize,
+}
+
+impl RowStrides3 {
+    /// The row strides of `matrices`, in order.
+    fn of<R: CubeRuntime>(matrices: [&CubeTensor<R>; 3]) -> RowStrides3Launch<R> {
+        let [a, b, c] = matrices.map(|m| m.meta.strides()[0]);
+        RowStrides3Launch::new(a, b, c)
+    }
+}
+
 /// One cube per row for `rows` rows, spread over two grid dimensions when there are more than
 /// a dimension holds (65,535 on wgpu); kernels take `CUBE_POS` as the row and skip the excess.
 fn row_cubes(rows: usize) -> CubeCount {

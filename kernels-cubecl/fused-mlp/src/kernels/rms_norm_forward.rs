@@ -48,31 +48,37 @@ fn rms_norm_forward_kernel<F: Float>(
     let mut c = UNIT_POS_X as usize;
     while c < cols {
         let v = f32::cast_from(x[row * x.stride(0) + c * x.stride(1)]);
-        y[row * cols + c] = F::cast_from(v * r) * weight[c * weight.stride(0)];
+        y[row * y.stride(0) + c] = F::cast_from(v * r) * weight[c * weight.stride(0)];
         c += CUBE_DIM_X as usize;
     }
 }
 
 /// The same math on contiguous rows, one vector of `N` elements per access (16 bytes in bf16
 /// where the kernel above moves 2; that one ran at ≈ 64 µs per `[8192, 2048]` bf16 on the
-/// H200, three times its memory traffic).
+/// H200, three times its memory traffic). Arrays and scalar sizes rather than tensors: a
+/// tensor's shape and strides reach a CUDA kernel through a host-to-device copy queued before
+/// each launch (≈ 5 µs of device time a launch on the H100), scalars as launch parameters.
 #[cube(launch, address_type = "dynamic")]
 fn rms_norm_forward_rows_kernel<F: Float, N: Size>(
-    x: &Tensor<Vector<F, N>>,
-    weight: &Tensor<Vector<F, N>>,
-    y: &mut Tensor<Vector<F, N>>,
-    rstd: &mut Tensor<f32>,
+    x: &Array<Vector<F, N>>,
+    weight: &Array<Vector<F, N>>,
+    y: &mut Array<Vector<F, N>>,
+    rstd: &mut Array<f32>,
+    rows: usize,
+    cols: usize,
+    x_row_stride: usize,
+    y_row_stride: usize,
     eps: f32,
     #[comptime] cube: u32,
     #[define(F)] _dtype: StorageType,
 ) {
     let row = CUBE_POS;
-    if row >= x.shape(0) {
+    if row >= rows {
         terminate!();
     }
     let width = x.vector_size();
-    let vectors = x.shape(1) / width;
-    let base = row * x.stride(0) / width;
+    let vectors = cols / width;
+    let base = row * x_row_stride / width;
     let mut squares = Vector::<f32, N>::new(0.0);
     let mut c = UNIT_POS_X as usize;
     while c < vectors {
@@ -86,7 +92,7 @@ fn rms_norm_forward_rows_kernel<F: Float, N: Size>(
         own += squares[k];
     }
     let total = row_sum(own, cube);
-    let r = 1.0f32 / f32::sqrt(total / f32::cast_from(x.shape(1)) + eps);
+    let r = 1.0f32 / f32::sqrt(total / f32::cast_from(cols) + eps);
     if UNIT_POS_X == 0 {
         rstd[row] = r;
     }
@@ -95,12 +101,15 @@ fn rms_norm_forward_rows_kernel<F: Float, N: Size>(
     while c < vectors {
         let v: Vector<f32, N> = Vector::cast_from(x[base + c]);
         let normed: Vector<F, N> = Vector::cast_from(v * r);
-        y[row * vectors + c] = normed * weight[c];
+        y[row * y_row_stride / width + c] = normed * weight[c];
         c += CUBE_DIM_X as usize;
     }
 }
 
-/// Launches the forward: returns `y` (`[N, H]`, row-major, `x`'s dtype) and `rstd` (`[N]`, f32).
+/// Launches the forward: returns `y` (`[N, H]`, rows stored one after another, `x`'s dtype) and
+/// `rstd` (`[N]`, f32). With `spare_columns > 0`, `y` is the `[N, H]` view of a new
+/// `[N, H + spare_columns]` buffer: room beside each row for a consumer's own columns (the fused
+/// MLP's `x·Aᵀ` terms, see [`super::spare_room`]).
 ///
 /// # Panics
 /// If `x` is not a matrix, `weight` not an `[H]` vector of `x`'s dtype, or they are on different
@@ -109,6 +118,7 @@ pub fn launch<R: CubeRuntime>(
     x: &CubeTensor<R>,
     weight: &CubeTensor<R>,
     eps: f32,
+    spare_columns: usize,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let [n, h] = check_matrix("x", x, None, None);
     assert_eq!(
@@ -124,7 +134,8 @@ pub fn launch<R: CubeRuntime>(
     let new = |shape: Vec<usize>, dtype| {
         empty_device_contiguous_dtype::<R>(x.client.clone(), x.device.clone(), shape.into(), dtype)
     };
-    let y = new(vec![n, h], x.dtype);
+    let y = super::spare_room::spare_view(new(vec![n, h + spare_columns], x.dtype), n, h)
+        .expect("a new contiguous buffer");
     let rstd = new(vec![n], burn::tensor::DType::F32);
     if n > 0 && h > 0 {
         let address = address_type(&[x, weight, &y, &rstd]);
@@ -135,10 +146,14 @@ pub fn launch<R: CubeRuntime>(
                 CubeDim::new_1d(ROW_CUBE),
                 address,
                 width,
-                x.clone().into_tensor_arg(),
-                weight.clone().into_tensor_arg(),
-                y.clone().into_tensor_arg(),
-                rstd.clone().into_tensor_arg(),
+                x.clone().into_array_arg(),
+                weight.clone().into_array_arg(),
+                y.clone().into_array_arg(),
+                rstd.clone().into_array_arg(),
+                n,
+                h,
+                x.meta.strides()[0],
+                y.meta.strides()[0],
                 eps,
                 ROW_CUBE,
                 x.dtype.into(),

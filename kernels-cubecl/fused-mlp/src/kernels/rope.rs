@@ -64,20 +64,26 @@ fn rope_kernel<F: Float>(
 /// arithmetic (four divisions) is shared by `N` pairs. The scalar kernel ran at ≈ 100 µs for a
 /// 1B model's q (`[4, 32, 2048, 64]` bf16) on the H200, five times its memory traffic. The
 /// tables are read as `N` scalars from the same row (they are small and stay in cache).
+///
+/// Arrays and scalar sizes rather than tensors: a tensor's shape and strides reach a CUDA
+/// kernel through a host-to-device copy queued before each launch, scalars as launch
+/// parameters. `x_strides` are `x`'s first three strides; a table's batch stride is 0 when one
+/// table row serves every batch row.
 #[cube(launch, address_type = "dynamic")]
 fn rope_rows_kernel<F: Float, N: Size>(
-    x: &Tensor<Vector<F, N>>,
-    cos: &Tensor<f32>,
-    sin: &Tensor<f32>,
-    y: &mut Tensor<Vector<F, N>>,
+    x: &Array<Vector<F, N>>,
+    cos: &Array<f32>,
+    sin: &Array<f32>,
+    y: &mut Array<Vector<F, N>>,
+    sizes: RopeSizes,
     sign: f32,
     #[define(F)] _dtype: StorageType,
 ) {
     let width = x.vector_size();
-    let heads = x.shape(1);
-    let seq = x.shape(2);
-    let half = x.shape(3) / 2 / width;
-    if ABSOLUTE_POS >= x.shape(0) * seq * heads * half {
+    let heads = sizes.heads;
+    let seq = sizes.seq;
+    let half = sizes.head_dim / 2 / width;
+    if ABSOLUTE_POS >= sizes.batch * seq * heads * half {
         terminate!();
     }
     let i = ABSOLUTE_POS % half;
@@ -86,26 +92,42 @@ fn rope_rows_kernel<F: Float, N: Size>(
     let position = (row / heads) % seq;
     let batch = row / (heads * seq);
 
-    let base = (batch * x.stride(0) + head * x.stride(1) + position * x.stride(2)) / width;
+    let base = (batch * sizes.x_batch + head * sizes.x_head + position * sizes.x_position) / width;
     let first: Vector<f32, N> = Vector::cast_from(x[base + i]);
     let second: Vector<f32, N> = Vector::cast_from(x[base + i + half]);
-    let mut table_row = 0;
-    if cos.shape(0) > 1 {
-        table_row = batch;
-    }
-    let cos_at = table_row * cos.stride(0) + position * cos.stride(1) + i * width * cos.stride(2);
-    let sin_at = table_row * sin.stride(0) + position * sin.stride(1) + i * width * sin.stride(2);
+    let cos_at =
+        batch * sizes.cos_batch + position * sizes.cos_position + i * width * sizes.cos_column;
+    let sin_at =
+        batch * sizes.sin_batch + position * sizes.sin_position + i * width * sizes.sin_column;
     let mut c = Vector::<f32, N>::new(0.0);
     let mut s = Vector::<f32, N>::new(0.0);
     #[unroll]
     for k in 0..width {
-        c[k] = cos[cos_at + k * cos.stride(2)];
-        s[k] = sign * sin[sin_at + k * sin.stride(2)];
+        c[k] = cos[cos_at + k * sizes.cos_column];
+        s[k] = sign * sin[sin_at + k * sizes.sin_column];
     }
 
     let out = ((batch * seq + position) * heads + head) * (2 * half);
     y[out + i] = Vector::cast_from(first * c - second * s);
     y[out + i + half] = Vector::cast_from(second * c + first * s);
+}
+
+/// The sizes and strides [`rope_rows_kernel`] indexes with, passed by value.
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+struct RopeSizes {
+    batch: usize,
+    heads: usize,
+    seq: usize,
+    head_dim: usize,
+    x_batch: usize,
+    x_head: usize,
+    x_position: usize,
+    cos_batch: usize,
+    cos_position: usize,
+    cos_column: usize,
+    sin_batch: usize,
+    sin_position: usize,
+    sin_column: usize,
 }
 
 /// The widest vector the rows kernel can use on `x` `[b, h, s, d]`: a load width of the device
@@ -123,6 +145,37 @@ fn pair_vector_size<R: CubeRuntime>(x: &CubeTensor<R>) -> Option<VectorSize> {
             w > 1 && half.is_multiple_of(w) && strides[..3].iter().all(|s| s.is_multiple_of(w))
         })
         .max()
+}
+
+/// [`RopeSizes`] of `x` `[b, h, s, d]` and its tables `[1 or b, s, d]`.
+fn rope_sizes<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    cos: &CubeTensor<R>,
+    sin: &CubeTensor<R>,
+) -> RopeSizesLaunch<R> {
+    let (shape, xs) = (x.meta.shape(), x.meta.strides());
+    let table = |t: &CubeTensor<R>| {
+        let st = t.meta.strides();
+        let batch = if t.meta.shape()[0] > 1 { st[0] } else { 0 };
+        (batch, st[1], st[2])
+    };
+    let (cos_batch, cos_position, cos_column) = table(cos);
+    let (sin_batch, sin_position, sin_column) = table(sin);
+    RopeSizesLaunch::new(
+        shape[0],
+        shape[1],
+        shape[2],
+        shape[3],
+        xs[0],
+        xs[1],
+        xs[2],
+        cos_batch,
+        cos_position,
+        cos_column,
+        sin_batch,
+        sin_position,
+        sin_column,
+    )
 }
 
 /// Launches the rotation of `x` (`σ = sign`, see the module docs): returns a new row-major
@@ -171,10 +224,11 @@ pub fn launch<R: CubeRuntime>(
                 cube_dim,
                 address_type(&[x, cos, sin, &y]),
                 width,
-                x.clone().into_tensor_arg(),
-                cos.clone().into_tensor_arg(),
-                sin.clone().into_tensor_arg(),
-                y.clone().into_tensor_arg(),
+                x.clone().into_array_arg(),
+                cos.clone().into_array_arg(),
+                sin.clone().into_array_arg(),
+                y.clone().into_array_arg(),
+                rope_sizes(x, cos, sin),
                 sign,
                 x.dtype.into(),
             );

@@ -29,30 +29,50 @@ use cubecl::prelude::*;
 use super::{address_type, check_matrix, elementwise_launch};
 
 /// One unit per `(i, j)` of the `[rows, cols]` block at `(row0, col0)` of the whole buffer
-/// `weight`: `factor[i − at_row, j − at_col]` where that is inside `factor`, else 0.
+/// `weight`: `factor[i − at_row, j − at_col]` where that is inside `factor`, else 0. Arrays and
+/// scalar sizes rather than tensors: a tensor's shape and strides reach a CUDA kernel through a
+/// host-to-device copy queued before each launch, scalars as launch parameters.
 #[cube(launch, address_type = "dynamic")]
 fn write_block_kernel<F: Float>(
-    factor: &Tensor<F>,
-    weight: &mut Tensor<F>,
+    factor: &Array<F>,
+    weight: &mut Array<F>,
+    factor_layout: FactorLayout,
+    weight_row_stride: usize,
+    block: BlockPlace,
+    #[define(F)] _dtype: StorageType,
+) {
+    if ABSOLUTE_POS >= block.units {
+        terminate!();
+    }
+    let i = ABSOLUTE_POS / block.cols;
+    let j = ABSOLUTE_POS % block.cols;
+    let mut value = F::new(0.0);
+    let inside_rows = i >= block.at_row && i < block.at_row + factor_layout.rows;
+    if inside_rows && j >= block.at_col && j < block.at_col + factor_layout.cols {
+        value = factor[(i - block.at_row) * factor_layout.row_stride
+            + (j - block.at_col) * factor_layout.col_stride];
+    }
+    weight[(block.row0 + i) * weight_row_stride + block.col0 + j] = value;
+}
+
+/// A factor's shape and strides, passed to [`write_block_kernel`] by value.
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+struct FactorLayout {
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+/// Where [`write_block_kernel`]'s block sits in the buffer and its factor in the block.
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+struct BlockPlace {
     row0: usize,
     col0: usize,
     cols: usize,
     at_row: usize,
     at_col: usize,
     units: usize,
-    #[define(F)] _dtype: StorageType,
-) {
-    if ABSOLUTE_POS >= units {
-        terminate!();
-    }
-    let i = ABSOLUTE_POS / cols;
-    let j = ABSOLUTE_POS % cols;
-    let mut value = F::new(0.0);
-    let inside_rows = i >= at_row && i < at_row + factor.shape(0);
-    if inside_rows && j >= at_col && j < at_col + factor.shape(1) {
-        value = factor[(i - at_row) * factor.stride(0) + (j - at_col) * factor.stride(1)];
-    }
-    weight[(row0 + i) * weight.stride(0) + (col0 + j) * weight.stride(1)] = value;
 }
 
 /// `[rows, cols, row_stride]` of a matrix stored row by row from the start of its handle's
@@ -138,17 +158,44 @@ fn write_block<R: CubeRuntime>(
             cube_count,
             cube_dim,
             address_type(&[factor, &whole]),
-            factor.clone().into_tensor_arg(),
-            whole.into_tensor_arg(),
-            row0,
-            col0,
-            cols,
-            at_row,
-            at_col,
-            rows * cols,
+            factor.clone().into_array_arg(),
+            whole.into_array_arg(),
+            {
+                let (shape, st) = (factor.meta.shape(), factor.meta.strides());
+                FactorLayoutLaunch::new(shape[0], shape[1], st[0], st[1])
+            },
+            stride,
+            BlockPlaceLaunch::new(row0, col0, cols, at_row, at_col, rows * cols),
             weight.dtype.into(),
         );
     }
+}
+
+/// `x` (`[rows, d]`, at least `width` [spare columns](spare_columns)) seen as
+/// `[rows, d + width]`, nothing written.
+///
+/// # Panics
+/// If `x` has fewer than `width` spare columns.
+pub fn with_spare_columns<R: CubeRuntime>(x: &CubeTensor<R>, width: usize) -> CubeTensor<R> {
+    let [rows, d] = check_matrix("x", x, None, None);
+    let spare = spare_columns(x);
+    assert!(
+        width <= spare,
+        "{width} columns beside a matrix with {spare} spare columns"
+    );
+    reshaped(x.clone(), rows, d + width)
+}
+
+/// Writes `block` (`[rows, n]`) into columns `col0..col0 + n` of `out` (`[rows, ≥ col0 + n]`,
+/// unit column stride, from the start of its buffer), in place whoever else holds the buffer.
+///
+/// # Panics
+/// If the shapes, dtypes or devices disagree.
+pub fn write_columns<R: CubeRuntime>(out: &CubeTensor<R>, block: &CubeTensor<R>, col0: usize) {
+    let [rows, cols] = check_matrix("out", out, None, None);
+    let [_, n] = check_matrix("block", block, Some(rows), None);
+    assert!(col0 + n <= cols, "columns {col0}..{} of {cols}", col0 + n);
+    write_block(out, block, [0, col0], [rows, n], [0, 0]);
 }
 
 /// `weight` (`[d_out, d_in]`, a [`spare_view`]) seen as `[d_out, d_in + width]`, after writing

@@ -21,7 +21,7 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{address_type, check_matrix, elementwise_launch, row_vector_size};
+use super::{RowStrides3, address_type, check_matrix, elementwise_launch, row_vector_size};
 
 /// One unit per `(n, i)`, bounds-checked against `h`'s shape (ragged `N` and `I` are fine).
 /// Every tensor is indexed through its own strides.
@@ -47,25 +47,31 @@ fn swiglu_forward_kernel<F: Float>(
 /// The same math for tensors stored row by row (column stride 1), one unit per vector of `N`
 /// elements of a row: a bf16 unit loads 16 bytes at once where the scalar kernel above loads 2
 /// (that kernel moved ≈ 1 TB/s on the H200: 0.40 ms at 8192 × 8192 in bf16).
+/// Arrays and scalar row strides rather than tensors: a tensor's shape and strides reach a
+/// CUDA kernel through a host-to-device copy queued before each launch, scalars as launch
+/// parameters.
 #[cube(launch, address_type = "dynamic")]
 fn swiglu_forward_rows_kernel<F: Float, N: Size>(
-    e: &Tensor<Vector<F, N>>,
-    g: &Tensor<Vector<F, N>>,
-    h: &mut Tensor<Vector<F, N>>,
+    e: &Array<Vector<F, N>>,
+    g: &Array<Vector<F, N>>,
+    h: &mut Array<Vector<F, N>>,
+    rows: usize,
+    cols: usize,
+    row_strides: RowStrides3,
     #[define(F)] _dtype: StorageType,
 ) {
     let width = h.vector_size();
-    let row_vectors = h.shape(1) / width;
-    if ABSOLUTE_POS >= h.shape(0) * row_vectors {
+    let row_vectors = cols / width;
+    if ABSOLUTE_POS >= rows * row_vectors {
         terminate!();
     }
     let n = ABSOLUTE_POS / row_vectors;
     let j = ABSOLUTE_POS % row_vectors;
-    let ef: Vector<f32, N> = Vector::cast_from(e[n * e.stride(0) / width + j]);
-    let gf: Vector<f32, N> = Vector::cast_from(g[n * g.stride(0) / width + j]);
+    let ef: Vector<f32, N> = Vector::cast_from(e[n * row_strides.first / width + j]);
+    let gf: Vector<f32, N> = Vector::cast_from(g[n * row_strides.second / width + j]);
     let one = Vector::new(1.0f32);
     let silu = ef / (one + Vector::exp(Vector::new(0.0f32) - ef));
-    h[n * h.stride(0) / width + j] = Vector::cast_from(silu * gf);
+    h[n * row_strides.third / width + j] = Vector::cast_from(silu * gf);
 }
 
 /// Launches kernel 1: `h = silu(e)·g` into `h`.
@@ -100,9 +106,12 @@ pub fn launch<R: CubeRuntime>(
                 cube_dim,
                 address_type(&[e, g, &h]),
                 width,
-                e.clone().into_tensor_arg(),
-                g.clone().into_tensor_arg(),
-                h.clone().into_tensor_arg(),
+                e.clone().into_array_arg(),
+                g.clone().into_array_arg(),
+                h.clone().into_array_arg(),
+                n,
+                i,
+                RowStrides3::of([e, g, &h]),
                 e.dtype.into(),
             );
         }

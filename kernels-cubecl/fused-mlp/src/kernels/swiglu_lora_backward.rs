@@ -17,7 +17,9 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{address_type, check_matrix, elementwise_launch, exclusive, row_vector_size};
+use super::{
+    RowStrides3, address_type, check_matrix, elementwise_launch, exclusive, row_vector_size,
+};
 use crate::SwigluLoraBackward;
 
 /// One unit per `(n, i)`, bounds-checked against `dh`'s shape (ragged `N` and `I` are fine).
@@ -52,24 +54,28 @@ fn swiglu_lora_backward_kernel<F: Float>(
 
 /// The same math for tensors stored row by row (column stride 1), one unit per vector of `N`
 /// elements of a row (see kernel 1's vector form for why).
+/// Arrays and scalar row strides rather than tensors, as kernel 1's vector form.
 #[cube(launch, address_type = "dynamic")]
 fn swiglu_lora_backward_rows_kernel<F: Float, N: Size>(
-    dh: &mut Tensor<Vector<F, N>>,
-    e: &mut Tensor<Vector<F, N>>,
-    g: &mut Tensor<Vector<F, N>>,
+    dh: &mut Array<Vector<F, N>>,
+    e: &mut Array<Vector<F, N>>,
+    g: &mut Array<Vector<F, N>>,
+    rows: usize,
+    cols: usize,
+    row_strides: RowStrides3,
     #[define(F)] _dtype: StorageType,
 ) {
     let width = dh.vector_size();
-    let row_vectors = dh.shape(1) / width;
-    if ABSOLUTE_POS >= dh.shape(0) * row_vectors {
+    let row_vectors = cols / width;
+    if ABSOLUTE_POS >= rows * row_vectors {
         terminate!();
     }
     let n = ABSOLUTE_POS / row_vectors;
     let j = ABSOLUTE_POS % row_vectors;
 
-    let dh_at = n * dh.stride(0) / width + j;
-    let e_at = n * e.stride(0) / width + j;
-    let g_at = n * g.stride(0) / width + j;
+    let dh_at = n * row_strides.first / width + j;
+    let e_at = n * row_strides.second / width + j;
+    let g_at = n * row_strides.third / width + j;
     let dhf: Vector<f32, N> = Vector::cast_from(dh[dh_at]);
     let ef: Vector<f32, N> = Vector::cast_from(e[e_at]);
     let gf: Vector<f32, N> = Vector::cast_from(g[g_at]);
@@ -117,9 +123,12 @@ pub fn launch<R: CubeRuntime>(
                 cube_dim,
                 address_type(&[&dh, &e, &g]),
                 width,
-                dh.clone().into_tensor_arg(),
-                e.clone().into_tensor_arg(),
-                g.clone().into_tensor_arg(),
+                dh.clone().into_array_arg(),
+                e.clone().into_array_arg(),
+                g.clone().into_array_arg(),
+                n,
+                i,
+                RowStrides3::of([&dh, &e, &g]),
                 dh.dtype.into(),
             );
         }
