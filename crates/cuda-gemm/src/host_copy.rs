@@ -128,6 +128,13 @@ impl Event {
         .map_err(|e| GemmError::driver("cuStreamWaitEvent", e))
     }
 
+    /// Blocks the calling thread until the work before the event has finished.
+    fn wait(&self) -> Result<(), GemmError> {
+        // SAFETY: the event is live.
+        unsafe { cudarc::driver::result::event::synchronize(self.0) }
+            .map_err(|e| GemmError::driver("cuEventSynchronize", e))
+    }
+
     /// Whether the work before the event has finished.
     fn completed(&self) -> bool {
         // SAFETY: the event is live.
@@ -486,15 +493,36 @@ fn on_device<R: Send + 'static>(
     Ok(output)
 }
 
-/// Takes the device tensors whose copies to the host have completed off the draining list.
-/// Runs with CubeCL's context current.
+/// Copies to the host left in flight when the host issues another: beyond these, the host
+/// waits for the oldest. Each keeps its device tensor (a layer input) alive until the device has
+/// run it, and the host can run a whole forward ahead of the device (issuing a layer takes less
+/// time than running it): unbounded, every layer's input would stay on the device until the
+/// device caught up, and the pool would allocate anew for the layers issued in between
+/// (measured: +0.3 GiB reserved on the 1B step, +0.66 GiB on the 8B one, once the host ran
+/// 40 ms ahead).
+const COPIES_IN_FLIGHT: usize = 2;
+
+/// Takes the device tensors whose copies to the host have completed off the draining list,
+/// first waiting for the oldest copies beyond [`COPIES_IN_FLIGHT`]. Runs with CubeCL's context
+/// current.
 fn drained() -> Vec<CudaTensor> {
     let Ok(mut offloads) = OFFLOADS.lock() else {
         return Vec::new();
     };
-    let (done, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut offloads.draining)
-        .into_iter()
-        .partition(|(event, _)| event.completed());
+    let draining = std::mem::take(&mut offloads.draining);
+    let excess = draining.len().saturating_sub(COPIES_IN_FLIGHT);
+    // A copy that cannot be waited for stays pending (checked again on the next call).
+    let (done, pending): (Vec<_>, Vec<_>) =
+        draining
+            .into_iter()
+            .enumerate()
+            .partition(|(index, (event, _))| {
+                (*index < excess && event.wait().is_ok()) || event.completed()
+            });
+    let (done, pending): (Vec<_>, Vec<_>) = (
+        done.into_iter().map(|(_, entry)| entry).collect(),
+        pending.into_iter().map(|(_, entry)| entry).collect(),
+    );
     offloads.draining = pending;
     done.into_iter()
         .map(|(event, tensor)| {

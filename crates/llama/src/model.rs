@@ -335,7 +335,11 @@ impl<B: Backend> Mlp<B> {
     /// projections qualify ([`fused_mlp::mlp`]), else the portable path. Under
     /// [`OutputUse::GraphOnly`] the output's values may be unspecified (only its graph is
     /// valid).
-    pub fn forward(&self, x: Tensor<B, 3>, output: OutputUse) -> Tensor<B, 3> {
+    ///
+    /// # Shapes
+    /// - x: `[..., hidden]`
+    /// - output: `[..., hidden]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, output: OutputUse) -> Tensor<B, D> {
         fused_mlp::mlp(x, &self.gate_proj, &self.up_proj, &self.down_proj, output)
     }
 }
@@ -384,6 +388,9 @@ impl<B: Backend> DecoderLayer<B> {
         let phase = |name, f: &mut dyn FnMut() -> Tensor<B, 3>| {
             phase_timing::phase::<B, _>(name, &device, f)
         };
+        let phase_rows = |name, f: &mut dyn FnMut() -> Tensor<B, 2>| {
+            phase_timing::phase::<B, _>(name, &device, f)
+        };
         let normed = phase("model.norm (attention)", &mut || {
             self.input_layernorm.forward(x.clone())
         });
@@ -396,9 +403,13 @@ impl<B: Backend> DecoderLayer<B> {
         let h = x + attended;
         let mlp = &self.mlp;
         let room = fused_mlp::mlp_input_room(&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj);
-        let normed = phase("model.norm (mlp)", &mut || {
+        // The norm and the MLP on rows: the norm's output keeps its room only as a matrix
+        // (Burn copies a strided `[batch, seq, hidden]` when it is reshaped into rows).
+        let [batch, seq, hidden] = h.dims();
+        let rows = |t: Tensor<B, 3>| t.reshape([batch * seq, hidden]);
+        let normed = phase_rows("model.norm (mlp)", &mut || {
             self.post_attention_layernorm
-                .forward_with_room(h.clone(), room)
+                .forward_with_room(rows(h.clone()), room)
         });
         // In a checkpoint's recompute the layer output's value is never read, and the MLP's
         // output reaches it through the residual addition only.
@@ -407,7 +418,9 @@ impl<B: Backend> DecoderLayer<B> {
             false => OutputUse::Values,
         };
         let out = phase("model.mlp", &mut || {
-            self.mlp.forward(normed.clone(), output)
+            self.mlp
+                .forward(normed.clone(), output)
+                .reshape([batch, seq, hidden])
         });
         h + out
     }

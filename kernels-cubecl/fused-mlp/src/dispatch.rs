@@ -114,20 +114,21 @@ pub fn fused_backend<B: Backend>() -> bool {
 /// projection and its output holds unspecified values (the portable path computes them anyway).
 ///
 /// # Shapes
-/// - x: `[batch, seq, hidden]`
-/// - output: `[batch, seq, hidden]`
+/// - x: `[..., hidden]` (rows `[tokens, hidden]` keep a strided layout, see
+///   [`crate::fused_lora_mlp`]: the decoder layer passes its norm's output with room as rows)
+/// - output: `[..., hidden]`
 // Without a fused backend compiled in (no `cuda`/`wgpu` feature) the dispatch has no arm.
 #[cfg_attr(
     not(any(feature = "cuda", feature = "wgpu")),
     allow(unused_mut, unused_variables)
 )]
-pub fn mlp<B: Backend>(
-    x: Tensor<B, 3>,
+pub fn mlp<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
     gate: &LoraLinear<B>,
     up: &LoraLinear<B>,
     down: &LoraLinear<B>,
     output: OutputUse,
-) -> Tensor<B, 3> {
+) -> Tensor<B, D> {
     if !fused_enabled() || check_fusable(gate, up, down).is_err() {
         return lora_mlp(x, gate, up, down);
     }
@@ -136,14 +137,14 @@ pub fn mlp<B: Backend>(
         false => OutputUse::Values,
     };
     let mut x = Some(x);
-    let fused: Option<Tensor<B, 3>> = for_fused_backends!(B, |FB| {
-        let x: Tensor<FB, 3> = cast(x.take().expect("taken once"));
+    let fused: Option<Tensor<B, D>> = for_fused_backends!(B, |FB| {
+        let x: Tensor<FB, D> = cast(x.take().expect("taken once"));
         let gate: &LoraLinear<FB> = cast_ref(gate);
         let up: &LoraLinear<FB> = cast_ref(up);
         let down: &LoraLinear<FB> = cast_ref(down);
-        let y = crate::fused_lora_mlp::<FB>(x, gate, up, down, output)
+        let y = crate::fused_lora_mlp::<FB, D>(x, gate, up, down, output)
             .expect("checked by check_fusable");
-        Some(cast::<Tensor<FB, 3>, Tensor<B, 3>>(y))
+        Some(cast::<Tensor<FB, D>, Tensor<B, D>>(y))
     });
     match fused {
         Some(y) => y,

@@ -162,27 +162,31 @@ fn check_projections<B: Backend>(
 /// [`OutputUse::GraphOnly`]).
 ///
 /// # Shapes
-/// - x: `[batch, seq, hidden]`
-/// - output: `[batch, seq, hidden]`
+/// - x: `[..., hidden]` (rank 2 passes through as it is: a strided matrix, such as a norm's
+///   output with room beside its rows, keeps its layout, where Burn's reshape of a strided
+///   `[batch, seq, hidden]` into rows copies it)
+/// - output: `[..., hidden]`
 ///
 /// # Errors
 /// [`NotFusable`] when [`check_fusable`] rejects the projections (then use [`lora_mlp`]).
-pub fn fused_lora_mlp<B: FusedMlpBackend>(
-    x: Tensor<B, 3>,
+pub fn fused_lora_mlp<B: FusedMlpBackend, const D: usize>(
+    x: Tensor<B, D>,
     gate: &LoraLinear<B>,
     up: &LoraLinear<B>,
     down: &LoraLinear<B>,
     output: OutputUse,
-) -> Result<Tensor<B, 3>, NotFusable> {
+) -> Result<Tensor<B, D>, NotFusable> {
     check_fusable(gate, up, down)?;
     let weights = MlpWeights {
         gate: lora_proj(gate),
         up: lora_proj(up),
         down: lora_proj(down),
     };
-    let [batch, seq, hidden] = x.dims();
-    let y = fused_lora_mlp_2d(x.reshape([batch * seq, hidden]), weights, output);
-    Ok(y.reshape([batch, seq, hidden]))
+    let dims = x.dims();
+    let hidden = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let y = fused_lora_mlp_2d(x.reshape([rows, hidden]), weights, output);
+    Ok(y.reshape(dims))
 }
 
 /// A projection's base weight and LoRA factors as the fused ops take them.
@@ -202,14 +206,14 @@ pub(crate) fn lora_proj<B: Backend>(p: &LoraLinear<B>) -> LoraProj<Tensor<B, 2>>
 /// The portable LoRA SwiGLU MLP.
 ///
 /// # Shapes
-/// - x: `[batch, seq, hidden]`
-/// - output: `[batch, seq, hidden]`
-pub fn lora_mlp<B: Backend>(
-    x: Tensor<B, 3>,
+/// - x: `[..., hidden]`
+/// - output: `[..., hidden]`
+pub fn lora_mlp<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
     gate: &LoraLinear<B>,
     up: &LoraLinear<B>,
     down: &LoraLinear<B>,
-) -> Tensor<B, 3> {
+) -> Tensor<B, D> {
     let e = gate.forward(x.clone());
     let g = up.forward(x);
     down.forward(silu(e) * g)

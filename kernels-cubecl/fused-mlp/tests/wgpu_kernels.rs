@@ -290,7 +290,7 @@ fn untracked_forwards_match_portable() {
     assert_close("autodiff, untracked", got.inner(), want.clone());
 
     let [gate, up, down] = [gate.valid(), up.valid(), down.valid()];
-    let got = fused_lora_mlp::<B>(x.inner(), &gate, &up, &down, OutputUse::Values).unwrap();
+    let got = fused_lora_mlp::<B, 3>(x.inner(), &gate, &up, &down, OutputUse::Values).unwrap();
     assert_close("inner backend", got, want);
 }
 
