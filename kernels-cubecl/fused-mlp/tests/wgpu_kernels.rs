@@ -670,7 +670,7 @@ fn cast_group_with_stack_matches_burn_cast_and_cat() {
     };
     let big = |shape: [usize; 2]| random::<B, 2>(shape, &device).mul_scalar(100.0);
     let stacked = vec![big([3, 24]), big([24, 5]).transpose(), big([2, 24])];
-    let others = vec![big([7, 9]), big([4, 4]).cast(DType::F16), big([1, 30])];
+    let others = [big([7, 9]), big([4, 4]).cast(DType::F16), big([1, 30])];
     for (case, stacked, dtype) in [
         ("one launch", stacked.clone(), DType::F16),
         (
