@@ -506,24 +506,30 @@ const COPIES_IN_FLIGHT: usize = 2;
 /// first waiting for the oldest copies beyond [`COPIES_IN_FLIGHT`]. Runs with CubeCL's context
 /// current.
 fn drained() -> Vec<CudaTensor> {
-    let Ok(mut offloads) = OFFLOADS.lock() else {
-        return Vec::new();
+    let draining = match OFFLOADS.lock() {
+        Ok(mut offloads) => std::mem::take(&mut offloads.draining),
+        Err(_) => return Vec::new(),
     };
-    let draining = std::mem::take(&mut offloads.draining);
+    // Waited for without the registry's lock (a dropped copy may add to the list meanwhile).
     let excess = draining.len().saturating_sub(COPIES_IN_FLIGHT);
-    // A copy that cannot be waited for stays pending (checked again on the next call).
-    let (done, pending): (Vec<_>, Vec<_>) =
-        draining
-            .into_iter()
-            .enumerate()
-            .partition(|(index, (event, _))| {
-                (*index < excess && event.wait().is_ok()) || event.completed()
-            });
-    let (done, pending): (Vec<_>, Vec<_>) = (
-        done.into_iter().map(|(_, entry)| entry).collect(),
-        pending.into_iter().map(|(_, entry)| entry).collect(),
-    );
+    let mut done = Vec::new();
+    let mut pending = Vec::new();
+    for (index, (event, tensor)) in draining.into_iter().enumerate() {
+        // A copy that cannot be waited for stays pending (checked again on the next call).
+        if (index < excess && event.wait().is_ok()) || event.completed() {
+            done.push((event, tensor));
+        } else {
+            pending.push((event, tensor));
+        }
+    }
+    // Pending tensors must stay listed whatever happened to the lock: dropping one would hand
+    // its memory back while its copy may still read it.
+    let mut offloads = OFFLOADS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    pending.append(&mut offloads.draining);
     offloads.draining = pending;
+    drop(offloads);
     done.into_iter()
         .map(|(event, tensor)| {
             event.destroy();
