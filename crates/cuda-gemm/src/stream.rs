@@ -26,6 +26,17 @@ pub(crate) type CudaServer = <CudaRuntime as Runtime>::Server;
 /// cuBLASLt's recommended workspace on Hopper (32 MiB; 4 MiB suffices before sm_90).
 const WORKSPACE_BYTES: usize = 32 << 20;
 
+/// The cuBLASLt workspace: [`WORKSPACE_BYTES`], or `FASTLORA_CUBLASLT_WORKSPACE_MIB` MiB. An
+/// experiment's knob: the heuristic only offers algorithms whose workspace fits, and on the
+/// H100 ≈ 450 of a 1B step's GEMMs (and cuDNN's attention) are preceded by a 4-byte memset of
+/// the library's own, which costs ≈ 6 µs of device time each (BENCHMARKS.md, session 17).
+fn workspace_bytes() -> usize {
+    std::env::var("FASTLORA_CUBLASLT_WORKSPACE_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(WORKSPACE_BYTES, |mib| mib << 20)
+}
+
 /// How GEMMs on a device are ordered with CubeCL's kernels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamOrdering {
@@ -88,13 +99,16 @@ impl StreamState {
     fn new(stream: drv::CUstream, ordering: StreamOrdering) -> Result<Self, GemmError> {
         let lt = cudarc::cublaslt::result::create_handle()
             .map_err(|e| GemmError::cublas("cublasLtCreate", e.0, String::new()))?;
-        // SAFETY: plain allocation in the current (CubeCL's primary) context; the pointer is kept
-        // for the process lifetime and only handed to cuBLAS as workspace.
-        let (workspace, workspace_size) =
-            match unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) } {
-                Ok(ptr) => (ptr, WORKSPACE_BYTES),
+        let bytes = workspace_bytes();
+        let (workspace, workspace_size) = match bytes {
+            0 => (0, 0),
+            // SAFETY: plain allocation in the current (CubeCL's primary) context; the pointer is
+            // kept for the process lifetime and only handed to cuBLAS as workspace.
+            _ => match unsafe { cudarc::driver::result::malloc_sync(bytes) } {
+                Ok(ptr) => (ptr, bytes),
                 Err(_) => (0, 0),
-            };
+            },
+        };
         Ok(Self {
             stream,
             ordering,
