@@ -388,9 +388,6 @@ impl<B: Backend> DecoderLayer<B> {
         let phase = |name, f: &mut dyn FnMut() -> Tensor<B, 3>| {
             phase_timing::phase::<B, _>(name, &device, f)
         };
-        let phase_rows = |name, f: &mut dyn FnMut() -> Tensor<B, 2>| {
-            phase_timing::phase::<B, _>(name, &device, f)
-        };
         let normed = phase("model.norm (attention)", &mut || {
             self.input_layernorm.forward(x.clone())
         });
@@ -407,7 +404,7 @@ impl<B: Backend> DecoderLayer<B> {
         // (Burn copies a strided `[batch, seq, hidden]` when it is reshaped into rows).
         let [batch, seq, hidden] = h.dims();
         let rows = |t: Tensor<B, 3>| t.reshape([batch * seq, hidden]);
-        let normed = phase_rows("model.norm (mlp)", &mut || {
+        let normed = phase_timing::phase::<B, _>("model.norm (mlp)", &device, || {
             self.post_attention_layernorm
                 .forward_with_room(rows(h.clone()), room)
         });

@@ -86,7 +86,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedMlpKe
         out: &FloatTensor<Self>,
         col0: usize,
     ) {
-        let (a, b) = match crate::gemm::try_gemm_into_columns::<Self>(
+        #[cfg(feature = "cuda")]
+        let (a, b) = match crate::gemm::cublas::try_gemm_into_columns::<Self>(
             a, trans_a, b, trans_b, alpha, out, col0,
         ) {
             Ok(()) => return,

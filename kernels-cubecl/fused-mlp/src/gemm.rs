@@ -40,30 +40,9 @@ pub(crate) fn gemm<B: Backend>(
     }
 }
 
-/// `alpha·op(a)·op(b)` written by cuBLASLt straight into columns `col0..` of `out` when the
-/// tensors are CUDA tensors (see [`crate::FusedMlpKernels::gemm_into_columns`]); otherwise, or
-/// when cuBLAS refuses, the operands back for the caller's portable path.
-pub(crate) fn try_gemm_into_columns<B: Backend>(
-    a: FloatTensor<B>,
-    trans_a: Trans,
-    b: FloatTensor<B>,
-    trans_b: Trans,
-    alpha: f64,
-    out: &FloatTensor<B>,
-    col0: usize,
-) -> Result<(), (FloatTensor<B>, FloatTensor<B>)> {
-    #[cfg(feature = "cuda")]
-    return cublas::try_gemm_into_columns::<B>(a, trans_a, b, trans_b, alpha, out, col0);
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (trans_a, trans_b, alpha, out, col0);
-        Err((a, b))
-    }
-}
-
 /// cuBLASLt for `CubeTensor<CudaRuntime>` operands.
 #[cfg(feature = "cuda")]
-mod cublas {
+pub(crate) mod cublas {
     use std::any::{Any, TypeId};
     use std::sync::Once;
 
@@ -110,9 +89,11 @@ mod cublas {
         }
     }
 
-    /// [`super::try_gemm_into_columns`] on CUDA tensors: the block of columns as a view of
-    /// `out`'s buffer (a byte offset CUDA takes as it is), written by cuBLASLt.
-    pub(super) fn try_gemm_into_columns<B: Backend>(
+    /// `alpha·op(a)·op(b)` written by cuBLASLt straight into columns `col0..` of `out` (see
+    /// [`crate::FusedMlpKernels::gemm_into_columns`]): the block of columns as a view of `out`'s
+    /// buffer (a byte offset CUDA takes as it is). When the tensors are not CUDA tensors, or
+    /// cuBLAS refuses (reported once), the operands back for the caller's portable path.
+    pub(crate) fn try_gemm_into_columns<B: Backend>(
         a: FloatTensor<B>,
         trans_a: Trans,
         b: FloatTensor<B>,

@@ -95,23 +95,30 @@ fn cast_stack_kernel<I: Float, O: Float>(
 /// # Panics
 /// If the tensors are not all on one device.
 pub fn launch<R: CubeRuntime>(tensors: Vec<CubeTensor<R>>, dtype: DType) -> Vec<CubeTensor<R>> {
-    let mut out: Vec<Option<CubeTensor<R>>> = Vec::with_capacity(tensors.len());
-    let mut pending = Vec::new();
-    for (k, tensor) in tensors.into_iter().enumerate() {
+    let (out, casts) = outputs_in(tensors, dtype);
+    cast_runs(casts);
+    out
+}
+
+/// Each tensor as it is when already in `dtype`, else a new contiguous output for it; and the
+/// casts `(input, output)` that fill those outputs (inputs made contiguous).
+#[allow(clippy::type_complexity)]
+fn outputs_in<R: CubeRuntime>(
+    tensors: Vec<CubeTensor<R>>,
+    dtype: DType,
+) -> (Vec<CubeTensor<R>>, Vec<(CubeTensor<R>, CubeTensor<R>)>) {
+    let mut out = Vec::with_capacity(tensors.len());
+    let mut casts = Vec::new();
+    for tensor in tensors {
         if tensor.dtype == dtype {
-            out.push(Some(tensor));
+            out.push(tensor);
         } else {
-            out.push(None);
             let output = new_like(&tensor, tensor.meta.shape().clone(), dtype);
-            pending.push((k, tensor, output));
+            casts.push((contiguous(tensor), output.clone()));
+            out.push(output);
         }
     }
-    for (k, cast) in cast_runs(pending) {
-        out[k] = Some(cast);
-    }
-    out.into_iter()
-        .map(|t| t.expect("every tensor passed through or cast"))
-        .collect()
+    (out, casts)
 }
 
 /// [`launch`] for `tensors`, and `stacked` (matrices of one width) cast and written one under
@@ -148,26 +155,15 @@ pub fn launch_with_stack<R: CubeRuntime>(
             .iter()
             .all(|t| t.dtype == dtype || t.dtype == input_dtype)
         && stacked.len() + tensors.iter().filter(|t| t.dtype != dtype).count() <= MAX_GROUP;
+    let stack = new_like(first, [rows, width].into(), dtype);
     if !one_launch {
         // The rest on their own, the stacked ones brought to `dtype` first (then copied).
         let tensors = launch(tensors, dtype);
-        let stack = new_like(first, [rows, width].into(), dtype);
         let stacked = launch(stacked, dtype).into_iter().map(contiguous).collect();
         launch_stack(stacked, Vec::new(), &stack);
         return (tensors, stack);
     }
-    let stack = new_like(first, [rows, width].into(), dtype);
-    let mut out = Vec::with_capacity(tensors.len());
-    let mut casts = Vec::new();
-    for tensor in tensors {
-        if tensor.dtype == dtype {
-            out.push(tensor);
-        } else {
-            let output = new_like(&tensor, tensor.meta.shape().clone(), dtype);
-            casts.push((contiguous(tensor), output.clone()));
-            out.push(output);
-        }
-    }
+    let (out, casts) = outputs_in(tensors, dtype);
     launch_stack(stacked.into_iter().map(contiguous).collect(), casts, &stack);
     (out, stack)
 }
@@ -234,49 +230,38 @@ fn new_like<R: CubeRuntime>(
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
 }
 
-/// Runs the casts `input → output` (each output contiguous, of the input's shape), grouped by
-/// runs of one input dtype into launches of up to [`MAX_GROUP`]; returns each output with its
-/// entry's index.
-fn cast_runs<R: CubeRuntime>(
-    pending: Vec<(usize, CubeTensor<R>, CubeTensor<R>)>,
-) -> Vec<(usize, CubeTensor<R>)> {
-    let pending: Vec<_> = pending
-        .into_iter()
-        .map(|(k, input, output)| (k, contiguous(input), output))
-        .collect();
-    let mut rest = pending.as_slice();
-    while let Some((_, first, _)) = rest.first() {
+/// Runs the casts `input → output` (contiguous, each output of its input's shape), grouped by
+/// runs of one input dtype into launches of up to [`MAX_GROUP`].
+fn cast_runs<R: CubeRuntime>(casts: Vec<(CubeTensor<R>, CubeTensor<R>)>) {
+    let mut rest = casts.as_slice();
+    while let Some((first, _)) = rest.first() {
         let run = rest
             .iter()
             .take(MAX_GROUP)
-            .take_while(|(_, t, _)| t.dtype == first.dtype)
+            .take_while(|(t, _)| t.dtype == first.dtype)
             .count();
         let (group, tail) = rest.split_at(run);
         cast_run(group);
         rest = tail;
     }
-    pending
-        .into_iter()
-        .map(|(k, _, output)| (k, output))
-        .collect()
 }
 
 /// One launch over `group` (one input dtype, contiguous inputs and outputs).
-fn cast_run<R: CubeRuntime>(group: &[(usize, CubeTensor<R>, CubeTensor<R>)]) {
-    let first = &group[0].1;
-    for (_, input, output) in group {
+fn cast_run<R: CubeRuntime>(group: &[(CubeTensor<R>, CubeTensor<R>)]) {
+    let first = &group[0].0;
+    for (input, output) in group {
         first.assert_is_on_same_device(input);
         first.assert_is_on_same_device(output);
     }
     let largest = group
         .iter()
-        .map(|(_, _, t)| t.meta.shape().num_elements())
+        .map(|(_, t)| t.meta.shape().num_elements())
         .max()
         .unwrap_or(0);
     if largest == 0 {
         return;
     }
-    let all: Vec<&CubeTensor<R>> = group.iter().flat_map(|(_, i, o)| [i, o]).collect();
+    let all: Vec<&CubeTensor<R>> = group.iter().flat_map(|(i, o)| [i, o]).collect();
     let cubes_x = largest.div_ceil(CUBE as usize).min(MAX_CUBES_X) as u32;
     cast_group_kernel::launch::<R>(
         &first.client,
@@ -285,12 +270,12 @@ fn cast_run<R: CubeRuntime>(group: &[(usize, CubeTensor<R>, CubeTensor<R>)]) {
         address_type(&all),
         group
             .iter()
-            .map(|(_, t, _)| t.clone().into_array_arg())
+            .map(|(t, _)| t.clone().into_array_arg())
             .collect(),
         group
             .iter()
-            .map(|(_, _, t)| t.clone().into_array_arg())
+            .map(|(_, t)| t.clone().into_array_arg())
             .collect(),
-        [first.dtype.into(), group[0].2.dtype.into()],
+        [first.dtype.into(), group[0].1.dtype.into()],
     );
 }
